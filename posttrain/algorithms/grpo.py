@@ -1,0 +1,324 @@
+"""Group-relative policy optimisation and its variants: GRPO, Dr. GRPO, DAPO, GSPO, CISPO.
+
+Each RL step samples ``G`` completions for each of ``prompts_per_step`` prompts, scores them, and
+turns the group's rewards into advantages broadcast to every token (rlhf-book ch. 6):
+
+    GRPO      A_i = (r_i − mean r_group) / std r_group;  L = −1/G Σ_i 1/|a_i| Σ_t min(ρ A, clip(ρ) A) + β KL
+              (Shao et al. 2024, DeepSeekMath; KL k3 in the loss, β 0.04)
+    Dr. GRPO  A_i = r_i − mean r_group; per-token sum / L_max (no length or std bias; Liu et al. 2025)
+    DAPO      clip-higher ε_low 0.2 / ε_high 0.28, token-level mean, dynamic sampling (groups with
+              equal rewards dropped and refilled), soft overlong penalty (Yu et al. 2025)
+    GSPO      sequence-level ratio (π_θ/π_old)^{1/|a|} clipped at 3e-4/4e-4 (Zheng et al. 2025)
+    CISPO     clipped, stop-gradient IS weight on every token's log-prob (MiniMax-M1 2025)
+
+``variant`` picks, once at start-up, the loss function (``POLICY_LOSSES``), the advantage estimator
+(:data:`ADVANTAGES`) and the loss aggregation, plus their defaults; any of them can be overridden.
+RLOO and REINFORCE (``rloo.py``, ``reinforce.py``) are this loop with another estimator.
+
+ρ = π_θ/π_old is measured against the trainer's own log-probs taken right after sampling; with one
+optimizer step per batch (the default) π_old = π_θ, that forward is skipped, and ρ ≡ 1 (the gradient
+is then the plain policy gradient A ∇log π). KL to the reference goes in the loss (GRPO) or is
+subtracted from the reward before the advantages (RLOO), per ``kl.placement``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from posttrain.algorithms.rollout_buffer import (KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig,
+                                                 check_reward_config)
+from posttrain.config import LoraConfig, ModelConfig, opt
+from posttrain.errors import ConfigError
+
+Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+
+# variant -> defaults for every field it decides (None fields of the config are filled from here)
+VARIANTS: dict[str, dict] = {
+    "grpo": dict(policy_loss="ppo", advantage="group_std", aggregation="seq_mean_token_mean",
+                 clip_low=0.2, clip_high=0.2, beta=0.04, placement="loss", dynamic_sampling=False, overlong=0.0),
+    "dr_grpo": dict(policy_loss="ppo", advantage="group_mean", aggregation="seq_mean_token_sum_norm",
+                    clip_low=0.2, clip_high=0.2, beta=0.0, placement="loss", dynamic_sampling=False, overlong=0.0),
+    "dapo": dict(policy_loss="ppo", advantage="group_std", aggregation="token_mean", clip_low=0.2,
+                 clip_high=0.28, beta=0.0, placement="loss", dynamic_sampling=True, overlong=0.25),
+    "gspo": dict(policy_loss="gspo", advantage="group_std", aggregation="seq_mean_token_mean", clip_low=3e-4,
+                 clip_high=4e-4, beta=0.0, placement="loss", dynamic_sampling=False, overlong=0.0),
+    "cispo": dict(policy_loss="cispo", advantage="group_std", aggregation="token_mean", clip_low=1.0,
+                  clip_high=4.0, beta=0.0, placement="loss", dynamic_sampling=False, overlong=0.0),
+    "rloo": dict(policy_loss="ppo", advantage="rloo", aggregation="token_mean", clip_low=0.2,
+                 clip_high=0.2, beta=0.05, placement="reward", dynamic_sampling=False, overlong=0.0),
+    "reinforce": dict(policy_loss="ppo", advantage="batch_mean", aggregation="token_mean", clip_low=0.2,
+                      clip_high=0.2, beta=0.05, placement="reward", dynamic_sampling=False, overlong=0.0),
+}
+VARIANT_SOURCES = ("GRPO: Shao et al. 2024 (β 0.04, ε 0.2); Dr.GRPO: Liu et al. 2025 (β 0); DAPO: Yu et al. "
+                   "2025 (ε 0.2/0.28, overlong buffer 4096 of 20480 tokens -> a quarter of the budget); GSPO: "
+                   "Zheng et al. 2025 (ε 3e-4/4e-4); CISPO: MiniMax-M1 2025 (no lower clip), TRL docs (ε_max 5); "
+                   "RLOO: TRL RLOOTrainer (β 0.05, KL in the reward)")
+
+
+def _advantage_registry():
+    from posttrain.advantages import group_advantages, reinforce_advantages, rloo_advantages
+
+    return {
+        "group_std": lambda r, G: group_advantages(r, G, scale_by_std=True),
+        "group_mean": lambda r, G: group_advantages(r, G, scale_by_std=False),
+        "rloo": rloo_advantages,
+        "batch_mean": lambda r, G: reinforce_advantages(r, r.mean()),
+    }
+
+
+ADVANTAGE_NAMES = ("group_std", "group_mean", "rloo", "batch_mean")
+
+
+@dataclass
+class PolicyLossConfig:
+    policy_loss: Literal["ppo", "gspo", "cispo"] | None = opt(
+        None, "Policy loss from posttrain.losses.policy.POLICY_LOSSES: ppo (clipped surrogate), gspo "
+              "(sequence ratio), cispo (clipped stop-gradient IS weight); null = the variant's.")
+    advantage: Literal["group_std", "group_mean", "rloo", "batch_mean"] | None = opt(
+        None, "group_std (GRPO), group_mean (Dr.GRPO), rloo (leave-one-out), batch_mean (REINFORCE with "
+              "the batch-mean baseline); null = the variant's.")
+    aggregation: Aggregation | None = opt(
+        None, "How per-token losses become one number: seq_mean_token_mean (GRPO), token_mean (DAPO), "
+              "seq_mean_token_sum_norm (Dr.GRPO: per-sequence sum / max_new_tokens); null = the variant's.",
+        "rlhf-book ch. 6 loss aggregation")
+    clip_low: float | None = opt(None, "ε_low: ratios below 1 − ε_low are clipped; null = the variant's.")
+    clip_high: float | None = opt(None, "ε_high: ratios above 1 + ε_high are clipped; null = the variant's.")
+    ppo_epochs: int = opt(1, "Passes over each rollout batch (each pass = train.batch_size-sized "
+                          "minibatches, one optimizer step each).", "TRL num_iterations=1; DAPO 16 steps")
+    entropy_coef: float = opt(0.0, "Entropy bonus coefficient (0 = off).", "TRL GRPO default 0")
+
+    def validate(self) -> None:
+        if self.ppo_epochs < 1:
+            raise ConfigError("loss.ppo_epochs must be >= 1", where="loss.ppo_epochs")
+        for k in ("clip_low", "clip_high"):
+            v = getattr(self, k)
+            if v is not None and v <= 0:
+                raise ConfigError(f"loss.{k} must be positive", where=f"loss.{k}")
+
+
+@dataclass
+class GRPOConfig:
+    variant: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo"] = opt(
+        "grpo", "Algorithm variant: fills every null field below with its defaults (VARIANTS).", VARIANT_SOURCES)
+    model: ModelConfig = opt(factory=ModelConfig, help="Policy to train (usually an SFT model's final/).")
+    lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters (the reference is then the base "
+                                                    "model with adapters disabled).")
+    rollout: RolloutConfig = opt(factory=RolloutConfig, help="Prompts and sampling.")
+    reward: list[str] = opt(["builtin_correct"], "Reward functions: builtin_correct | builtin_gold | "
+                            "rm:<path> | exact_match | math | code | module:function (several = weighted sum "
+                            "over those that apply; None = does not apply).")
+    reward_weights: list[float] = opt([], "One weight per reward (empty = all 1.0).")
+    shaping: ShapingConfig = opt(factory=ShapingConfig, help="Truncation policy, overlong penalty, clip.")
+    kl: KLConfig = opt(factory=KLConfig, help="KL regularisation toward the reference policy.")
+    loss: PolicyLossConfig = opt(factory=PolicyLossConfig, help="Policy loss, advantages, aggregation.")
+    dynamic_sampling: bool | None = opt(None, "Drop groups whose rewards are all equal and sample more "
+                                        "prompts to refill the batch (null = the variant's).", "DAPO §3.2")
+    max_sample_rounds: int = opt(3, "Dynamic sampling: most generation rounds per step.")
+    train: RLTrainConfig = opt(factory=lambda: RLTrainConfig(lr=1e-5, schedule="constant", warmup_ratio=0.0,
+                                                             max_steps=200, log_every=1),
+                               help="Optimisation; batch sizes count rollouts.", )
+    task_eval_prompts: int = opt(64, "Built-in task: held-out prompts for accuracy / gold reward.")
+    task_eval_samples: int = opt(4, "Built-in task: samples per held-out prompt (temperature 1).")
+
+    def __post_init__(self):
+        resolve_variant(self, self.variant)
+
+    def validate(self) -> None:
+        check_reward_config(self.reward, self.reward_weights)
+        if self.loss.advantage in ("group_std", "rloo") and self.rollout.group_size < 2:
+            raise ConfigError(f"advantage {self.loss.advantage} needs rollout.group_size >= 2, got "
+                              f"{self.rollout.group_size}", where="rollout.group_size",
+                              fix="use group_size >= 2, or loss.advantage=batch_mean")
+        if self.dynamic_sampling and self.loss.advantage == "batch_mean":
+            raise ConfigError("dynamic sampling drops groups with equal rewards; with a batch-mean baseline "
+                              "there are no groups", where="dynamic_sampling", fix="dynamic_sampling=false")
+        if self.max_sample_rounds < 1:
+            raise ConfigError("max_sample_rounds must be >= 1", where="max_sample_rounds")
+        if self.loss.policy_loss == "gspo" and self.loss.aggregation != "seq_mean_token_mean":
+            raise ConfigError("GSPO's ratio is per sequence, so its loss is a mean over sequences",
+                              where="loss.aggregation", fix="loss.aggregation=seq_mean_token_mean")
+
+
+def resolve_variant(cfg, variant: str) -> None:
+    """Fill the config's null fields from ``VARIANTS[variant]`` (run once, at construction)."""
+    d = VARIANTS[variant]
+    for k in ("policy_loss", "advantage", "aggregation", "clip_low", "clip_high"):
+        if getattr(cfg.loss, k) is None:
+            setattr(cfg.loss, k, d[k])
+    if cfg.kl.beta is None:
+        cfg.kl.beta = d["beta"]
+    if cfg.kl.placement is None:
+        cfg.kl.placement = d["placement"]
+    if cfg.dynamic_sampling is None:
+        cfg.dynamic_sampling = d["dynamic_sampling"]
+    if cfg.shaping.overlong_buffer is None:
+        cfg.shaping.overlong_buffer = int(d["overlong"] * cfg.rollout.max_new_tokens)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def count_sequences(mb: dict) -> torch.Tensor:
+    """Rows of the micro-batch (a rollout left out of the loss counts as a sequence with loss 0, as in
+    ``aggregate``), so that Σ_micro aggregate · count / total is the step's aggregate exactly."""
+    return torch.tensor(float(mb["mask"].shape[0]))
+
+
+def count_tokens(mb: dict) -> torch.Tensor:
+    return mb["mask"].sum()
+
+
+def make_loss(cfg: GRPOConfig, kl_coef, max_len: int):
+    """loss_fn(model, micro_batch, total) -> (sum / total, metrics) and its count_fn, chosen once."""
+    from posttrain.algorithms.rollout_buffer import to_layout, token_forward
+    from posttrain.kl import get_kl_estimator
+    from posttrain.logprobs import entropy_from_logits
+    from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
+
+    policy_loss = get_policy_loss(cfg.loss.policy_loss)
+    L = cfg.loss
+    count_fn = count_tokens if L.aggregation == "token_mean" else count_sequences
+    kl_in_loss = cfg.kl.placement == "loss" and cfg.kl.beta > 0
+    estimator = get_kl_estimator(cfg.kl.estimator)
+    T_temp = cfg.rollout.temperature
+    want_entropy = L.entropy_coef > 0
+
+    def loss_fn(model, mb, total):
+        out = token_forward(model, mb, T_temp, want_logits=True)
+        mask = mb["mask"]
+        n, T = mask.shape
+        logp = to_layout(out["logp"], out["seq"], out["j"], n, T)
+        old = mb["old_logp"] if "old_logp" in mb else logp.detach()
+        loss, m = policy_loss(logp, old, mb["advantages"], mask, clip_low=L.clip_low, clip_high=L.clip_high,
+                              aggregation=L.aggregation, max_len=max_len)
+        metrics = dict(m)
+        if kl_in_loss:
+            kl_tok = kl_penalty_in_loss(logp, mb["ref_logp"], mask, cfg.kl.estimator)
+            loss = loss + kl_coef.value * aggregate(kl_tok, mask, L.aggregation, max_len)
+        ent_flat = entropy_from_logits(out["logits"] if want_entropy else out["logits"].detach())
+        ent = to_layout(ent_flat, out["seq"], out["j"], n, T)
+        if want_entropy:
+            loss = loss - L.entropy_coef * aggregate(ent, mask, L.aggregation, max_len)
+        with torch.no_grad():
+            denom = mask.sum().clamp(min=1)
+            metrics["entropy"] = (ent.detach() * mask).sum() / denom
+            if "old_logp" not in mb:  # one update per batch: this forward is the pre-update policy
+                metrics["logprob_gap"] = ((logp.detach() - mb["rollout_logp"]).abs() * mask).sum() / denom
+                if "ref_logp" in mb:
+                    lp, ref = logp.detach(), mb["ref_logp"]
+                    metrics["kl/per_token"] = (estimator(lp, ref) * mask).sum() / denom
+                    metrics["kl"] = ((lp - ref) * mask).sum() / (mask.sum(1) > 0).sum().clamp(min=1)
+        return loss * (count_fn(mb) / total), metrics
+
+    return loss_fn, count_fn
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
+    import time
+
+    from posttrain.advantages import expand_to_tokens
+    from posttrain.algorithms import common
+    from posttrain.algorithms import rollout_buffer as rb
+    from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+
+    # ---- data and rewards first: a bad row or reward spec stops the run before any model loads
+    records = rb.load_prompt_records(cfg.rollout)
+    eval_records = rb.load_eval_records(cfg.rollout)
+    rewards = rb.load_rewards(cfg.reward, cfg.reward_weights)
+    advantage_fn = _advantage_registry()[cfg.loss.advantage]
+    run_dir = make_run_dir(cfg.train, command, cfg)
+    tokenizer = common.load_tokenizer(cfg.model)
+
+    # ---- models and runtime
+    model = common.load_policy(cfg.model, cfg.lora)
+    n_steps = rb.rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
+    updates = cfg.loss.ppo_epochs * rb.plan_batches(cfg.rollout, cfg.train).minibatches
+    engine = TrainEngine(model, cfg.train, n_steps * updates, run_dir)
+    plan = rb.plan_batches(cfg.rollout, cfg.train, engine.world_size)
+    if engine.world_size > 1 and cfg.dynamic_sampling:
+        raise ConfigError("dynamic sampling keeps a different number of rollouts on each process, which "
+                          "DDP cannot step together", where="dynamic_sampling", fix="dynamic_sampling=false")
+    policy, G, temp = engine.unwrapped, cfg.rollout.group_size, cfg.rollout.temperature
+    need_ref = cfg.kl.beta > 0 or cfg.kl.track
+    ref_model = rb.load_reference(cfg.model, cfg.kl, cfg.lora.enabled) if need_ref else None
+    ref_fn = rb.ref_logp_fn(ref_model, policy, temp) if need_ref else None
+    gen = rb.make_engine(policy, tokenizer, cfg.rollout)
+    maker = rb.ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
+                               rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
+                               rank=engine.rank, world=engine.world_size)
+    kl_ctl = rb.kl_controller(cfg.kl)
+    kl_in_reward = cfg.kl.placement == "reward" and cfg.kl.beta > 0
+    need_old = updates > 1 or kl_in_reward  # π_old differs from π_θ, or the reward needs log π
+    loss_fn, count_fn = make_loss(cfg, kl_ctl, cfg.rollout.max_new_tokens)
+    logger = MetricsLogger(run_dir, enabled=engine.is_main)
+    extra, step = engine.maybe_resume(), 0
+    if extra is not None:
+        step, kl_ctl.value = extra["rl_step"], extra["kl_coef"]
+        logger.truncate_after(step)
+
+    def evaluate() -> dict[str, float]:
+        return rb.task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts,
+                            cfg.task_eval_samples, cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
+
+    # ---- loop: sample -> score -> advantages -> (epochs x minibatches) optimizer steps
+    progress = Progress(n_steps, command, cfg.train.progress)
+    summary: dict = {"variant": getattr(cfg, "variant", command), "world_size": engine.world_size,
+                     "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
+                     "rollouts_per_step": cfg.rollout.prompts_per_step * G}
+    if step == 0 and engine.is_main:
+        summary["initial"] = evaluate()
+        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
+    row: dict = {}
+    while step < n_steps:
+        t0 = time.perf_counter()
+        gen.update_weights(policy)
+        exp = maker.make(step, policy=rb.policy_logp_fn(policy, temp), ref=ref_fn, need_old=need_old,
+                         dynamic_sampling=cfg.dynamic_sampling, max_rounds=cfg.max_sample_rounds, micro=plan.micro)
+        m = exp.metrics
+        if len(exp):
+            scores = exp.scores
+            if exp.old_logp is not None and exp.ref_logp is not None:
+                m.update(rb.kl_metrics(exp, cfg.kl.estimator))
+            if kl_in_reward:  # r − β Σ_t KL_t, before the baseline (RLOO, REINFORCE)
+                scores = scores - kl_ctl.value * rb.sequence_kl(exp, cfg.kl.estimator)
+            group = len(exp) if cfg.loss.advantage == "batch_mean" else G  # whose mean stands in
+            adv = advantage_fn(rb.fill_invalid(scores, exp.valid, group), G)
+            exp.advantages = expand_to_tokens(adv, exp.mask)
+            t1 = time.perf_counter()
+            steps = []
+            for _, micro_idx in rb.minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
+                                               seed=cfg.train.seed * 7919 + step, group_size=G):
+                mbs = [exp.micro_batch(idx, cfg.rollout.row_tokens, tokenizer.pad_token_id) for idx in micro_idx]
+                steps.append(engine.step(mbs, loss_fn, count_fn))
+            m.update(rb.merge_update_metrics(steps))
+            m["train_s"] = time.perf_counter() - t1
+        step += 1
+        m = rb.reduce_metrics(engine, m)
+        if "kl" in m:
+            kl_ctl.update(m["kl"], len(exp) * engine.world_size)
+        m["kl_coef"], m["step_s"] = kl_ctl.value, time.perf_counter() - t0
+        row = m
+        if step % cfg.train.log_every == 0 or step == n_steps:
+            logger.log(step, m)
+            progress.update(step, f"reward {m.get('reward/mean', float('nan')):.3f}  kl {m.get('kl', 0.0):.3f}")
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < n_steps and engine.is_main:
+            logger.log(step, {f"eval/{k}": v for k, v in evaluate().items()})
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            engine.save_checkpoint({"rl_step": step, "kl_coef": kl_ctl.value})
+    progress.close()
+    if engine.is_main:
+        summary["final"] = evaluate()
+        summary["last_step"] = row
+        logger.log(step, {f"eval/{k}": v for k, v in summary["final"].items()})
+        common.save_final(engine, tokenizer, run_dir, cfg.lora)
+        common.write_summary(run_dir, summary)
+    logger.close()
+    engine.accelerator.wait_for_everyone()
+    summary["run_dir"] = str(run_dir)
+    return summary

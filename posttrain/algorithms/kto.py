@@ -1,0 +1,265 @@
+"""KTO: alignment from unpaired thumbs-up / thumbs-down data (Ethayarajh et al. 2024).
+
+With r(x, y) = log π(y|x) − log π_ref(y|x) and the reference point z₀ = max(0, KL estimate):
+
+    L = E_desirable[λ_D (1 − σ(β (r − z₀)))] + E_undesirable[λ_U (1 − σ(β (z₀ − r)))]
+
+z₀ is estimated, detached, from *mismatched* pairs: each record's prompt with another record's
+completion, mean of log π(y'|x) − log π_ref(y'|x), clamped at 0 (the paper's estimator; TRL builds
+the same mismatched set by shifting completions). The mismatch is fixed per dataset (a seeded
+derangement), so the reference log-probs of the mismatched sequences are precomputed and cached with
+the rest; the policy's are computed each step without gradient.
+
+Data: {"prompt", "completion", "label": bool}; paired {"prompt", "chosen", "rejected"} data is
+unpaired automatically (chosen -> desirable, rejected -> undesirable). Held-out *pairs* are scored with
+the implicit reward β r (rewards/accuracy), as for DPO. λ_D n_D / (λ_U n_U) in [1, 4/3] is the
+paper's recommended balance; the run reports it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
+from posttrain.errors import ConfigError, DataError
+
+
+@dataclass
+class KTOConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="Policy to train (usually an SFT model); also the "
+                             "reference unless ref_model is set.")
+    lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters; the reference is then the same model "
+                           "with adapters disabled.")
+    data: DataConfig = opt(factory=lambda: DataConfig(train="builtin:preferences", eval=None),
+                           help="Unpaired {prompt, completion, label} or paired {prompt, chosen, rejected} "
+                                "(unpaired automatically). data.eval: held-out pairs.")
+    train: TrainConfig = opt(factory=lambda: TrainConfig(lr=5e-5, epochs=1.0, schedule="linear", batch_size=32,
+                                                         micro_batch_size=32),
+                             help="Optimisation; defaults suit the tiny model (real models: lr 5e-7..5e-6).")
+    beta: float = opt(0.1, "β: scale of the implicit reward.", "Ethayarajh et al. 2024; TRL default 0.1")
+    desirable_weight: float = opt(1.0, "λ_D, weight of desirable examples.", "KTO paper")
+    undesirable_weight: float = opt(1.0, "λ_U, weight of undesirable examples.", "KTO paper")
+    nll_weight: float = opt(0.0, "Add nll_weight x the desirable completions' per-token NLL (as RPO does for "
+                            "DPO): counters likelihood displacement. 0 = KTO alone.", "Pang et al. 2024 (RPO)")
+    reference: Literal["auto", "precompute", "live"] = opt(
+        "auto", "precompute (auto): one cached inference pass, reference freed; live: computed each step.")
+    ref_model: str | None = opt(None, "Reference model path (default: model.name_or_path).")
+    ref_cache_dir: str | None = opt(None, "Cache of precomputed reference log-probs (default "
+                                    "$POSTTRAIN_CACHE/ref_logps).")
+    eval_holdout: int = opt(0, "With data.eval null and paired data, hold out the last N pairs for evaluation.")
+    packing: bool = opt(True, "Pack sequences into rows with isolated attention.")
+    row_tokens: int = opt(256, "Row length when packing (short rows keep the block-diagonal attention cheap).")
+    task_eval: bool = opt(True, "Built-in task: report gold reward, accuracy and KL of samples.")
+    task_eval_prompts: int = opt(64, "Held-out prompts for the built-in task's metrics.")
+    task_eval_samples: int = opt(4, "Samples per held-out prompt (temperature 1).")
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}", where="beta")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ConfigError("desirable_weight and undesirable_weight must be positive",
+                              where="desirable_weight/undesirable_weight")
+        if self.nll_weight < 0:
+            raise ConfigError(f"nll_weight must be >= 0, got {self.nll_weight}", where="nll_weight")
+        if self.train.batch_size < 2:
+            raise ConfigError("KTO's reference point needs at least 2 records per batch", where="train.batch_size")
+        if self.packing and self.row_tokens < self.data.max_length:
+            raise ConfigError(f"row_tokens={self.row_tokens} is shorter than data.max_length="
+                              f"{self.data.max_length}", where="row_tokens",
+                              fix=f"set row_tokens >= {self.data.max_length}")
+
+
+def mismatched(encs: list, seed: int) -> list:
+    """For record i, an Example of i's prompt with the completion of another record (a seeded
+    derangement; a neighbour with the same prompt is skipped when possible)."""
+    from posttrain.algorithms.pairs import Encoded
+
+    n = len(encs)
+    order = list(range(n))
+    random.Random(seed + 4242).shuffle(order)
+    out = [None] * n
+    for pos, i in enumerate(order):
+        j = order[(pos + 1) % n]
+        for step in range(2, min(n, 8)):
+            if encs[j].prompt_ids != encs[i].prompt_ids:
+                break
+            j = order[(pos + step) % n]
+        out[i] = Encoded(encs[i].prompt_ids, [encs[j].responses[0]]).example(0)
+    return out
+
+
+def load_unpaired(cfg: KTOConfig) -> tuple[list[dict], list[dict]]:
+    """(unpaired training rows, held-out pairs)."""
+    from posttrain.algorithms.pairs import is_paired, load_preference_rows, unpair
+    from posttrain.data.formats import load_records, read_rows
+
+    d = cfg.data
+    first, _ = read_rows(d.train, d.split)
+    held: list[dict] = []
+    if first and is_paired([{d.columns.get(k, k): v for k, v in first[0].items()}]):
+        pairs = load_preference_rows(d.train, columns=d.columns, split=d.split, max_rows=d.max_rows,
+                                     max_errors=d.max_errors, allow_rankings=False)
+        if not d.eval and cfg.eval_holdout:
+            pairs, held = pairs[:-cfg.eval_holdout], pairs[-cfg.eval_holdout:]
+        rows = unpair(pairs)
+    else:
+        if cfg.eval_holdout and not d.eval:
+            raise ConfigError("eval_holdout needs paired data (held-out pairs)", where="eval_holdout",
+                              fix="give data.eval=<pairs file> instead")
+        rows = load_records(d.train, "unpaired", columns=d.columns, split=d.split, max_rows=d.max_rows,
+                            max_errors=d.max_errors)
+    if d.eval:
+        held = load_preference_rows(d.eval, columns=d.columns, max_errors=d.max_errors, allow_rankings=False)
+    if len({bool(r["label"]) for r in rows}) < 2:
+        raise DataError("the training data has only one label; KTO needs desirable and undesirable examples",
+                        where=d.train, fix="add records with the other label")
+    return rows, [r for r in held if not r.get("tie")]
+
+
+def make_loss_fn(cfg: KTOConfig, live=None):
+    from posttrain.algorithms.pairs import by_slot, sequence_logps
+    from posttrain.losses.direct import kto_loss
+
+    def loss_fn(model, batch, total):
+        logp, ntok = sequence_logps(model, batch)
+        pol = by_slot(logp, batch)[:, 0]
+        kl_batch = batch["kl_batch"]
+        with torch.no_grad():
+            if live is not None:
+                ref = by_slot(live.batch_logps(batch, model), batch)[:, 0]
+                kl_ref = live.batch_logps(kl_batch, model)
+            else:
+                ref, kl_ref = batch["ref"][:, 0], batch["kl_ref"]
+            kl_pol, _ = sequence_logps(model, kl_batch)
+            z0 = (kl_pol - kl_ref).mean().clamp(min=0)  # detached reference point (per micro-batch)
+        loss, metrics = kto_loss(pol, ref, batch["label"], z0, beta=cfg.beta,
+                                 desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+        metrics = {k: v.detach() for k, v in metrics.items()}
+        if cfg.nll_weight:  # mean over the batch of per-token NLL on desirable completions (0 on others)
+            good = batch["label"].to(pol.dtype)
+            nll = (-pol / by_slot(ntok, batch)[:, 0].clamp(min=1) * good).mean()
+            metrics["nll"] = nll.detach()
+            loss = loss + cfg.nll_weight * nll
+        metrics.update(loss=loss.detach(), kl=z0)
+        return loss * (batch["n_records"] / total), metrics  # batch mean -> share of sum/total
+
+    return loss_fn
+
+
+def run(cfg: KTOConfig) -> dict:
+    from posttrain.algorithms import common
+    from posttrain.algorithms import dpo as D
+    from posttrain.algorithms.pairs import (
+        collate_responses,
+        count_records,
+        encode_pair,
+        encode_unpaired,
+        micro_batches_of,
+    )
+    from posttrain.algorithms.reference import LiveReference
+    from posttrain.data.batching import StepSampler, collate, shard
+    from posttrain.engines.train import (
+        MetricsLogger,
+        Progress,
+        TrainEngine,
+        make_run_dir,
+    )
+
+    rows, held = load_unpaired(cfg)
+    run_dir = make_run_dir(cfg.train, "kto", cfg)
+    tokenizer = common.load_tokenizer(cfg.model)
+    pad = tokenizer.pad_token_id
+    train_enc = [encode_unpaired(tokenizer, r, cfg.data.max_length) for r in rows]
+    eval_enc = [encode_pair(tokenizer, r, cfg.data.max_length) for r in held]
+    kl_exs = mismatched(train_enc, cfg.train.seed)
+    n_d = sum(e.label for e in train_enc)
+    balance = cfg.desirable_weight * n_d / (cfg.undesirable_weight * (len(train_enc) - n_d))
+    reference = "precompute" if cfg.reference == "auto" else cfg.reference
+    ref_path = cfg.ref_model or cfg.model.name_or_path
+    autocast = D.TrainEngineAutocast(cfg.train)
+
+    tables, kl_table, ref_info = {"train": None, "eval": None}, None, {"cache": "none"}
+
+    def pre(policy):
+        t, extra, info = D.precompute_tables({"train": train_enc, "eval": eval_enc}, ref_path=ref_path,
+                                             model_cfg=cfg.model, policy=policy, cache_dir=cfg.ref_cache_dir,
+                                             pad_id=pad, autocast=autocast, extra={"kl": kl_exs})
+        return t, extra["kl"], info
+
+    if reference == "precompute" and not cfg.lora.enabled:
+        tables, kl_table, ref_info = pre(None)  # before the policy loads: one model in memory at a time
+    model = common.load_policy(cfg.model, cfg.lora)
+    if reference == "precompute" and cfg.lora.enabled:
+        tables, kl_table, ref_info = pre(model)
+    live = LiveReference(model, cfg.model, ref_path) if reference == "live" else None
+
+    sampler = StepSampler(len(train_enc), cfg.train.batch_size, cfg.train.seed)
+    total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
+    engine = TrainEngine(model, cfg.train, total, run_dir)
+    logger = MetricsLogger(run_dir, enabled=engine.is_main)
+    if engine.maybe_resume() is not None:
+        logger.truncate_after(engine.step_count)
+    loss_fn = make_loss_fn(cfg, live)
+    eval_fn = D.make_loss_fn("dpo", cfg.beta, {}, live)  # implicit-reward metrics on held-out pairs
+    kw = dict(packing=cfg.packing, row_tokens=cfg.row_tokens, pad_id=pad)
+
+    def micro_batches(step: int) -> list[dict]:
+        out = []
+        for p in shard(sampler.batch(step), engine.rank, engine.world_size, cfg.train.micro_batch_size):
+            b = D.attach_reference(collate_responses([train_enc[i] for i in p], **kw), tables["train"], p)
+            b["kl_batch"] = collate([kl_exs[i] for i in p], **kw)
+            if kl_table is not None:
+                b["kl_ref"] = kl_table[p]
+            out.append(b)
+        return out
+
+    eval_batches = D.attach_reference_in_order(micro_batches_of(eval_enc, cfg.train.micro_batch_size, **kw),
+                                               tables["eval"])
+
+    def evaluate(initial: bool = False) -> dict:
+        out = D.pair_eval(engine.unwrapped, eval_batches, eval_fn, engine.autocast)
+        if cfg.task_eval and cfg.data.train.startswith("builtin:"):
+            out.update(D.task_metrics(cfg, engine, tokenizer, live, ref_path, initial))
+        return out
+
+    progress = Progress(total, "kto", cfg.train.progress)
+    clock = common.Throughput()
+    summary: dict = {"beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
+                     "train_examples": len(train_enc), "desirable": n_d, "undesirable": len(train_enc) - n_d,
+                     "weighted_balance": balance, "eval_pairs": len(eval_enc), "world_size": engine.world_size,
+                     "total_steps": total}
+    if not 1.0 <= balance <= 4 / 3 and engine.is_main:
+        print(f"kto: λ_D·n_D / (λ_U·n_U) = {balance:.2f}, outside the paper's recommended [1, 4/3]; adjust "
+              f"desirable_weight / undesirable_weight")
+    if engine.step_count == 0 and engine.is_main:
+        summary["initial"] = evaluate(initial=True)
+        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
+    while engine.step_count < total:
+        batches = micro_batches(engine.step_count)
+        metrics = engine.step(batches, loss_fn, count_records)
+        clock.add(sum(int(b["n_records"]) for b in batches) * engine.world_size)
+        step = engine.step_count
+        if step % cfg.train.log_every == 0 or step == total:
+            row = {f"train/{k}": v for k, v in metrics.items()}
+            row["examples_per_s"] = clock.rate()
+            logger.log(step, row)
+            progress.update(step, f"loss {row['train/loss']:.3f} kl {row['train/kl']:.3f}")
+        if engine.should(cfg.train.eval_every) and step < total and engine.is_main:
+            logger.log(step, {f"eval/{k}": v for k, v in evaluate().items()})
+        if engine.should(cfg.train.save_every):
+            engine.save_checkpoint({"data_step": step})
+    progress.close()
+    if engine.is_main:
+        summary["examples_per_s"] = clock.rate()
+        summary["final"] = evaluate()
+        logger.log(engine.step_count, {f"eval/{k}": v for k, v in summary["final"].items()})
+        common.save_final(engine, tokenizer, run_dir, cfg.lora)
+        common.write_summary(run_dir, summary)
+    logger.close()
+    engine.accelerator.wait_for_everyone()
+    summary["run_dir"] = str(run_dir)
+    return summary

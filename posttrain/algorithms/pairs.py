@@ -1,0 +1,352 @@
+"""Preference data for the reward-model and direct-alignment commands: encoding pairs, rankings and
+unpaired records into token ids, and per-sequence reductions of a packed batch.
+
+Every response is tokenized as ``prompt ids + response ids`` with the tokenizer's chat template
+(``chat.encode_response``: the response ids end with the end-of-turn token), so a reward model, a
+DPO policy and the reward scorer used in RL all see exactly the same tokens for the same text.
+Chosen and rejected responses of a batch go into ONE packed forward pass: the micro-batch's examples
+are ``[chosen_0..chosen_{n-1}, rejected_0..rejected_{n-1}]`` and ``seq_index`` tells them apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.data.chat import (
+    Example,
+    as_messages,
+    encode_response,
+    split_implicit_prompt,
+)
+from posttrain.errors import DataError
+
+
+@dataclass
+class Encoded:
+    """One record as token ids: a prompt and K >= 1 responses (K = 2 for a pair: chosen, rejected)."""
+
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    ranks: list[float] = field(default_factory=list)  # per response, lower = better
+    margin: float = 0.0
+    tie: bool = False
+    label: bool | None = None  # unpaired (KTO) records
+    prompt: object = None  # original prompt (text or messages), for gold rewards / length baselines
+    texts: list = field(default_factory=list)  # original responses
+    subset: str | None = None
+
+    def example(self, k: int) -> Example:
+        ids = self.responses[k]
+        return Example(self.prompt_ids + ids, [0] * len(self.prompt_ids) + [1] * len(ids))
+
+
+def split_record(record: dict) -> tuple[object, object, object]:
+    """(prompt, chosen, rejected) of an explicit- or implicit-prompt preference record."""
+    if record.get("prompt") is not None:
+        return record["prompt"], record["chosen"], record["rejected"]
+    prompt, chosen, rejected = split_implicit_prompt(record["chosen"], record["rejected"])
+    return prompt, [chosen], [rejected]
+
+
+def _fit(prompt_ids: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """Truncation: drop prompt tokens from the start first (keeps the latest turns), leaving at least
+    one prompt token when possible, then cut responses from the end."""
+    longest = max(len(r) for r in responses)
+    over = len(prompt_ids) + longest - max_length
+    if over > 0:
+        cut = min(over, max(len(prompt_ids) - 1, 0))
+        prompt_ids = prompt_ids[cut:]
+        room = max_length - len(prompt_ids)
+        responses = [r[:room] for r in responses]
+    return prompt_ids, responses
+
+
+def encode_responses(tokenizer, prompt, responses: list, max_length: int) -> tuple[list[int], list[list[int]]]:
+    p_ids, outs = None, []
+    for resp in responses:
+        p, r = encode_response(tokenizer, prompt, resp)
+        if p_ids is None:
+            p_ids = p
+        elif p != p_ids:  # the template renders the prompt differently per response: keep each own
+            raise DataError("the chat template renders the prompt differently depending on the response",
+                            where="tokenizer chat template", fix="use a template with a stable prompt prefix")
+        if not r:
+            raise DataError("a response encodes to no tokens", where="data")
+        outs.append(r)
+    return _fit(p_ids, outs, max_length)
+
+
+def encode_pair(tokenizer, record: dict, max_length: int,
+                margin_key: tuple[str, ...] = ("margin", "strength")) -> Encoded:
+    prompt, chosen, rejected = split_record(record)
+    p_ids, (c_ids, r_ids) = encode_responses(tokenizer, prompt, [chosen, rejected], max_length)
+    margin = next((float(record[k]) for k in margin_key if record.get(k) is not None), 0.0)
+    tie = bool(record.get("tie", False))
+    return Encoded(p_ids, [c_ids, r_ids], ranks=[0.0, 0.0] if tie else [0.0, 1.0], margin=margin, tie=tie,
+                   prompt=prompt, texts=[chosen, rejected], subset=record.get("subset"))
+
+
+def encode_ranking(tokenizer, record: dict, max_length: int) -> Encoded:
+    p_ids, outs = encode_responses(tokenizer, record["prompt"], list(record["responses"]), max_length)
+    return Encoded(p_ids, outs, ranks=[float(r) for r in record["ranking"]], prompt=record["prompt"],
+                   texts=list(record["responses"]), subset=record.get("subset"))
+
+
+def encode_unpaired(tokenizer, record: dict, max_length: int) -> Encoded:
+    p_ids, (c_ids,) = encode_responses(tokenizer, record["prompt"], [record["completion"]], max_length)
+    return Encoded(p_ids, [c_ids], label=bool(record["label"]), prompt=record["prompt"],
+                   texts=[record["completion"]])
+
+
+def check_ranking_row(row: dict) -> str | None:
+    """'field: problem' for a K-wise ranking record {"prompt", "responses": [...], "ranking": [...]}."""
+    if not isinstance(row, dict):
+        return "record: expected an object"
+    if not isinstance(row.get("prompt"), (str, list)) or not row.get("prompt"):
+        return "prompt: missing"
+    resp, rank = row.get("responses"), row.get("ranking")
+    if not isinstance(resp, list) or len(resp) < 2:
+        return "responses: expected a list of at least 2 responses"
+    if not all(isinstance(r, (str, list)) for r in resp):
+        return "responses: every response must be a string or a message list"
+    if not isinstance(rank, list) or len(rank) != len(resp):
+        return f"ranking: expected one rank per response ({len(resp)}), got {rank!r}"
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rank):
+        return "ranking: ranks must be numbers (1 = best; equal ranks are ties)"
+    if len(set(rank)) == 1:
+        return "ranking: all responses share one rank, so the record carries no preference"
+    return None
+
+
+def unpair(records: list[dict]) -> list[dict]:
+    """Paired preference records -> unpaired ones: chosen is desirable, rejected undesirable (the
+    conversion TRL's KTO applies to paired data)."""
+    out = []
+    for r in records:
+        if r.get("tie"):
+            continue  # a tie says nothing about either response's desirability
+        prompt, chosen, rejected = split_record(r)
+        out.append({"prompt": prompt, "completion": chosen, "label": True})
+        out.append({"prompt": prompt, "completion": rejected, "label": False})
+    return out
+
+
+def is_paired(rows: list[dict]) -> bool:
+    return bool(rows) and "chosen" in rows[0] and "rejected" in rows[0]
+
+
+def is_ranking(rows: list[dict]) -> bool:
+    return bool(rows) and "responses" in rows[0] and "ranking" in rows[0]
+
+
+def response_chars(text) -> int:
+    return sum(len(m["content"]) for m in as_messages(text, "assistant"))
+
+
+# ----------------------------------------------------------------------------- packed reductions
+
+
+def response_mask(batch: dict) -> torch.Tensor:
+    """[R, L-1] float: position t predicts token t+1, a response token of the same sequence."""
+    same = batch["seq_index"][:, 1:] == batch["seq_index"][:, :-1]
+    return (batch["loss_mask"][:, 1:].bool() & same).float()
+
+
+def per_sequence_sum(values: torch.Tensor, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """[n_seqs] sums of ``values`` ([R, L-1], shifted like log-probs) over ``mask``, per sequence."""
+    n = int(batch["n_seqs"])
+    seq = batch["seq_index"][:, 1:]
+    keep = mask.bool()
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, seq[keep], values[keep])
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token log-probs [n_seqs], response token counts [n_seqs]) from one forward.
+
+    Uses the gather-based ``token_logps`` (never a full [B, T, V] log-softmax); a packed batch has no
+    padding compute."""
+    from posttrain.data.batching import model_inputs
+    from posttrain.logprobs import token_logps
+
+    logits = model(**model_inputs(batch)).logits
+    if "src" in batch:  # shared-prompt layout: explicit (predicting position, target token) pairs
+        from posttrain.logprobs import selective_log_softmax
+
+        flat = logits.reshape(-1, logits.shape[-1])
+        lp = selective_log_softmax(flat[batch["src"]], batch["input_ids"].reshape(-1)[batch["tgt"]]).float()
+        n, seq = int(batch["n_seqs"]), batch["tgt_seq"]
+        sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
+        return sums, torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, torch.ones_like(lp))
+    logp = token_logps(logits, batch["input_ids"]).float()
+    mask = response_mask(batch)
+    return per_sequence_sum(logp, batch, mask), per_sequence_sum(mask, batch, mask)
+
+
+# ----------------------------------------------------------------------------- loading and batching
+
+
+def load_preference_rows(source: str, *, columns: dict[str, str] | None = None, split: str = "train",
+                         max_rows: int | None = None, max_errors: int = 20,
+                         allow_rankings: bool = True) -> list[dict]:
+    """Read and validate preference pairs ({"prompt", "chosen", "rejected"} with optional margin,
+    tie, subset) or K-wise rankings ({"prompt", "responses", "ranking"}); the first row decides
+    which. Bad rows raise one DataError naming file:row: field."""
+    from posttrain.data.formats import check_row, read_rows, rename_columns
+
+    rows, name = read_rows(source, split)
+    rows = rename_columns(rows, columns or {})
+    if max_rows is not None:
+        rows = rows[:max_rows]
+    if not rows:
+        raise DataError("no records found", where=name, fix="check the file or the split")
+    ranking = is_ranking(rows)
+    if ranking and not allow_rankings:
+        raise DataError("K-wise ranking records are only used by `posttrain reward`", where=name,
+                        fix="give {prompt, chosen, rejected} pairs")
+    problems = []
+    for i, row in enumerate(rows, 1):
+        problem = check_ranking_row(row) if ranking else check_row(row, "preference")
+        if problem is None and not ranking and "tie" in row and not isinstance(row["tie"], (bool, type(None))):
+            problem = f"tie: expected true/false, got {row['tie']!r}"
+        if problem:
+            problems.append(f"{name}:{i}: {problem}")
+            if len(problems) >= max_errors:
+                break
+    if problems:
+        kind = "ranking" if ranking else "preference"
+        raise DataError(f"{len(problems)} bad {kind} record(s):\n  " + "\n  ".join(problems), where=name,
+                        fix="correct these rows, or map your column names with data.columns={yours: ours}")
+    return rows
+
+
+def collate_responses(encs: list[Encoded], *, packing: bool, row_tokens: int, pad_id: int) -> dict:
+    """One packed forward for every response of every record.
+
+    Adds to ``collate``'s batch: ``slot`` [N, K] (sequence index of record i's response k, -1 when
+    record i has fewer responses), ``ranks`` [N, K] (lower = better, +inf on empty slots), ``margin``
+    [N], ``tie`` [N] bool, ``label`` [N] bool (unpaired records) and ``n_records``. For pairs
+    (K = 2) the sequences are ordered chosen_0..chosen_{N-1}, rejected_0..rejected_{N-1}, so
+    ``rewards[:N]`` / ``rewards[N:]`` are the chosen / rejected halves."""
+    from posttrain.data.batching import collate
+
+    K = max(len(e.responses) for e in encs)
+    N = len(encs)
+    slot = torch.full((N, K), -1, dtype=torch.long)
+    exs: list[Example] = []
+    # response-major order: slot k of every record, then slot k+1 (pairs: all chosen, then all rejected)
+    for k in range(K):
+        for i, e in enumerate(encs):
+            if k < len(e.responses):
+                slot[i, k] = len(exs)
+                exs.append(e.example(k))
+    batch = collate(exs, packing=packing, row_tokens=row_tokens, pad_id=pad_id)
+    ranks = torch.full((N, K), float("inf"))
+    for i, e in enumerate(encs):
+        if e.ranks:
+            ranks[i, :len(e.ranks)] = torch.tensor(e.ranks, dtype=torch.float)
+    batch.update(slot=slot, ranks=ranks, margin=torch.tensor([e.margin for e in encs], dtype=torch.float),
+                 tie=torch.tensor([e.tie for e in encs]),
+                 label=torch.tensor([bool(e.label) for e in encs]), n_records=torch.tensor(N))
+    return batch
+
+
+def count_records(batch: dict) -> torch.Tensor:
+    return batch["n_records"].float()
+
+
+def by_slot(values: torch.Tensor, batch: dict, fill: float = 0.0) -> torch.Tensor:
+    """[n_seqs] per-sequence values -> [N, K] per record and response slot (``fill`` on empty slots)."""
+    slot = batch["slot"]
+    out = values[slot.clamp(min=0)]
+    return out.masked_fill(slot < 0, fill)
+
+
+def micro_batches_of(encs: list[Encoded], micro: int, shared_prompt: bool = False, **kw) -> list[dict]:
+    return [batch_records(encs[s:s + micro], shared_prompt=shared_prompt, **kw) for s in range(0, len(encs), micro)]
+
+
+# ----------------------------------------------------------------------------- shared prompt
+
+
+def collate_shared(encs: list[Encoded], *, row_tokens: int, pad_id: int) -> dict:
+    """Like :func:`collate_responses`, but each record's prompt is computed ONCE: a record is laid
+    out as ``[prompt | response_0 | response_1 | ...]`` in a packed row; a response token attends
+    to its prompt and to earlier tokens of its own response only, and its positions continue from
+    the prompt (``len(prompt), len(prompt) + 1, ...``), so every response sees exactly the keys and
+    positions it would see alone. Saves the prompt's tokens K − 1 times per record.
+
+    Log-probs need one change: the first token of response k is predicted from the prompt's last
+    position, not from the token before it in the row. The batch therefore carries explicit
+    ``src`` (predicting position) / ``tgt`` (target token) flat indices and ``tgt_seq`` (which
+    sequence, numbered like ``collate_responses``: slot k of record i is k * N + i), plus ``last_pos``
+    (each sequence's last non-pad token, for reward heads)."""
+    from posttrain.data.batching import _rows_first_fit
+
+    N, K = len(encs), max(len(e.responses) for e in encs)
+    lengths = [len(e.prompt_ids) + sum(len(r) for r in e.responses) for e in encs]
+    rows = _rows_first_fit(lengths, max(row_tokens, max(lengths)))
+    width = max(sum(lengths[i] for i in r) for r in rows)
+    R = len(rows)
+    ids = torch.full((R, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, width), dtype=torch.long)
+    rec = torch.full((R, width), -1, dtype=torch.long)
+    part = torch.full((R, width), -1, dtype=torch.long)  # -1 prompt, k response k
+    slot = torch.full((N, K), -1, dtype=torch.long)
+    src, tgt, tgt_seq = [], [], []
+    last = torch.zeros(N * K, dtype=torch.long)
+    for r, members in enumerate(rows):
+        t = 0
+        for i in members:
+            e = encs[i]
+            p = len(e.prompt_ids)
+            ids[r, t:t + p] = torch.tensor(e.prompt_ids, dtype=torch.long)
+            pos[r, t:t + p] = torch.arange(p)
+            rec[r, t:t + p] = i
+            prompt_end = r * width + t + p - 1  # flat index of the prompt's last token
+            t += p
+            for k, resp in enumerate(e.responses):
+                n = len(resp)
+                seq = k * N + i
+                slot[i, k] = seq
+                ids[r, t:t + n] = torch.tensor(resp, dtype=torch.long)
+                pos[r, t:t + n] = torch.arange(p, p + n)
+                rec[r, t:t + n] = i
+                part[r, t:t + n] = k
+                flat = [r * width + t + j for j in range(n)]
+                src += [prompt_end] + flat[:-1]
+                tgt += flat
+                tgt_seq += [seq] * n
+                keep = [f for f, tok in zip(flat, resp) if tok != pad_id]
+                last[seq] = (keep or flat)[-1]
+                t += n
+    valid = rec >= 0
+    same = rec[:, :, None] == rec[:, None, :]
+    visible = (part[:, None, :] == -1) | (part[:, None, :] == part[:, :, None])  # key is prompt or own response
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    attn = (same & visible & causal & valid[:, :, None])[:, None]
+    attn |= torch.eye(width, dtype=torch.bool)[None, None] & ~valid[:, None, :, None]
+    # seq_index: prompt tokens belong to no sequence of their own (-2), padding -1
+    seq_index = torch.where(part >= 0, part * N + rec.clamp(min=0), torch.where(valid, -2, -1))
+    ranks = torch.full((N, K), float("inf"))
+    for i, e in enumerate(encs):
+        if e.ranks:
+            ranks[i, :len(e.ranks)] = torch.tensor(e.ranks, dtype=torch.float)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": attn, "seq_index": seq_index,
+            "loss_mask": (part >= 0).long(), "src": torch.tensor(src), "tgt": torch.tensor(tgt),
+            "tgt_seq": torch.tensor(tgt_seq), "last_pos": last,
+            "n_seqs": torch.tensor(N * K), "n_pad": (~valid).sum(), "slot": slot, "ranks": ranks,
+            "margin": torch.tensor([e.margin for e in encs], dtype=torch.float),
+            "tie": torch.tensor([e.tie for e in encs]), "label": torch.tensor([bool(e.label) for e in encs]),
+            "n_records": torch.tensor(N)}
+
+
+def batch_records(encs: list[Encoded], *, shared_prompt: bool, packing: bool, row_tokens: int, pad_id: int) -> dict:
+    """The micro-batch of ``encs``: prompt shared across responses (packed) or one sequence each."""
+    if shared_prompt:
+        if any(len(e.responses) != len(encs[0].responses) for e in encs):
+            # slots must be dense for k * N + i numbering; rankings of mixed K use separate sequences
+            return collate_responses(encs, packing=packing, row_tokens=row_tokens, pad_id=pad_id)
+        return collate_shared(encs, row_tokens=row_tokens, pad_id=pad_id)
+    return collate_responses(encs, packing=packing, row_tokens=row_tokens, pad_id=pad_id)

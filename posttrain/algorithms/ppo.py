@@ -1,0 +1,334 @@
+"""PPO with a learned critic and GAE (Schulman et al. 2017; Ziegler et al. 2019; InstructGPT; rlhf-book ch. 6).
+
+Per RL step: sample one completion per prompt (``rollout.group_size``, 1 by default), score it with
+the reward (a reward model ``rm:<path>``, a verifier, ...), and build per-token rewards
+
+    r_t = −β KL_t (+ score on the last token),     KL_t from k1/k2/k3 of π_old vs π_ref
+
+(``kl.placement=loss`` instead adds β·KL to the loss, as GRPO does). The critic gives V(s_t) before
+each token; GAE(γ, λ) gives advantages and the critic's targets R_t = Â_t + V(s_t). Then
+``loss.ppo_epochs`` passes of minibatches (``train.batch_size`` rollouts each) minimise
+
+    L = PPO-clip(ρ, Â) + c_v · ½ max((V − R)², (V_clip − R)²) − c_H · H(π)
+
+with ρ = π_θ/π_old against the log-probs taken right after sampling. The critic is a separate model
+(a sequence-classification model whose head is read at every position), initialised from the policy
+(fresh head) or from the reward model (InstructGPT, Tülu 3), or a linear head on the policy's own
+backbone. Policy and critic are one module with one optimizer (as TRL's PPOTrainer did); the
+critic's share of the gradient is set by ``value.coef``. Optional reward whitening (scale only) and
+advantage whitening; an adaptive KL controller (Ziegler et al. 2019) steers β toward a target KL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from posttrain.algorithms.rollout_buffer import (KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig,
+                                                 check_reward_config)
+from posttrain.config import LoraConfig, ModelConfig, opt
+from posttrain.errors import ConfigError
+
+
+@dataclass
+class ValueConfig:
+    shared_backbone: bool = opt(False, "A linear value head on the policy's backbone (one forward, less "
+                                "memory) instead of a separate critic model.")
+    init: Literal["policy", "reward_model"] = opt(
+        "policy", "Separate critic initialised from the policy with a fresh head, or from the reward "
+        "model (the rm:<path> reward, or value.path).", "InstructGPT / Tülu 3 initialise it from the RM")
+    path: str | None = opt(None, "Explicit critic initialisation (a causal LM or reward model path).")
+    coef: float = opt(0.1, "c_v: weight of the value loss.", "TRL PPO vf_coef 0.1")
+    clip: float | None = opt(0.2, "Value clipping range around the rollout's values (null = off).",
+                             "TRL PPO cliprange_value 0.2")
+
+    def validate(self) -> None:
+        if self.shared_backbone and (self.init == "reward_model" or self.path):
+            raise ConfigError("a value head on the policy's backbone cannot start from another model",
+                              where="value.init", fix="value.shared_backbone=false, or value.init=policy")
+        if self.coef < 0:
+            raise ConfigError("value.coef must be >= 0", where="value.coef")
+
+
+@dataclass
+class PPOLossConfig:
+    clip_low: float = opt(0.2, "ε_low of the clipped surrogate.", "Schulman et al. 2017")
+    clip_high: float = opt(0.2, "ε_high of the clipped surrogate.", "Schulman et al. 2017")
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = opt(
+        "token_mean", "How per-token losses (policy and value) become one number.", "TRL PPO (masked mean)")
+    ppo_epochs: int = opt(4, "Passes over each rollout batch.", "TRL PPO num_ppo_epochs 4; Tülu 3")
+    gamma: float = opt(1.0, "Discount.", "rlhf-book ch. 3 (bandit-style, γ = 1); TRL PPO")
+    lam: float = opt(0.95, "GAE λ.", "TRL PPO lam 0.95")
+    whiten_rewards: bool = opt(False, "Rescale the per-token rewards of a batch to unit variance "
+                               "(mean kept).", "TRL PPO whiten_rewards False")
+    whiten_advantages: bool = opt(True, "Normalise advantages over the batch's tokens.", "TRL PPO; CleanRL")
+    entropy_coef: float = opt(0.0, "c_H: entropy bonus (0 = off).")
+
+    def validate(self) -> None:
+        if self.ppo_epochs < 1:
+            raise ConfigError("loss.ppo_epochs must be >= 1", where="loss.ppo_epochs")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError("loss.gamma and loss.lam must be in [0, 1]", where="loss")
+
+
+@dataclass
+class PPOConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="Policy to train (usually an SFT model's final/).")
+    lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters on the policy.")
+    rollout: RolloutConfig = opt(factory=lambda: RolloutConfig(prompts_per_step=64, group_size=1),
+                                 help="Prompts and sampling (PPO needs no groups).")
+    reward: list[str] = opt(["builtin_gold"], "Reward functions (rm:<path> for a trained reward model; "
+                            "builtin_gold, builtin_correct, exact_match, math, module:function).")
+    reward_weights: list[float] = opt([], "One weight per reward (empty = all 1.0).")
+    shaping: ShapingConfig = opt(factory=lambda: ShapingConfig(overlong_buffer=0),
+                                 help="Truncation policy, overlong penalty, clip.")
+    kl: KLConfig = opt(factory=lambda: KLConfig(beta=0.05, estimator="k1", placement="reward"),
+                       help="KL to the reference (per-token reward by default).")
+    value: ValueConfig = opt(factory=ValueConfig, help="The critic.")
+    loss: PPOLossConfig = opt(factory=PPOLossConfig, help="PPO loss, GAE, whitening.")
+    train: RLTrainConfig = opt(factory=lambda: RLTrainConfig(lr=1e-5, schedule="constant", warmup_ratio=0.0,
+                                                             max_steps=200, log_every=1),
+                               help="Optimisation; batch sizes count rollouts.")
+    task_eval_prompts: int = opt(64, "Built-in task: held-out prompts for accuracy / gold reward.")
+    task_eval_samples: int = opt(4, "Built-in task: samples per held-out prompt (temperature 1).")
+
+    def __post_init__(self):
+        if self.kl.beta is None:
+            self.kl.beta = 0.05
+        if self.kl.placement is None:
+            self.kl.placement = "reward"
+        if self.shaping.overlong_buffer is None:
+            self.shaping.overlong_buffer = 0
+
+    def validate(self) -> None:
+        check_reward_config(self.reward, self.reward_weights)
+        if self.value.init == "reward_model" and not self.value.path and not any(r.startswith("rm:") for r in self.reward):
+            raise ConfigError("value.init=reward_model needs a reward model", where="value.init",
+                              fix="use reward=rm:<path>, or give value.path")
+
+
+class ActorCritic(torch.nn.Module):
+    """The policy and its critic as one trainable module (one optimizer, one checkpoint)."""
+
+    def __init__(self, policy, critic=None, v_head=None):
+        super().__init__()
+        self.policy, self.critic, self.v_head = policy, critic, v_head
+
+    def values(self, mb: dict, out: dict | None = None) -> torch.Tensor:
+        """Flat per-token values [K] (``out`` = the policy's token_forward with hidden states)."""
+        from posttrain.algorithms.rollout_buffer import critic_values, token_forward
+
+        if self.v_head is not None:
+            if out is None:
+                out = token_forward(self.policy, mb, want_hidden=True)
+            return self.v_head(out["hidden"].float()).squeeze(-1)
+        return critic_values(self.critic, mb)
+
+    def forward(self, mb: dict, temperature: float = 1.0):
+        """(policy token_forward dict with logits, flat values [K]) — one call, so a DDP wrapper
+        around this module sees the whole computation."""
+        from posttrain.algorithms.rollout_buffer import token_forward
+
+        out = token_forward(self.policy, mb, temperature, want_logits=True, want_hidden=self.v_head is not None)
+        return out, self.values(mb, out)
+
+
+def build_actor_critic(cfg: PPOConfig, tokenizer) -> ActorCritic:
+    from posttrain.algorithms import common
+    from posttrain.models.heads import load_reward_model
+
+    policy = common.load_policy(cfg.model, cfg.lora)
+    if cfg.value.shared_backbone:
+        hidden = policy.config.hidden_size if hasattr(policy.config, "hidden_size") else policy.config.n_embd
+        head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(head.weight)  # V ≡ 0 at first: no early value gradient into the backbone
+        torch.nn.init.zeros_(head.bias)
+        return ActorCritic(policy, v_head=head)
+    path = cfg.value.path
+    if path is None and cfg.value.init == "reward_model":
+        path = next(r[3:] for r in cfg.reward if r.startswith("rm:"))
+    critic = load_reward_model(cfg.model, path or cfg.model.name_or_path, pad_token_id=tokenizer.pad_token_id)
+    return ActorCritic(policy, critic=critic)
+
+
+def make_loss(cfg: PPOConfig, kl_coef, max_len: int):
+    from posttrain.algorithms.rollout_buffer import to_layout
+    from posttrain.logprobs import entropy_from_logits
+    from posttrain.losses.policy import aggregate, kl_penalty_in_loss, ppo_clip_loss, value_loss
+
+    L, V, temp = cfg.loss, cfg.value, cfg.rollout.temperature
+    kl_in_loss = cfg.kl.placement == "loss" and cfg.kl.beta > 0
+
+    def count_fn(mb):
+        return mb["mask"].sum() if L.aggregation == "token_mean" else torch.tensor(float(mb["mask"].shape[0]))
+
+    def loss_fn(model, mb, total):
+        mask = mb["mask"]
+        n, T = mask.shape
+        out, v_flat = model(mb, temp)
+        logp = to_layout(out["logp"], out["seq"], out["j"], n, T)
+        pg, m = ppo_clip_loss(logp, mb["old_logp"], mb["advantages"], mask, clip_low=L.clip_low,
+                              clip_high=L.clip_high, aggregation=L.aggregation, max_len=max_len)
+        values = to_layout(v_flat, out["seq"], out["j"], n, T)
+        vl, vm = value_loss(values, mb["values"], mb["returns"], mask, clip=V.clip, aggregation=L.aggregation,
+                            max_len=max_len)
+        loss = pg + V.coef * vl
+        ent = to_layout(entropy_from_logits(out["logits"] if L.entropy_coef else out["logits"].detach()),
+                        out["seq"], out["j"], n, T)
+        if L.entropy_coef:
+            loss = loss - L.entropy_coef * aggregate(ent, mask, L.aggregation, max_len)
+        if kl_in_loss:
+            loss = loss + kl_coef.value * aggregate(kl_penalty_in_loss(logp, mb["ref_logp"], mask, cfg.kl.estimator),
+                                                    mask, L.aggregation, max_len)
+        metrics = {**m, "policy_loss": pg.detach(), "value_loss": vl.detach(),
+                   "value_clip_frac": vm["value_clip_frac"],
+                   "entropy": (ent.detach() * mask).sum() / mask.sum().clamp(min=1)}
+        return loss * (count_fn(mb) / total), metrics
+
+    return loss_fn, count_fn
+
+
+def advantages(exp, cfg: PPOConfig, kl_coef, kl_tok: torch.Tensor | None):
+    """Per-token rewards (−β KL_t, + the score on the last token) -> GAE advantages and returns."""
+    from posttrain.advantages import gae
+    from posttrain.masked import masked_whiten
+
+    mask = exp.mask
+    rewards = torch.zeros_like(mask)
+    if kl_tok is not None:
+        rewards = rewards - kl_coef * kl_tok * mask
+    last = (exp.lengths - 1).clamp(min=0)
+    rows = torch.arange(len(exp))
+    rewards[rows, last] += exp.scores * exp.valid.float()
+    if cfg.loss.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = gae(rewards, exp.values, mask, cfg.loss.gamma, cfg.loss.lam)
+    if cfg.loss.whiten_advantages and mask.sum() > 1:
+        adv = masked_whiten(adv, mask)
+    return adv, returns
+
+
+def run(cfg: PPOConfig) -> dict:
+    import time
+
+    from posttrain.algorithms import common
+    from posttrain.algorithms import rollout_buffer as rb
+    from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+    from posttrain.kl import get_kl_estimator
+    from posttrain.losses.policy import explained_variance
+    from posttrain.models.loading import save_pretrained
+
+    records = rb.load_prompt_records(cfg.rollout)
+    eval_records = rb.load_eval_records(cfg.rollout)
+    rewards = rb.load_rewards(cfg.reward, cfg.reward_weights)
+    run_dir = make_run_dir(cfg.train, "ppo", cfg)
+    tokenizer = common.load_tokenizer(cfg.model)
+
+    model = build_actor_critic(cfg, tokenizer)
+    n_steps = rb.rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
+    updates = cfg.loss.ppo_epochs * rb.plan_batches(cfg.rollout, cfg.train).minibatches
+    engine = TrainEngine(model, cfg.train, n_steps * updates, run_dir)
+    plan = rb.plan_batches(cfg.rollout, cfg.train, engine.world_size)
+    ac: ActorCritic = engine.unwrapped
+    policy, temp = ac.policy, cfg.rollout.temperature
+    need_ref = cfg.kl.beta > 0 or cfg.kl.track
+    ref_model = rb.load_reference(cfg.model, cfg.kl, cfg.lora.enabled) if need_ref else None
+    ref_fn = rb.ref_logp_fn(ref_model, policy, temp) if need_ref else None
+
+    def critic_fn(mb):
+        was = ac.training
+        ac.eval()
+        out = rb.token_forward(policy, mb, temp, want_hidden=True) if ac.v_head is not None else None
+        v = ac.values(mb, out)
+        ac.train(was)
+        return v, mb["tgt_seq"], mb["tgt_j"]
+
+    gen = rb.make_engine(policy, tokenizer, cfg.rollout)
+    maker = rb.ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
+                               rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
+                               rank=engine.rank, world=engine.world_size)
+    kl_ctl = rb.kl_controller(cfg.kl)
+    estimator = get_kl_estimator(cfg.kl.estimator)
+    loss_fn, count_fn = make_loss(cfg, kl_ctl, cfg.rollout.max_new_tokens)
+    logger = MetricsLogger(run_dir, enabled=engine.is_main)
+    extra, step = engine.maybe_resume(), 0
+    if extra is not None:
+        step, kl_ctl.value = extra["rl_step"], extra["kl_coef"]
+        logger.truncate_after(step)
+
+    def evaluate() -> dict[str, float]:
+        out = rb.task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts,
+                           cfg.task_eval_samples, cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
+        return out
+
+    progress = Progress(n_steps, "ppo", cfg.train.progress)
+    summary: dict = {"world_size": engine.world_size, "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
+                     "rollouts_per_step": cfg.rollout.prompts_per_step * cfg.rollout.group_size}
+    if step == 0 and engine.is_main:
+        summary["initial"] = evaluate()
+        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
+    row: dict = {}
+    while step < n_steps:
+        t0 = time.perf_counter()
+        gen.update_weights(policy)
+        exp = maker.make(step, policy=rb.policy_logp_fn(policy, temp), ref=ref_fn, critic=critic_fn,
+                         need_old=True, micro=plan.micro)
+        m = exp.metrics
+        kl_tok = None
+        if exp.ref_logp is not None:
+            m.update(rb.kl_metrics(exp, cfg.kl.estimator))
+            if cfg.kl.placement == "reward" and cfg.kl.beta > 0:
+                kl_tok = estimator(exp.old_logp, exp.ref_logp)
+        exp.advantages, exp.returns = advantages(exp, cfg, kl_ctl.value, kl_tok)
+        m["explained_variance"] = float(explained_variance(exp.values, exp.returns, exp.mask))
+        m["value/mean"] = float((exp.values * exp.mask).sum() / exp.mask.sum().clamp(min=1))
+        t1 = time.perf_counter()
+        steps = []
+        for _, micro_idx in rb.minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
+                                           seed=cfg.train.seed * 7919 + step):
+            mbs = [exp.micro_batch(idx, cfg.rollout.row_tokens, tokenizer.pad_token_id) for idx in micro_idx]
+            steps.append(engine.step(mbs, loss_fn, count_fn))
+        m.update(rb.merge_update_metrics(steps))
+        m["train_s"] = time.perf_counter() - t1
+        step += 1
+        m = rb.reduce_metrics(engine, m)
+        if "kl" in m:
+            kl_ctl.update(m["kl"], len(exp) * engine.world_size)
+        m["kl_coef"], m["step_s"] = kl_ctl.value, time.perf_counter() - t0
+        row = m
+        if step % cfg.train.log_every == 0 or step == n_steps:
+            logger.log(step, m)
+            progress.update(step, f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.3f}")
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < n_steps and engine.is_main:
+            logger.log(step, {f"eval/{k}": v for k, v in evaluate().items()})
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            engine.save_checkpoint({"rl_step": step, "kl_coef": kl_ctl.value})
+    progress.close()
+    if engine.is_main:
+        summary["final"] = evaluate()
+        summary["last_step"] = row
+        logger.log(step, {f"eval/{k}": v for k, v in summary["final"].items()})
+        merge = bool(cfg.lora.enabled and cfg.lora.merge_on_save)
+        save_pretrained(policy, tokenizer, Path(run_dir) / "final", merge_lora=merge)
+        save_value(ac, tokenizer, Path(run_dir) / "value")
+        common.write_summary(run_dir, summary)
+    logger.close()
+    engine.accelerator.wait_for_everyone()
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def save_value(ac: ActorCritic, tokenizer, out: Path) -> None:
+    """The critic: a reward-model-format directory (separate critic) or the head's tensors (shared)."""
+    from safetensors.torch import save_file
+
+    from posttrain.models.heads import save_reward_model
+
+    if ac.critic is not None:
+        save_reward_model(ac.critic, tokenizer, out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in ac.v_head.state_dict().items()}, str(out / "v_head.safetensors"))

@@ -1,0 +1,225 @@
+"""The reference model of offline preference training (DPO family, KTO).
+
+Strategies (config ``reference``):
+
+- ``precompute`` (default): reference log-probs of every training and eval sequence are computed in
+  ONE inference pass before training, saved in a cache file keyed by a hash of the reference model
+  (path + weight files' size/mtime + dtype) and of the tokenized sequences, and the reference model
+  is freed — training holds one model. A rerun or a resumed run with the same model and data finds
+  the file and loads no reference model at all.
+- ``live``: log-probs computed each step by a frozen reference kept in memory.
+- ``none``: reference-free losses (SimPO, ORPO) skip it entirely.
+
+With LoRA the reference is the SAME model with its adapters disabled (``model.disable_adapter()``):
+no second copy is ever loaded, in either strategy.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from posttrain.config import ModelConfig
+
+
+def default_cache_dir() -> Path:
+    root = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+    return root / "ref_logps"
+
+
+def model_fingerprint(path: str, dtype: str = "float32") -> str:
+    """Path + weight files' names, sizes and mtimes (+ dtype): retraining into the same directory
+    changes the key. A hub id without a local directory is keyed by its name."""
+    from posttrain.models.tiny import resolve
+
+    p = Path(resolve(path))
+    parts = [str(p.resolve()) if p.exists() else path, dtype]
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def cache_key(fingerprint: str, examples: list) -> str:
+    """sha256 of the model fingerprint and every sequence's tokens and response boundary."""
+    import numpy as np
+
+    h = hashlib.sha256(fingerprint.encode())
+    for ex in examples:
+        n_prompt = ex.loss_mask.index(1) if 1 in ex.loss_mask else len(ex.loss_mask)
+        h.update(np.asarray([n_prompt, len(ex.input_ids), *ex.input_ids], dtype=np.int64).tobytes())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_logps(model, examples: list, *, batch_tokens: int = 4096, pad_id: int = 0,
+                  autocast=None) -> torch.Tensor:
+    """[N] summed response log-probs of ``examples`` (``chat.Example``), in order; packed batches of
+    about ``batch_tokens`` tokens, longest first."""
+    from posttrain.algorithms.pairs import sequence_logps
+    from posttrain.data.batching import collate
+
+    out = torch.zeros(len(examples), dtype=torch.float32)
+    if not examples:
+        return out
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    start = 0
+    while start < len(order):
+        end, tokens = start, 0
+        while end < len(order) and (end == start or tokens + len(examples[order[end]]) <= batch_tokens):
+            tokens += len(examples[order[end]])
+            end += 1
+        idx = order[start:end]
+        longest = max(len(examples[i]) for i in idx)
+        batch = collate([examples[i] for i in idx], packing=True, row_tokens=max(longest, 512), pad_id=pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with (autocast or nullcontext)():
+            logp, _ = sequence_logps(model, batch)
+        out[idx] = logp.float().cpu()
+        start = end
+    model.train(was_training)
+    return out
+
+
+@contextmanager
+def adapters_disabled(model):
+    """The base model of a peft model (adapters off); a plain model unchanged."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def load_reference(cfg: ModelConfig, path: str):
+    from posttrain.models.loading import load_causal_lm
+
+    model = load_causal_lm(cfg, path)
+    model.requires_grad_(False)
+    if torch.cuda.is_available():  # where the accelerator puts the policy
+        model.to("cuda")
+    return model.eval()
+
+
+def free(model) -> None:
+    del model
+    gc.collect()
+
+
+def precompute(examples: list, *, ref_path: str, model_cfg: ModelConfig, policy=None,
+               cache_dir: str | Path | None = None, batch_tokens: int = 4096, pad_id: int = 0,
+               autocast=None, log=print) -> tuple[torch.Tensor, dict]:
+    """Reference log-probs [N] of ``examples``, from the cache or from one inference pass.
+
+    ``policy``: a peft-wrapped policy whose base IS the reference (LoRA): scored with adapters
+    disabled, no model loaded. Otherwise the reference at ``ref_path`` is loaded, used, and freed.
+    Returns (logps, info) with info = {cache: hit|miss, path, loaded_reference, seconds}."""
+    t0 = time.perf_counter()
+    key = cache_key(model_fingerprint(ref_path, model_cfg.dtype), examples)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = root / f"{key}.pt"
+    if path.exists():
+        data = torch.load(path, weights_only=True)
+        if data.shape == (len(examples),):
+            log(f"reference log-probs: cache hit {path} ({len(examples)} sequences)")
+            return data, {"cache": "hit", "path": str(path), "loaded_reference": False,
+                          "seconds": time.perf_counter() - t0}
+    loaded = policy is None or not hasattr(policy, "disable_adapter")
+    if loaded:
+        model = load_reference(model_cfg, ref_path)
+        logps = compute_logps(model, examples, batch_tokens=batch_tokens, pad_id=pad_id, autocast=autocast)
+        free(model)
+    else:
+        with adapters_disabled(policy) as base:
+            logps = compute_logps(base, examples, batch_tokens=batch_tokens, pad_id=pad_id, autocast=autocast)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(logps, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent or killed run never sees half a file
+    dt = time.perf_counter() - t0
+    log(f"reference log-probs: computed {len(examples)} sequences in {dt:.1f}s -> {path}")
+    return logps, {"cache": "miss", "path": str(path), "loaded_reference": loaded, "seconds": dt}
+
+
+class LiveReference:
+    """Reference log-probs computed during training: the policy with adapters disabled (LoRA), or a
+    frozen copy loaded once."""
+
+    def __init__(self, policy, model_cfg: ModelConfig, ref_path: str):
+        self.policy = policy
+        self.model = None if hasattr(policy, "disable_adapter") else load_reference(model_cfg, ref_path)
+
+    @torch.no_grad()
+    def batch_logps(self, batch: dict, policy=None) -> torch.Tensor:
+        from posttrain.algorithms.pairs import sequence_logps
+
+        if self.model is not None:
+            if self.model.device != batch["input_ids"].device:
+                self.model.to(batch["input_ids"].device)
+            return sequence_logps(self.model, batch)[0]
+        model = policy if policy is not None else self.policy
+        with adapters_disabled(getattr(model, "module", model)) as base:
+            was = base.training
+            base.eval()
+            out = sequence_logps(base, batch)[0]
+            base.train(was)
+        return out
+
+
+# ----------------------------------------------------------------------------- sampled metrics
+
+
+def reference_logps_for(examples: list, *, policy, ref_path: str, model_cfg: ModelConfig, live: LiveReference | None,
+                        pad_id: int, autocast=None) -> torch.Tensor:
+    """Reference log-probs of new sequences (samples) at evaluation time: the live reference, the
+    policy with adapters disabled, or the reference loaded briefly and freed."""
+    if live is not None and live.model is not None:
+        return compute_logps(live.model, examples, pad_id=pad_id, autocast=autocast)
+    if hasattr(policy, "disable_adapter"):
+        with adapters_disabled(policy) as base:
+            return compute_logps(base, examples, pad_id=pad_id, autocast=autocast)
+    model = load_reference(model_cfg, ref_path)
+    out = compute_logps(model, examples, pad_id=pad_id, autocast=autocast)
+    free(model)
+    return out
+
+
+def sampled_eval(policy, tokenizer, *, n_prompts: int, n_samples: int, seed: int, ref_logps_fn=None,
+                 max_new_tokens: int = 24, pad_id: int = 0, autocast=None) -> dict[str, float]:
+    """Built-in task metrics on samples y ~ π (temperature 1) for held-out prompts: mean gold reward,
+    exact accuracy, response length and, with ``ref_logps_fn``, KL(π‖π_ref) = mean over samples of
+    log π(y|x) − log π_ref(y|x) (sequence sums; an unbiased Monte-Carlo estimate)."""
+    from posttrain.algorithms import common
+    from posttrain.data.chat import Example
+    from posttrain.tasks import builtin
+
+    problems = builtin.heldout_problems(n_prompts)
+    prompts = [p.prompt for p in problems]
+    outs = common.sample_rollouts(policy, tokenizer, prompts, n_samples, max_new_tokens, 1.0, seed + 17)
+    rep = [p for p in prompts for _ in range(n_samples)]
+    texts = [tokenizer.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
+    gold = [builtin.gold_reward(p, t) for p, t in zip(rep, texts)]
+    acc = [float(builtin.is_correct(p, t)) for p, t in zip(rep, texts)]
+    result = {"gold_reward": sum(gold) / len(gold), "accuracy": sum(acc) / len(acc),
+              "response_chars": sum(len(t) for t in texts) / len(texts)}
+    if ref_logps_fn is not None:
+        from posttrain.evaluation.stats import kl_from_samples
+
+        exs = [Example(list(o.prompt_ids) + list(o.completion_ids),
+                       [0] * len(o.prompt_ids) + [1] * len(o.completion_ids)) for o in outs if o.completion_ids]
+        pol = compute_logps(policy, exs, pad_id=pad_id, autocast=autocast)
+        ref = ref_logps_fn(exs)
+        kl = kl_from_samples(pol.double().numpy(), ref.double().numpy())
+        result.update(kl=kl["kl"], kl_se=kl["se"])
+    return result

@@ -1,0 +1,150 @@
+"""Supervised fine-tuning (instruction tuning): next-token NLL on the assistant tokens.
+
+    L(θ) = − (1/N) Σ_{sequences} Σ_{t trained} log π_θ(x_t | x_<t)
+
+N counts the trained tokens of the whole optimizer step (all micro-batches, all processes), so a
+long answer weighs by its tokens and accumulation does not change the gradient (RLHF book ch. 4;
+the token-level normalisation TRL and open-instruct use). System and user turns are masked; every
+assistant turn of a multi-turn conversation is trained. Short examples are packed into rows with a
+block-diagonal attention mask (no compute on padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
+from posttrain.errors import ConfigError
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="Policy to fine-tune.")
+    lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters (off = full fine-tuning).")
+    data: DataConfig = opt(factory=DataConfig, help="SFT data (messages, prompt/completion or text).")
+    train: TrainConfig = opt(factory=lambda: TrainConfig(lr=1e-3, epochs=3.0, schedule="cosine"),
+                             help="Optimisation; SFT defaults suit the tiny model (real models: "
+                                  "lr 1e-5..5e-5).")
+    packing: bool = opt(True, "Pack short examples into rows with isolated attention (needs the sdpa "
+                        "or eager backend); off = one padded row per example.",
+                        "ENVIRONMENT.md: packing is the lever for short examples")
+    row_tokens: int = opt(256, "Target row length when packing (a longer example gets its own row); "
+                          "attention cost grows with the square of the row length, so rows stay short.",
+                          "ENVIRONMENT.md: rows of 256 beat padding by 1.2x")
+    task_eval: bool = opt(True, "When data.train is the built-in task, sample held-out prompts and "
+                          "report the gold reward and accuracy.")
+    task_eval_prompts: int = opt(64, "Held-out prompts for the built-in task's metrics.")
+    task_eval_samples: int = opt(4, "Samples per held-out prompt (temperature 1).")
+
+    def validate(self) -> None:
+        if self.row_tokens < 8:
+            raise ConfigError("row_tokens must be at least 8", where="row_tokens")
+
+
+def sft_loss(model, batch: dict, n_tokens: torch.Tensor):
+    """NLL over trained tokens / the step's trained-token count; also token accuracy."""
+    from posttrain.data.batching import model_inputs
+    from posttrain.logprobs import token_logps
+    from posttrain.losses.sft import nll_loss
+
+    logits = model(**model_inputs(batch)).logits
+    mask = target_mask(batch)
+    logp = token_logps(logits, batch["input_ids"])
+    loss, metrics = nll_loss(logp, mask, num_items=n_tokens)
+    with torch.no_grad():
+        hit = (logits[:, :-1].argmax(-1) == batch["input_ids"][:, 1:]) & mask.bool()
+        metrics["token_accuracy"] = hit.sum() / mask.sum().clamp(min=1)
+    return loss, metrics
+
+
+def target_mask(batch: dict) -> torch.Tensor:
+    """[R, L-1]: position t predicts token t+1 when that token is trained and in the same sequence
+    (in a packed row the first token of a sequence is never predicted from its neighbour)."""
+    same = batch["seq_index"][:, 1:] == batch["seq_index"][:, :-1]
+    return (batch["loss_mask"][:, 1:].bool() & same).float()
+
+
+def count_tokens(batch: dict) -> torch.Tensor:
+    return target_mask(batch).sum()
+
+
+def run(cfg: SFTConfig) -> dict:
+    from posttrain.algorithms import common
+    from posttrain.data.batching import StepSampler, collate, shard
+    from posttrain.data.chat import encode_sft
+    from posttrain.data.formats import load_records
+    from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+
+    # ---- data first: bad rows stop the run before any model loads
+    train_rows = load_records(cfg.data.train, "sft", columns=cfg.data.columns, split=cfg.data.split,
+                              max_rows=cfg.data.max_rows, max_errors=cfg.data.max_errors)
+    eval_rows = (load_records(cfg.data.eval, "sft", columns=cfg.data.columns, max_errors=cfg.data.max_errors)
+                 if cfg.data.eval else [])
+    run_dir = make_run_dir(cfg.train, "sft", cfg)
+    tokenizer = common.load_tokenizer(cfg.model)
+    train_ex = [encode_sft(tokenizer, r, cfg.data.max_length) for r in train_rows]
+    dropped = sum(e.n_trained == 0 for e in train_ex)
+    train_ex = [e for e in train_ex if e.n_trained > 0]
+    eval_ex = [e for e in (encode_sft(tokenizer, r, cfg.data.max_length) for r in eval_rows) if e.n_trained]
+
+    # ---- model and runtime
+    model = common.load_policy(cfg.model, cfg.lora)
+    sampler = StepSampler(len(train_ex), cfg.train.batch_size, cfg.train.seed,
+                          lengths=None if cfg.packing else [len(e) for e in train_ex])
+    total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
+    engine = TrainEngine(model, cfg.train, total, run_dir)
+    logger = MetricsLogger(run_dir, enabled=engine.is_main)
+    extra = engine.maybe_resume()
+    if extra is not None:
+        logger.truncate_after(engine.step_count)
+    pad = tokenizer.pad_token_id
+
+    def micro_batches(step: int) -> list[dict]:
+        parts = shard(sampler.batch(step), engine.rank, engine.world_size, cfg.train.micro_batch_size)
+        return [collate([train_ex[i] for i in p], packing=cfg.packing, row_tokens=cfg.row_tokens,
+                        pad_id=pad) for p in parts]
+
+    def evaluate() -> dict[str, float]:
+        out = common.eval_loss(engine, eval_ex, sft_loss, count_tokens, pad, cfg.packing, cfg.row_tokens,
+                               cfg.train.micro_batch_size)
+        if cfg.task_eval and cfg.data.train.startswith("builtin:"):
+            out.update(common.builtin_task_eval(engine.unwrapped, tokenizer, cfg.task_eval_prompts,
+                                                cfg.task_eval_samples, seed=cfg.train.seed))
+        return out
+
+    # ---- loop
+    progress = Progress(total, "sft", cfg.train.progress)
+    clock = common.Throughput()
+    summary: dict = {"dropped_examples": dropped, "train_examples": len(train_ex),
+                     "world_size": engine.world_size, "total_steps": total}
+    if engine.step_count == 0 and engine.is_main:
+        summary["initial"] = evaluate()
+        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
+    while engine.step_count < total:
+        batches = micro_batches(engine.step_count)
+        metrics = engine.step(batches, sft_loss, count_tokens)
+        n_tok = sum(int((b["seq_index"] >= 0).sum()) for b in batches) * engine.world_size
+        n_pad = sum(int(b["n_pad"]) for b in batches)
+        clock.add(n_tok)
+        step = engine.step_count
+        if step % cfg.train.log_every == 0 or step == total:
+            row = {f"train/{k}": v for k, v in metrics.items()}
+            row.update({"tokens_per_s": clock.rate(), "padding_frac": n_pad / max(1, n_pad + n_tok / engine.world_size)})
+            logger.log(step, row)
+            progress.update(step, f"loss {row['train/loss']:.3f}  {row['tokens_per_s']:.0f} tok/s")
+        if engine.should(cfg.train.eval_every) and step < total and engine.is_main:
+            logger.log(step, {f"eval/{k}": v for k, v in evaluate().items()})
+        if engine.should(cfg.train.save_every):
+            engine.save_checkpoint({"data_step": step})
+    progress.close()
+    if engine.is_main:
+        summary["final"] = evaluate()
+        logger.log(engine.step_count, {f"eval/{k}": v for k, v in summary["final"].items()})
+        common.save_final(engine, tokenizer, run_dir, cfg.lora)
+        common.write_summary(run_dir, summary)
+    logger.close()
+    engine.accelerator.wait_for_everyone()
+    summary["run_dir"] = str(run_dir)
+    return summary

@@ -1,0 +1,333 @@
+"""The training runtime every algorithm composes: accelerate, optimizer, schedule, accumulation,
+clipping, mixed precision, atomic checkpoints with exact resume, metrics and progress.
+
+An algorithm owns its loop and calls :meth:`TrainEngine.step` once per optimizer step with that
+step's micro-batches, a loss function and a counting function. The engine counts the normalizer
+(tokens, pairs, sequences) over *all* micro-batches and processes first, so every micro-batch loss is
+``sum / global_count``: accumulating k micro-batches, or splitting across processes, gives exactly
+the gradient of one large batch (DDP averages gradients, so each rank's loss is scaled by the world
+size to turn that mean back into a sum).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from posttrain.config import TrainConfig, save_config
+from posttrain.errors import TrainingError
+
+LossFn = Callable[[torch.nn.Module, Any, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+CountFn = Callable[[Any], torch.Tensor]
+
+# Set by the crash-and-resume tests: the process kills itself right after this optimizer step.
+_FAULT_AT_STEP = int(os.environ.get("POSTTRAIN_FAULT_AT_STEP", "0"))
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def make_run_dir(cfg: TrainConfig, command: str, full_config: Any) -> Path:
+    """Create the run directory, save the resolved config, seed everything, set threads."""
+    out = Path(cfg.output_dir.format(command=command, time=time.strftime("%Y%m%d-%H%M%S")))
+    out.mkdir(parents=True, exist_ok=True)
+    if _is_main():
+        save_config(full_config, out / "config.yaml", command=command)
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return out
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self._tb_dir = Path(run_dir) / "tb" if tensorboard else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb_dir is not None:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self._tb_dir))
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint so the file matches one clean run."""
+        if self.enabled and self.path.exists():
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().float().item()
+    return v
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(r) for r in path.read_text().splitlines() if r] if path.exists() else []
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A rich progress bar with ETA and the latest loss and throughput (main process only)."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True):
+        self._bar = None
+        if enabled and _is_main():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), transient=False)
+            self._task = self._bar.add_task(description, total=total, info="")
+            self._bar.start()
+
+    def update(self, completed: int, info: str = "") -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, info=info)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warmup from 0 over ``warmup`` steps, then constant / linear decay / cosine to 0."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        frac = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - frac) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return f
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class TrainEngine:
+    """Owns the accelerator, optimizer, scheduler and checkpoints of one trained model."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int, run_dir: Path,
+                 name: str = "model"):
+        from accelerate import Accelerator
+
+        self.cfg, self.total_steps, self.run_dir, self.name = cfg, total_steps, Path(run_dir), name
+        # cpu=True when there is no GPU: under torchrun this is what gives real gloo DDP (ENVIRONMENT.md)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       mixed_precision=cfg.mixed_precision)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError("the model has no trainable parameters", where="model",
+                                fix="check lora.target_modules or the model's frozen parameters")
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                                      weight_decay=cfg.weight_decay)
+        warmup = math.ceil(cfg.warmup_ratio * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self.step_count = 0
+
+    # --- properties
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def autocast(self):
+        return self.accelerator.autocast() if self.cfg.mixed_precision != "no" else nullcontext()
+
+    # --- one optimizer step
+    def step(self, micro_batches: list, loss_fn: LossFn, count_fn: CountFn) -> dict[str, torch.Tensor]:
+        """Forward/backward every micro-batch, then clip, step and schedule. Returns the loss
+        function's metrics averaged over micro-batches, plus ``loss`` (the step's loss: the sum of
+        the micro-batch losses), ``grad_norm`` and ``lr``."""
+        model = self.model
+        model.train()
+        local = torch.stack([count_fn(mb).float() for mb in micro_batches]).sum()
+        total = self.accelerator.reduce(local.to(self.device), reduction="sum") if self.world_size > 1 else local
+        total = total.clamp(min=1)
+        sums: dict[str, torch.Tensor] = {}
+        step_loss = torch.zeros(())
+        for i, mb in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1
+            ctx = nullcontext() if sync or self.world_size == 1 else self.accelerator.no_sync(model)
+            with ctx:
+                with self.autocast():
+                    loss, metrics = loss_fn(model, mb, total)
+                self.accelerator.backward(loss * self.world_size)
+            step_loss += loss.detach().float().cpu()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+        out = {k: v / len(micro_batches) for k, v in sums.items()}
+        out["loss"] = step_loss  # micro-batch losses are sum/N, so they add up to this process's step loss
+        params = [p for p in model.parameters() if p.requires_grad]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):  # one host sync per optimizer step, not per micro-batch
+            self.optimizer.zero_grad(set_to_none=True)
+            last = self.latest_checkpoint()
+            raise TrainingError(
+                f"the loss or gradients became non-finite at step {self.step_count + 1}; the update was "
+                f"not applied", where=str(self.run_dir),
+                fix=f"lower train.lr or enable train.max_grad_norm, then resume from the last good "
+                    f"checkpoint ({last if last else 'none saved yet; set train.save_every'}) with train.resume=true")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        if self.step_count == _FAULT_AT_STEP:  # crash test hook: a real SIGKILL mid-run
+            os.kill(os.getpid(), 9)
+        out["grad_norm"] = grad_norm.detach()
+        out["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
+        return out
+
+    # --- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.checkpoint_root
+        if not root.exists():
+            return None
+        steps = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.is_dir())
+        return steps[-1][1] if steps else None
+
+    def save_checkpoint(self, extra: dict | None = None) -> Path | None:
+        """Write model (trainable tensors), optimizer, scheduler, RNG and ``extra`` (data position)
+        to ``checkpoints/step-N`` atomically: a temp directory renamed into place."""
+        from safetensors.torch import save_file
+
+        self.accelerator.wait_for_everyone()
+        final = self.checkpoint_root / f"step-{self.step_count}"
+        if self.is_main:
+            tmp = self.checkpoint_root / f".tmp-step-{self.step_count}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            model = self.unwrapped
+            state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(state, str(tmp / f"{self.name}.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": rng_state()}, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step_count, "extra": extra or {}}))
+            for f in tmp.iterdir():  # make the files durable before the rename publishes them
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            old = sorted((int(p.name.split("-")[1]), p) for p in self.checkpoint_root.glob("step-*"))
+            for _, p in old[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(p, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> dict:
+        """Restore everything :meth:`save_checkpoint` wrote; returns ``extra``."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / f"{self.name}.safetensors"))
+        missing = set(state) - {n for n, _ in self.unwrapped.named_parameters()}
+        if missing:
+            raise TrainingError(f"checkpoint {path} holds parameters this model lacks: {sorted(missing)[:3]}",
+                                where=str(path), fix="resume with the same model and LoRA settings")
+        params = dict(self.unwrapped.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+        trainer = torch.load(path / "trainer.pt", weights_only=False)
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        set_rng_state(trainer["rng"])
+        meta = json.loads((path / "state.json").read_text())
+        self.step_count = meta["step"]
+        return meta["extra"]
+
+    def maybe_resume(self) -> dict | None:
+        """With ``train.resume``: load the newest checkpoint (None if there is none)."""
+        if not self.cfg.resume:
+            return None
+        path = self.latest_checkpoint()
+        return None if path is None else self.load_checkpoint(path)
+
+    def should(self, every: int | None) -> bool:
+        return bool(every) and self.step_count % every == 0

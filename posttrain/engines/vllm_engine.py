@@ -1,0 +1,83 @@
+"""vLLM rollout engine (GPU): the same interface as :class:`~posttrain.engines.rollout.HFRolloutEngine`.
+
+vLLM is optional and imported only when this engine is built. Prompts go in as token ids, completions
+come back as token ids with the sampled token's log-prob (``SamplingParams(logprobs=0)``).
+
+Weight sync (:meth:`VLLMRolloutEngine.update_weights`) runs in the same process: the engine sets
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (unless the caller set it) so the model runner lives in this
+process, then ``LLM.collective_rpc`` calls the runner's ``model.load_weights`` with the trainer's
+``(name, tensor)`` pairs — vLLM maps HF parameter names onto its fused layers itself. The prefix cache
+is reset afterwards, otherwise cached prompt KV from the old weights would be reused.
+
+Log-probs: vLLM's default ``logprobs_mode`` reports the model's raw log-probs (before temperature and
+top-k/top-p), which differs from the HF engine's sampling-distribution log-probs when temperature != 1
+or a filter is on. Pass ``logprobs_mode="processed_logprobs"`` in ``llm_kwargs`` (recent vLLM) to get
+the sampling-distribution semantics.
+"""
+
+from __future__ import annotations
+
+import os
+
+from posttrain.engines.rollout import Rollout, SamplingParams
+from posttrain.errors import ConfigError, ModelError
+
+
+def _load_weights(worker, weights):
+    """Runs inside vLLM's worker: copy (name, tensor) pairs into the live model."""
+    worker.model_runner.model.load_weights(weights=weights)
+    return True
+
+
+class VLLMRolloutEngine:
+    """``VLLMRolloutEngine(model_path, **llm_kwargs)``: ``llm_kwargs`` go to ``vllm.LLM``
+    (e.g. ``gpu_memory_utilization=0.3``, ``dtype="bfloat16"``, ``max_model_len=2048``)."""
+
+    def __init__(self, model_path: str, tokenizer=None, **llm_kwargs):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process runner: see module doc
+        try:
+            import vllm
+        except ImportError as e:
+            raise ModelError("the vLLM rollout engine needs the vllm package, which is not installed",
+                             fix="pip install 'posttrain[vllm]' on a CUDA machine, or use HFRolloutEngine") from e
+        self._vllm = vllm
+        self.tokenizer = tokenizer
+        self.llm = vllm.LLM(model=str(model_path), **llm_kwargs)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        params.validate()
+        if any(len(p) == 0 for p in prompts):
+            raise ConfigError("a prompt is empty", fix="every prompt needs at least one token")
+        v = self._vllm
+        sp = v.SamplingParams(
+            n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1, seed=params.seed, logprobs=0,
+            stop_token_ids=list(params.stop_token_ids or []), stop=list(params.stop_strings) or None,
+            # [] means "no EOS" in posttrain; None means the model's EOS (vLLM's default)
+            ignore_eos=params.stop_token_ids is not None and not params.stop_token_ids,
+            include_stop_str_in_output=True, skip_special_tokens=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp, use_tqdm=False)
+        rollouts = []
+        for prompt, out in zip(prompts, outs):
+            for c in out.outputs:  # n completions of this prompt, in order
+                ids = list(c.token_ids)
+                lps = [step[t].logprob for t, step in zip(ids, c.logprobs or [])]
+                if c.finish_reason == "length":
+                    reason = "length"
+                elif isinstance(c.stop_reason, str):
+                    reason = "stop_string"
+                else:
+                    reason = "stop"
+                rollouts.append(Rollout(list(prompt), ids, lps, reason))
+        return rollouts
+
+    def update_weights(self, model) -> None:
+        """Load the trainer's weights (same architecture, HF parameter names) into the vLLM model."""
+        src = getattr(model, "module", model)
+        weights = [(name, t.detach()) for name, t in src.state_dict().items()]
+        try:
+            self.llm.collective_rpc(_load_weights, args=(weights,))
+        except Exception as e:  # vLLM raises many kinds; name the step that failed
+            raise ModelError(f"update_weights: vLLM could not load the trainer's weights: {e}",
+                             fix="the trainer's model must have the architecture vLLM was started with") from e
+        self.llm.reset_prefix_cache()

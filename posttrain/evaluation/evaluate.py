@@ -1,0 +1,265 @@
+"""``posttrain eval``: compare policies on held-out prompts.
+
+For every policy, ``samples`` responses per held-out prompt are drawn at ``temperature`` (the
+distribution RLHF optimises) and measured:
+
+- **gold reward / accuracy** (built-in task) and the proxy reward-model score when one is given;
+- **win rate against the baseline** policy, judged by the gold annotator, the reward model, or an LLM
+  judge in both orders; ties count ½; 95% bootstrap interval over prompts; length-controlled win rate;
+- **paired bootstrap** of the gold-reward difference to the baseline on the same prompts;
+- **KL to the reference**: mean over samples y ~ π of log π(y|x) − log π_ref(y|x) (sequence level);
+- **response length** statistics;
+- **over-optimisation**: gold and proxy reward against √KL along training (checkpoints of the runs in
+  ``overopt_runs``) and for best-of-N (N = 1…64) on the same axes, with BoN's analytic
+  KL = log N − (N−1)/N (Gao et al. 2023).
+
+Writes ``eval.json`` in ``output_dir``; ``posttrain report`` turns a pipeline's results into a report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from posttrain.config import ModelConfig, opt
+from posttrain.errors import ConfigError
+
+
+@dataclass
+class EvalConfig:
+    policies: dict[str, str] = opt({}, "Policies to evaluate: name -> model path.")
+    baseline: str = opt("", "Name (in policies) of the baseline for win rates and paired tests.")
+    reference: str | None = opt(None, "Reference model for KL (default: the baseline's path).")
+    prompts: str = opt("builtin:eval_prompts", "Held-out prompts.")
+    n_prompts: int = opt(64, "How many prompts.")
+    samples: int = opt(4, "Samples per prompt and policy.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    max_new_tokens: int = opt(24, "Longest response.")
+    judge: str = opt("gold", "Win-rate judge: 'gold' (the built-in task's annotator), 'rm' (reward_model), "
+                     "or 'llm:<backend spec>' (both orders).")
+    reward_model: str | None = opt(None, "Proxy reward model (path) scored for every policy and for "
+                                   "the over-optimisation view.")
+    overopt_runs: dict[str, str] = opt({}, "name -> run directory whose checkpoints trace gold/proxy "
+                                      "reward against sqrt(KL) along training.")
+    best_of_n: list[int] = opt([1, 2, 4, 8, 16, 32, 64], "N values for the best-of-N curve (needs "
+                               "reward_model); 64 samples per prompt are drawn from the reference.",
+                               "Gao et al. 2023")
+    bon_prompts: int = opt(32, "Prompts for the best-of-N curve.")
+    bootstrap: int = opt(2000, "Bootstrap resamples.", "feedback_eval.md B3 (Arena uses 100+)")
+    seed: int = opt(0, "Sampling and bootstrap seed.")
+    output_dir: str = opt("runs/eval", "Where eval.json goes.")
+
+    def validate(self) -> None:
+        if not self.policies:
+            raise ConfigError("no policies to evaluate", where="policies",
+                              fix="policies={sft: runs/sft/final, dpo: runs/dpo/final}")
+        if self.baseline and self.baseline not in self.policies:
+            raise ConfigError(f"baseline '{self.baseline}' is not one of the policies {list(self.policies)}",
+                              where="baseline")
+        if self.judge == "rm" and not self.reward_model:
+            raise ConfigError("judge=rm needs reward_model", where="judge")
+        if not (self.judge in ("gold", "rm") or self.judge.startswith("llm:")):
+            raise ConfigError(f"unknown judge '{self.judge}'", where="judge", fix="gold, rm, or llm:<spec>")
+
+
+class _Models:
+    """Loads each model once per evaluation."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def policy(self, path: str):
+        if path not in self._cache:
+            from posttrain.algorithms.common import load_policy
+
+            self._cache[path] = load_policy(ModelConfig(name_or_path=path))
+        return self._cache[path]
+
+
+def _sample(models, tokenizer, path, prompts, n, cfg, seed):
+    from posttrain.algorithms.common import sample_rollouts
+
+    model = models.policy(path)
+    rolls = sample_rollouts(model, tokenizer, prompts, n, cfg.max_new_tokens, cfg.temperature, seed)
+    texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rolls]
+    return rolls, texts
+
+
+def _kl(models, path, ref_path, rolls) -> tuple[float, float]:
+    """Mean and standard error of log π(y) − log π_ref(y) over samples y ~ π."""
+    from posttrain.algorithms.common import completion_logps
+
+    p = [r.prompt_ids for r in rolls]
+    c = [r.completion_ids for r in rolls]
+    diff = (completion_logps(models.policy(path), p, c) - completion_logps(models.policy(ref_path), p, c)).numpy()
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+
+
+def _gold(prompts_rep, texts):
+    from posttrain.tasks import builtin
+
+    return np.array([builtin.gold_reward(p, t) for p, t in zip(prompts_rep, texts)])
+
+
+def _per_prompt(x: np.ndarray, n: int) -> np.ndarray:
+    return x.reshape(-1, n).mean(1)
+
+
+def run(cfg: EvalConfig) -> dict:
+    from posttrain.algorithms.common import load_tokenizer, write_summary
+    from posttrain.data.formats import load_records
+    from posttrain.engines.train import seed_everything
+    from posttrain.evaluation import stats
+    from posttrain.tasks import builtin
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    rows = load_records(cfg.prompts, "prompt")[: cfg.n_prompts]
+    prompts = [r["prompt"] for r in rows]
+    rep = [p for p in prompts for _ in range(cfg.samples)]
+    is_task = cfg.prompts.startswith("builtin:")
+    base_name = cfg.baseline or next(iter(cfg.policies))
+    ref_path = cfg.reference or cfg.policies[base_name]
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=ref_path))
+    models = _Models()
+    scorer = None
+    if cfg.reward_model:
+        from posttrain.rewards.reward_model import RewardModelScorer
+
+        scorer = RewardModelScorer(cfg.reward_model)
+
+    results: dict = {"policies": {}, "baseline": base_name, "judge": cfg.judge, "n_prompts": len(prompts),
+                     "samples": cfg.samples}
+    texts_by: dict[str, list[str]] = {}
+    for name, path in cfg.policies.items():
+        rolls, texts = _sample(models, tokenizer, path, prompts, cfg.samples, cfg, cfg.seed + 1)
+        texts_by[name] = texts
+        r: dict = {"path": path}
+        lengths = np.array([len(t) for t in texts])
+        r["length_mean"], r["length_std"] = float(lengths.mean()), float(lengths.std())
+        r["truncated_frac"] = float(np.mean([x.finish_reason == "length" for x in rolls]))
+        r["kl"], r["kl_se"] = _kl(models, path, ref_path, rolls) if path != ref_path else (0.0, 0.0)
+        if is_task:
+            gold = _gold(rep, texts)
+            r["gold_reward"] = float(gold.mean())
+            r["gold_ci"] = list(stats.bootstrap_ci(_per_prompt(gold, cfg.samples), n_boot=cfg.bootstrap, seed=cfg.seed)[1:])
+            r["accuracy"] = float(np.mean([builtin.is_correct(p, t) for p, t in zip(rep, texts)]))
+        if scorer is not None:
+            r["proxy_reward"] = float(np.mean(scorer.score(rep, texts)))
+        r["samples"] = [{"prompt": p, "response": t} for p, t in list(zip(rep, texts))[:: cfg.samples][:6]]
+        results["policies"][name] = r
+
+    # ---- win rates and paired tests against the baseline
+    base_texts = texts_by[base_name]
+    for name, texts in texts_by.items():
+        if name == base_name:
+            continue
+        outcomes = _judge(cfg, scorer, rep, texts, base_texts)
+        per_prompt = _per_prompt(np.asarray(outcomes, dtype=float), cfg.samples)
+        wr = stats.win_rate(outcomes)
+        point, lo, hi = stats.bootstrap_ci(per_prompt, n_boot=cfg.bootstrap, seed=cfg.seed)
+        lens = (np.array([len(t) for t in texts]), np.array([len(t) for t in base_texts]))
+        lc = stats.length_controlled_win_rate(outcomes, *lens)
+        entry = {"win_rate": wr["win_rate"], "ci": [lo, hi], "wins": wr["wins"], "ties": wr["ties"],
+                 "losses": wr["losses"], "lc_win_rate": lc["lc_win_rate"]}
+        if is_task:
+            a = _per_prompt(_gold(rep, texts), cfg.samples)
+            b = _per_prompt(_gold(rep, base_texts), cfg.samples)
+            entry["gold_paired"] = stats.paired_bootstrap(a, b, n_boot=cfg.bootstrap, seed=cfg.seed)
+        results["policies"][name]["vs_baseline"] = entry
+
+    # ---- over-optimisation: along training, and best-of-N
+    if cfg.overopt_runs:
+        results["overopt"] = {name: _trace_run(cfg, models, tokenizer, Path(d), prompts[:32], ref_path, scorer)
+                              for name, d in cfg.overopt_runs.items()}
+    if scorer is not None and is_task and cfg.best_of_n:
+        results["best_of_n"] = _best_of_n(cfg, models, tokenizer, ref_path, scorer)
+    (out / "eval.json").write_text(json.dumps(results, indent=2, default=_json))
+    write_summary(out, {k: v for k, v in results.items() if k != "policies"} |
+                  {"policies": {n: {k: v for k, v in r.items() if k != "samples"} for n, r in results["policies"].items()}})
+    results["run_dir"] = str(out)
+    return results
+
+
+def _json(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o))
+
+
+def _judge(cfg, scorer, prompts, texts, base_texts) -> list[float]:
+    """1 / 0.5 / 0 for each (policy, baseline) response pair."""
+    if cfg.judge == "gold":
+        a, b = _gold(prompts, texts), _gold(prompts, base_texts)
+    elif cfg.judge == "rm":
+        a, b = np.array(scorer.score(prompts, texts)), np.array(scorer.score(prompts, base_texts))
+    else:
+        from posttrain.judges.backends import backend_from_spec
+        from posttrain.judges.pairwise import Pair, judge_pairs
+
+        # both orders; a disagreement is a tie; an unparseable verdict also counts as a tie here
+        judged = judge_pairs(backend_from_spec(cfg.judge.split(":", 1)[1]),
+                             [Pair(p, a, b) for p, a, b in zip(prompts, texts, base_texts)])
+        return [{"a": 1.0, "b": 0.0}.get(j.winner, 0.5) for j in judged]
+    return list(np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5)))
+
+
+def _trace_run(cfg, models, tokenizer, run_dir: Path, prompts, ref_path, scorer) -> list[dict]:
+    """Gold and proxy reward against sqrt(KL) at each saved checkpoint of a run."""
+    from safetensors.torch import load_file
+
+    from posttrain.algorithms.common import load_policy
+
+    points = []
+    ckpts = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    rep = [p for p in prompts for _ in range(cfg.samples)]
+    for ck in ckpts:
+        files = list(ck.glob("*.safetensors"))
+        model = load_policy(ModelConfig(name_or_path=ref_path))
+        state = load_file(str(next(f for f in files if f.name.startswith(("model", "policy")))))
+        if any(k.startswith("policy.") for k in state):  # PPO checkpoints hold policy + critic
+            state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+        missing = model.load_state_dict(state, strict=False)
+        if missing.unexpected_keys:
+            continue  # a LoRA or value-head checkpoint this view does not read
+        key = f"{ck}"
+        models._cache[key] = model
+        rolls, texts = _sample(models, tokenizer, key, prompts, cfg.samples, cfg, cfg.seed + 2)
+        kl, _ = _kl(models, key, ref_path, rolls)
+        pt = {"step": int(ck.name.split("-")[1]), "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
+              "gold": float(_gold(rep, texts).mean())}
+        if scorer is not None:
+            pt["proxy"] = float(np.mean(scorer.score(rep, texts)))
+        points.append(pt)
+        del models._cache[key]
+    return points
+
+
+def _best_of_n(cfg, models, tokenizer, ref_path, scorer) -> list[dict]:
+    """Expected gold and proxy reward of the proxy-best of N samples from the reference."""
+    from posttrain.evaluation import stats
+    from posttrain.tasks import builtin
+
+    m = max(cfg.best_of_n)
+    prompts = [p.prompt for p in builtin.heldout_problems(cfg.bon_prompts)]
+    _, texts = _sample(models, tokenizer, ref_path, prompts, m, cfg, cfg.seed + 3)
+    rep = [p for p in prompts for _ in range(m)]
+    proxy = np.array(scorer.score(rep, texts)).reshape(len(prompts), m)
+    gold = _gold(rep, texts).reshape(len(prompts), m)
+    out = []
+    for n in cfg.best_of_n:
+        kl = stats.best_of_n_kl(n)
+        out.append({"n": n, "kl": kl, "sqrt_kl": math.sqrt(kl),
+                    "gold": float(stats.best_of_n_expected(gold, n, select_by=proxy).mean()),
+                    "proxy": float(stats.best_of_n_expected(proxy, n).mean())})
+    return out

@@ -1,0 +1,84 @@
+"""Creating users and projects: shared by the admin API, the admin page and the CLI commands."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from posttrain.feedback import auth
+from posttrain.feedback.assign import Conflict, Invalid, NotFound
+from posttrain.feedback.db import ROLES, Membership, Project, User
+
+NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+def user_by_name(db: Session, name: str) -> User:
+    user = db.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFound(f"no user named {name!r}")
+    return user
+
+
+def project_by_name(db: Session, name: str) -> Project:
+    project = db.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        raise NotFound(f"no project named {name!r}")
+    return project
+
+
+def create_user(db: Session, name: str, role: str, password: str, *, update: bool = False) -> User:
+    if not NAME.match(name or ""):
+        raise Invalid("user name must be 1-64 letters, digits or _ . @ -")
+    if role not in ROLES:
+        raise Invalid(f"role must be one of {list(ROLES)}, got {role!r}")
+    problem = auth.password_problem(password)
+    if problem:
+        raise Invalid(problem)
+    user = db.scalar(select(User).where(User.name == name))
+    if user is not None and not update:
+        raise Conflict(f"user {name!r} already exists")
+    if user is None:
+        user = User(name=name, role=role, password_hash=auth.hash_password(password))
+        db.add(user)
+    else:
+        user.role, user.password_hash, user.active = role, auth.hash_password(password), True
+    db.commit()
+    return user
+
+
+def check_project_settings(overlap: int, gold_rate: float, ttl_s: int) -> None:
+    if overlap < 1:
+        raise Invalid(f"overlap must be at least 1, got {overlap}")
+    if not 0.0 <= gold_rate <= 1.0:
+        raise Invalid(f"gold_rate must be between 0 and 1, got {gold_rate}")
+    if ttl_s < 60:
+        raise Invalid(f"assignment_ttl_s must be at least 60 seconds, got {ttl_s}")
+
+
+def create_project(db: Session, name: str, *, overlap: int = 3, gold_rate: float = 0.1, instructions: str = "",
+                   assignment_ttl_s: int = 3600, update: bool = False) -> Project:
+    if not name or len(name) > 128:
+        raise Invalid("project name must have 1-128 characters")
+    check_project_settings(overlap, gold_rate, assignment_ttl_s)
+    project = db.scalar(select(Project).where(Project.name == name))
+    if project is not None and not update:
+        raise Conflict(f"project {name!r} already exists")
+    if project is None:
+        project = Project(name=name)
+        db.add(project)
+    project.overlap, project.gold_rate = overlap, gold_rate
+    project.instructions, project.assignment_ttl_s = instructions, assignment_ttl_s
+    db.commit()
+    return project
+
+
+def add_members(db: Session, project: Project, names: list[str]) -> list[str]:
+    """Add annotators to ``project`` (idempotent); unknown names are an error before any change."""
+    users = [user_by_name(db, n) for n in names]
+    for user in users:
+        if db.get(Membership, (project.id, user.id)) is None:
+            db.add(Membership(project_id=project.id, user_id=user.id))
+    db.commit()
+    return [u.name for u in users]

@@ -1,0 +1,241 @@
+"""Who labels what, and storing a label exactly once.
+
+Assignment: every regular task is labeled by ``project.overlap`` distinct annotators. A task's slot
+is held by a done assignment or by a pending one younger than ``assignment_ttl_s``; skipped ones
+free it. Partly labeled tasks are served first so finished tasks accumulate early. Gold tasks (with a
+known answer) are mixed in at ``project.gold_rate`` by a schedule seeded by (project, user, count),
+so reruns are reproducible; every annotator may see every gold task once. Each assignment gets a
+fresh random candidate order, stored with it.
+
+Labels: a label names its assignment and a client idempotency key. A retry with the same key is a
+success that returns the stored label; nothing is acknowledged before the commit.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from posttrain.feedback.db import CHOICES, FLAGS, LETTERS, Assignment, Label, Membership, Project, Task, User, utcnow
+
+
+class Refused(Exception):
+    """A request the app turns down; ``status`` is the HTTP status it maps to."""
+
+    status = 400
+
+
+class NotFound(Refused):
+    status = 404
+
+
+class Forbidden(Refused):
+    status = 403
+
+
+class Conflict(Refused):
+    status = 409
+
+
+class Invalid(Refused):
+    status = 422
+
+
+@dataclass
+class LabelInput:
+    """A label as submitted, in display terms (slots A, B, ...)."""
+
+    idempotency_key: str
+    choice: str | None = None  # A | B | tie | both_bad (two candidates)
+    strength: int | None = None  # 1 slightly, 2 clearly, 3 much better (A or B only)
+    ranking: list[str] | None = None  # slots best -> worst (three or more candidates)
+    rationale: str | None = None
+    flags: dict[str, list[str]] = field(default_factory=dict)  # slot -> flags
+    client_ms: int | None = None
+
+
+# ----------------------------------------------------------------------------- access
+
+
+def can_work_on(db: Session, user: User, project: Project) -> bool:
+    if user.role == "admin":
+        return True
+    return db.get(Membership, (project.id, user.id)) is not None
+
+
+def get_project(db: Session, user: User, project_id: int) -> Project:
+    project = db.get(Project, project_id)
+    if project is None:
+        raise NotFound(f"no project {project_id}")
+    if not can_work_on(db, user, project):
+        raise Forbidden("you are not a member of this project")
+    return project
+
+
+def own_assignment(db: Session, user: User, assignment_id: int, *, admin_ok: bool = False) -> Assignment:
+    a = db.get(Assignment, assignment_id)
+    if a is None:
+        raise NotFound(f"no assignment {assignment_id}")
+    if a.user_id != user.id and not (admin_ok and user.role == "admin"):
+        raise Forbidden("this assignment belongs to another annotator")
+    return a
+
+
+# ----------------------------------------------------------------------------- assignment
+
+
+def _pending(db: Session, user: User, project: Project) -> Assignment | None:
+    return db.scalar(select(Assignment).join(Task).where(
+        Assignment.user_id == user.id, Assignment.status == "pending", Task.project_id == project.id)
+        .order_by(Assignment.id).limit(1))
+
+
+def _regular_task(db: Session, user: User, project: Project, now: datetime) -> int | None:
+    cutoff = now - timedelta(seconds=project.assignment_ttl_s)
+    holds = (Assignment.status == "done") | ((Assignment.status == "pending") & (Assignment.served_at >= cutoff))
+    taken = (select(Assignment.task_id, func.count().label("n")).where(holds)
+             .group_by(Assignment.task_id).subquery())
+    mine = select(Assignment.task_id).where(Assignment.user_id == user.id)
+    n = func.coalesce(taken.c.n, 0)
+    return db.scalar(select(Task.id).outerjoin(taken, taken.c.task_id == Task.id).where(
+        Task.project_id == project.id, Task.gold.is_(None), n < project.overlap, Task.id.not_in(mine))
+        .order_by(n.desc(), Task.id).limit(1))
+
+
+def _gold_task(db: Session, user: User, project: Project, rng: random.Random) -> int | None:
+    mine = select(Assignment.task_id).where(Assignment.user_id == user.id)
+    ids = list(db.scalars(select(Task.id).where(Task.project_id == project.id, Task.gold.is_not(None),
+                                                Task.id.not_in(mine)).order_by(Task.id)))
+    return rng.choice(ids) if ids else None
+
+
+def next_assignment(db: Session, user: User, project: Project) -> Assignment | None:
+    """The user's pending assignment in ``project``, else a new one (committed), else None (done)."""
+    pending = _pending(db, user, project)
+    if pending is not None:  # a reload or a retry shows the same task in the same order
+        return pending
+    # serialize assignment within the project: this UPDATE is the transaction's first statement, so
+    # SQLite takes its write lock (waiting up to busy_timeout) and PostgreSQL locks the project row
+    db.execute(update(Project).where(Project.id == project.id).values(assign_seq=Project.assign_seq + 1))
+    pending = _pending(db, user, project)  # the same user in two tabs may have raced us
+    if pending is not None:
+        db.commit()
+        return pending
+    now = utcnow()
+    task_id = None
+    if project.gold_rate > 0:
+        served = db.scalar(select(func.count()).select_from(Assignment).join(Task).where(
+            Assignment.user_id == user.id, Task.project_id == project.id)) or 0
+        rng = random.Random(f"{project.id}:{user.id}:{served}")
+        if rng.random() < project.gold_rate:
+            task_id = _gold_task(db, user, project, rng)
+    if task_id is None:
+        task_id = _regular_task(db, user, project, now)
+    if task_id is None:
+        db.commit()
+        return None
+    k = len(db.get(Task, task_id).candidates)
+    order = list(range(k))
+    random.SystemRandom().shuffle(order)  # unpredictable per assignment; the order is recorded
+    a = Assignment(task_id=task_id, user_id=user.id, display_order=order, served_at=now)
+    db.add(a)
+    db.commit()
+    return a
+
+
+def skip(db: Session, user: User, assignment_id: int) -> Assignment:
+    a = own_assignment(db, user, assignment_id)
+    if a.status == "done":
+        raise Conflict("this assignment is already labeled")
+    if a.status == "pending":
+        a.status, a.finished_at = "skipped", utcnow()
+        db.commit()
+    return a
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def _resolve(inp: LabelInput, order: list[int]) -> dict:
+    """Check ``inp`` against the assignment and translate display slots to candidate positions."""
+    k = len(order)
+    slots = {LETTERS[i]: order[i] for i in range(k)}
+    out: dict = {"choice": inp.choice, "winner": None, "strength": None, "ranks": None}
+    if k == 2:
+        if inp.ranking is not None:
+            raise Invalid("ranking is for tasks with three or more candidates; send choice (A, B, tie, both_bad)")
+        if inp.choice not in CHOICES:
+            raise Invalid(f"choice must be one of {list(CHOICES)}, got {inp.choice!r}")
+        if inp.choice in ("A", "B"):
+            if inp.strength not in (1, 2, 3):
+                raise Invalid("strength must be 1 (slightly), 2 (clearly) or 3 (much better) when choice is A or B")
+            out["winner"], out["strength"] = slots[inp.choice], inp.strength
+        elif inp.strength is not None:
+            raise Invalid(f"strength applies only to choice A or B, not {inp.choice}")
+    else:
+        if inp.choice not in (None, "ranking") or inp.strength is not None:
+            raise Invalid(f"this task has {k} candidates: send ranking (slots best to worst), not choice/strength")
+        ranking = inp.ranking or []
+        if sorted(ranking) != sorted(slots):
+            raise Invalid(f"ranking must list each of {sorted(slots)} exactly once, best first; got {ranking!r}")
+        ranks = [0] * k
+        for place, slot in enumerate(ranking, 1):
+            ranks[slots[slot]] = place
+        out.update(choice="ranking", winner=slots[ranking[0]], ranks=ranks)
+    flags: dict[str, list[str]] = {}
+    for slot, values in (inp.flags or {}).items():
+        if slot not in slots:
+            raise Invalid(f"flags: unknown candidate {slot!r} (this task shows {sorted(slots)})")
+        bad = [v for v in values if v not in FLAGS]
+        if bad:
+            raise Invalid(f"flags: unknown flag(s) {bad}; allowed: {list(FLAGS)}")
+        if values:
+            flags[str(slots[slot])] = sorted(set(values))
+    out["flags"] = flags
+    out["rationale"] = (inp.rationale or "").strip() or None
+    return out
+
+
+def _by_key(db: Session, key: str) -> Label | None:
+    return db.scalar(select(Label).where(Label.idempotency_key == key))
+
+
+def _replay(existing: Label, a: Assignment) -> Label:
+    if existing.assignment_id != a.id:
+        raise Conflict("this idempotency key was already used for another assignment; use a new key")
+    return existing
+
+
+def record_label(db: Session, user: User, assignment_id: int, inp: LabelInput) -> tuple[Label, bool]:
+    """Store a label once. Returns (label, created); created is False for a retry of the same key."""
+    if not inp.idempotency_key or len(inp.idempotency_key) > 100:
+        raise Invalid("idempotency_key must be a non-empty string of at most 100 characters")
+    a = own_assignment(db, user, assignment_id)
+    existing = _by_key(db, inp.idempotency_key)
+    if existing is not None:
+        return _replay(existing, a), False
+    if a.status == "done":
+        raise Conflict("this assignment is already labeled (under another idempotency key)")
+    if a.status == "skipped":
+        raise Conflict("this assignment was skipped; ask for the next one")
+    fields = _resolve(inp, a.display_order)
+    now = utcnow()
+    label = Label(assignment_id=a.id, idempotency_key=inp.idempotency_key, task_id=a.task_id, user_id=user.id,
+                  client_ms=inp.client_ms, served_at=a.served_at, created_at=now, **fields)
+    a.status, a.finished_at = "done", now
+    db.add(label)
+    try:
+        db.commit()  # acknowledged only after this returns
+    except IntegrityError:
+        # a concurrent retry of the same label won the race: its row is the answer
+        db.rollback()
+        existing = _by_key(db, inp.idempotency_key)
+        if existing is None:
+            raise Conflict("this assignment is already labeled (under another idempotency key)") from None
+        return _replay(existing, a), False
+    return label, True

@@ -1,0 +1,155 @@
+"""Request-level plumbing: database sessions, who is asking, and CSRF checks.
+
+Credentials, in order: an ``Authorization`` header (``Bearer <token>`` or ``Basic``) — a wrong one is
+401 even if a cookie is present — then the session cookie. State-changing requests that rely on the
+cookie must carry the session's CSRF token (``X-CSRF-Token`` header or ``csrf_token`` form field);
+header-authenticated requests need none, because browsers never attach those headers on their own
+(the API's 401 challenges with ``Bearer``, never ``Basic``, so no browser caches Basic credentials).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from posttrain.feedback import auth
+from posttrain.feedback.assign import Forbidden, Refused
+from posttrain.feedback.db import User
+
+SESSION_COOKIE = "pt_session"
+LOGIN_CSRF_COOKIE = "pt_login_csrf"
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+class Unauthorized(Refused):
+    status = 401
+
+
+class LoginRequired(Exception):
+    """A page needs a logged-in user: the app redirects to /login."""
+
+
+@dataclass
+class Principal:
+    user: User
+    via: str  # session | token | basic
+    csrf: str | None = None  # the session's CSRF token (cookie sessions only)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.user.role == "admin"
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    db = request.app.state.sessionmaker()
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def from_header(db: Session, header: str) -> Principal:
+    scheme, _, value = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        user = auth.check_token(db, value.strip())
+        if user is None:
+            raise Unauthorized("invalid or revoked API token")
+        return Principal(user, "token")
+    if scheme == "basic":
+        try:
+            name, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Unauthorized("malformed Basic credentials") from None
+        user = auth.check_password(db, name, password)
+        if user is None:
+            raise Unauthorized("wrong user name or password")
+        return Principal(user, "basic")
+    raise Unauthorized("unsupported Authorization scheme; use Bearer <token> or Basic")
+
+
+def authenticate(request: Request, db: Session) -> Principal | None:
+    header = request.headers.get("authorization")
+    if header:
+        return from_header(db, header)
+    sid = request.cookies.get(SESSION_COOKIE)
+    if sid:
+        row = auth.find_session(db, sid)
+        if row is not None:
+            return Principal(row.user, "session", row.csrf_token)
+    return None
+
+
+def check_csrf(p: Principal, sent: str | None) -> None:
+    if p.via == "session" and not auth.same(sent, p.csrf):
+        raise Forbidden("CSRF token missing or wrong: reload the page and try again")
+
+
+# ----------------------------------------------------------------------------- JSON API
+
+
+def api_user(request: Request, db: Session = Depends(get_db)) -> Principal:
+    p = authenticate(request, db)
+    if p is None:
+        raise Unauthorized("authentication required: send Authorization: Bearer <token> (POST /api/token)")
+    return p
+
+
+def api_admin(p: Principal = Depends(api_user)) -> Principal:
+    if not p.is_admin:
+        raise Forbidden("admin only")
+    return p
+
+
+def api_writer(request: Request, p: Principal = Depends(api_user)) -> Principal:
+    check_csrf(p, request.headers.get("x-csrf-token"))
+    return p
+
+
+def api_admin_writer(p: Principal = Depends(api_writer)) -> Principal:
+    if not p.is_admin:
+        raise Forbidden("admin only")
+    return p
+
+
+# ----------------------------------------------------------------------------- HTML pages
+
+
+async def form_fields(request: Request) -> dict[str, list]:
+    """The submitted form as {name: [values]} (multi-valued fields such as checkboxes keep all)."""
+    form = await request.form()
+    return {k: form.getlist(k) for k in form.keys()}
+
+
+def page_user(request: Request, db: Session = Depends(get_db)) -> Principal:
+    p = authenticate(request, db)
+    if p is None:
+        raise LoginRequired()
+    return p
+
+
+def page_admin(p: Principal = Depends(page_user)) -> Principal:
+    if not p.is_admin:
+        raise Forbidden("admin only")
+    return p
+
+
+def page_writer(fields: dict = Depends(form_fields), p: Principal = Depends(page_user)) -> Principal:
+    check_csrf(p, (fields.get("csrf_token") or [None])[0])
+    return p
+
+
+def page_admin_writer(p: Principal = Depends(page_writer)) -> Principal:
+    if not p.is_admin:
+        raise Forbidden("admin only")
+    return p
+
+
+def first(fields: dict[str, list], name: str, default: str | None = None) -> str | None:
+    values = fields.get(name) or []
+    return values[0] if values and isinstance(values[0], str) else default

@@ -1,0 +1,192 @@
+"""Import labeling tasks from JSONL / JSON / Parquet (the files ``posttrain collect`` and
+``posttrain label generate`` write, and plain preference datasets).
+
+Accepted records::
+
+    {"prompt": str | [{"role", "content"}, ...],
+     "responses": [{"text": str, "model": str}, ... | str, ...],   # 2..9 candidates
+     "gold": 0,                 # optional: index of the better response (annotator QC)
+     "id": "...", ...}          # optional external id; other keys are kept as task metadata
+
+    {"prompt", "chosen", "rejected"}   # a preference pair -> 2 candidates (chosen first); the
+                                       # implicit-prompt form (whole conversations) works too
+
+The order in the file does not leak to annotators: every assignment shows the candidates in its own
+random order. Importing the same file twice adds nothing (tasks are unique by content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from posttrain.errors import DataError
+from posttrain.feedback.db import MAX_CANDIDATES, Candidate, Project, Task
+
+ROLES = {"system", "user", "assistant", "tool"}
+KNOWN_KEYS = {"prompt", "responses", "chosen", "rejected", "gold", "id", "meta", "chosen_model",
+              "rejected_model"}
+
+
+@dataclass
+class TaskSpec:
+    prompt: str | list[dict]
+    candidates: list[tuple[str, str | None]]  # (text, model or source)
+    gold: int | None = None
+    external_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"prompt": self.prompt, "candidates": self.candidates, "gold": self.gold},
+                          sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _Bad(Exception):
+    """A problem with one record, as 'field: what is wrong'."""
+
+
+def _prompt(value: Any) -> str | list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Bad("prompt: empty string")
+        return value
+    if isinstance(value, list) and value:
+        out = []
+        for j, m in enumerate(value):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise _Bad(f"prompt[{j}]: expected {{role: one of {sorted(ROLES)}, content: string}}")
+            out.append({"role": m["role"], "content": m["content"]})
+        return out
+    raise _Bad("prompt: expected a non-empty string or a list of {role, content} messages")
+
+
+def _response_text(value: Any, where: str) -> str:
+    """A response as text: a string, {"text"/"content": str}, or a one-message assistant list."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        text = value.get("text", value.get("content"))
+        if isinstance(text, str):
+            return text
+    if isinstance(value, list) and len(value) == 1:
+        return _response_text(value[0], where)
+    raise _Bad(f"{where}: expected a string, {{\"text\": ...}} or one assistant message")
+
+
+def _from_responses(row: dict) -> tuple[list[tuple[str, str | None]], int | None]:
+    responses = row["responses"]
+    if not isinstance(responses, list) or not 2 <= len(responses) <= MAX_CANDIDATES:
+        raise _Bad(f"responses: expected a list of 2..{MAX_CANDIDATES} candidates")
+    cands = []
+    for j, r in enumerate(responses):
+        model = r.get("model", r.get("source")) if isinstance(r, dict) else None
+        cands.append((_response_text(r, f"responses[{j}]"), None if model is None else str(model)))
+    return cands, None
+
+
+def _from_pair(row: dict, gold_from_chosen: bool) -> tuple[Any, list[tuple[str, str | None]], int | None]:
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if prompt is None:  # implicit prompt: two whole conversations sharing all but the last turn
+        if not (isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected
+                and chosen[:-1] == rejected[:-1]):
+            raise _Bad("prompt: missing (only allowed when chosen/rejected are whole conversations "
+                       "sharing every turn but the last)")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    source = row.get("source")
+    cands = [(_response_text(chosen, "chosen"), row.get("chosen_model", source)),
+             (_response_text(rejected, "rejected"), row.get("rejected_model", source))]
+    return prompt, cands, 0 if gold_from_chosen else None
+
+
+def parse_record(row: Any, *, gold_from_chosen: bool = False) -> TaskSpec | None:
+    """One record -> a TaskSpec; None when its candidates are identical (nothing to compare).
+
+    Raises ``_Bad`` with 'field: problem'."""
+    if not isinstance(row, dict):
+        raise _Bad(f"record: expected an object, got {type(row).__name__}")
+    if "responses" in row:
+        prompt, (cands, gold) = row.get("prompt"), _from_responses(row)
+    elif "chosen" in row and "rejected" in row:
+        prompt, cands, gold = _from_pair(row, gold_from_chosen)
+    else:
+        raise _Bad("record: needs 'prompt' + 'responses' or 'prompt' + 'chosen' + 'rejected'")
+    prompt = _prompt(prompt)
+    if row.get("gold") is not None:
+        gold = row["gold"]
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(cands):
+            raise _Bad(f"gold: expected the index of the better response (0..{len(cands) - 1}), got {gold!r}")
+    if len({text for text, _ in cands}) < len(cands):
+        return None
+    cands = [(text, None if model is None else str(model)[:200]) for text, model in cands]
+    meta = {k: v for k, v in row.items() if k not in KNOWN_KEYS and _jsonable(v)}
+    if isinstance(row.get("meta"), dict):
+        meta.update(row["meta"])
+    ext = row.get("id")
+    return TaskSpec(prompt, cands, gold, None if ext is None else str(ext)[:200], meta)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def parse_records(rows: list, name: str, *, gold_from_chosen: bool = False,
+                  max_errors: int = 20) -> tuple[list[TaskSpec], int]:
+    """(task specs, records skipped for identical candidates); one DataError lists the bad rows."""
+    specs, identical, problems = [], 0, []
+    for i, row in enumerate(rows, 1):
+        try:
+            spec = parse_record(row, gold_from_chosen=gold_from_chosen)
+        except _Bad as e:
+            problems.append(f"{name}:{i}: {e}")
+            if len(problems) >= max_errors:
+                break
+            continue
+        if spec is None:
+            identical += 1
+        else:
+            specs.append(spec)
+    if problems:
+        raise DataError(f"{len(problems)} bad task record(s):\n  " + "\n  ".join(problems), where=name,
+                        fix="each record needs a prompt and 2..9 responses (or chosen/rejected); "
+                            "see docs/labeling.md")
+    if not specs and not identical:
+        raise DataError("no task records found", where=name)
+    return specs, identical
+
+
+def read_tasks(path: str, *, gold_from_chosen: bool = False, max_records: int | None = None
+               ) -> tuple[list[TaskSpec], int]:
+    """Task specs from a .jsonl/.json/.parquet file (the project's one reader of data files)."""
+    from posttrain.data.formats import read_rows
+
+    if not path.lower().endswith((".jsonl", ".json", ".parquet")):
+        raise DataError("task files must be .jsonl, .json or .parquet", where=path)
+    rows, name = read_rows(path)
+    return parse_records(rows[:max_records] if max_records else rows, name, gold_from_chosen=gold_from_chosen)
+
+
+def add_tasks(db: Session, project: Project, specs: list[TaskSpec]) -> dict[str, int]:
+    """Insert the tasks ``project`` does not have yet (one transaction); counts added/duplicates."""
+    seen = set(db.scalars(select(Task.fingerprint).where(Task.project_id == project.id)))
+    added = 0
+    for spec in specs:
+        fp = spec.fingerprint()
+        if fp in seen:
+            continue
+        seen.add(fp)
+        db.add(Task(project_id=project.id, fingerprint=fp, prompt=spec.prompt, gold=spec.gold,
+                    external_id=spec.external_id, meta=spec.meta,
+                    candidates=[Candidate(position=i, text=t, model=m) for i, (t, m) in enumerate(spec.candidates)]))
+        added += 1
+    db.commit()
+    return {"added": added, "duplicates": len(specs) - added}

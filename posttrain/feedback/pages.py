@@ -1,0 +1,298 @@
+"""HTML pages: login, the annotator's labeling page, and the admin dashboard.
+
+Forms post back and redirect (post/redirect/get), so the pages work without JavaScript; label.js adds
+keyboard shortcuts and time measurement. Every text from the database goes through Jinja's
+autoescaping: model output is shown as text, never as markup.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from posttrain.errors import DataError
+from posttrain.feedback import accounts, auth, importing, quality
+from posttrain.feedback.api import messages
+from posttrain.feedback.assign import (
+    Conflict,
+    Invalid,
+    LabelInput,
+    Refused,
+    get_project,
+    next_assignment,
+    record_label,
+    skip,
+)
+from posttrain.feedback.db import FLAGS, LETTERS, Assignment, Membership, Project, Task, User
+from posttrain.feedback.deps import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    Principal,
+    first,
+    form_fields,
+    get_db,
+    page_admin,
+    page_admin_writer,
+    page_user,
+    page_writer,
+)
+from posttrain.feedback.export import ExportOptions, export_project
+
+router = APIRouter()
+
+
+def render(request: Request, name: str, p: Principal | None = None, status: int = 200, **ctx) -> HTMLResponse:
+    ctx.update(user=p.user if p else None, csrf=p.csrf if p else None, admin=bool(p and p.is_admin),
+               msg=ctx.get("msg", request.query_params.get("msg")))
+    return request.app.state.templates.TemplateResponse(request, name, ctx, status_code=status)
+
+
+def redirect(path: str, msg: str | None = None) -> RedirectResponse:
+    return RedirectResponse(path + (f"?msg={quote(msg)}" if msg else ""), status_code=303)
+
+
+def _safe_next(path: str | None) -> str:
+    """Only same-site paths: '/x' yes, '//evil.com' or 'https://evil.com' no (open redirect)."""
+    if not path or not path.startswith("/") or path.startswith(("//", "/\\")):
+        return "/"
+    return path
+
+
+# ----------------------------------------------------------------------------- login
+
+
+@router.get("/login")
+def login_page(request: Request, next: str = "/") -> HTMLResponse:
+    # login CSRF: a random token in a cookie and in the form must match (double submit), so another
+    # site cannot log the browser into an account of its choosing
+    token = auth.new_secret()
+    resp = render(request, "login.html", login_csrf=token, next=_safe_next(next))
+    resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", path="/login")
+    return resp
+
+
+@router.post("/login")
+def login(request: Request, fields: dict = Depends(form_fields), db: Session = Depends(get_db)) -> Response:
+    nxt = _safe_next(first(fields, "next"))
+    if not auth.same(first(fields, "csrf_token"), request.cookies.get(LOGIN_CSRF_COOKIE)):
+        return render(request, "login.html", status=403, login_csrf=request.cookies.get(LOGIN_CSRF_COOKIE, ""),
+                      next=nxt, error="The login form expired; please try again.")
+    user = auth.check_password(db, first(fields, "username", "") or "", first(fields, "password", "") or "")
+    if user is None:
+        return render(request, "login.html", status=401, login_csrf=request.cookies.get(LOGIN_CSRF_COOKIE),
+                      next=nxt, error="Wrong user name or password.")
+    settings = request.app.state.settings
+    sid, _ = auth.open_session(db, user, settings.session_hours)
+    resp = RedirectResponse(nxt, status_code=303)
+    resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="lax", secure=settings.secure_cookies,
+                    max_age=int(settings.session_hours * 3600), path="/")
+    resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    return resp
+
+
+@router.post("/logout")
+def logout(request: Request, p: Principal = Depends(page_writer), db: Session = Depends(get_db)) -> Response:
+    sid = request.cookies.get(SESSION_COOKIE)
+    if sid:
+        auth.close_session(db, sid)
+    resp = redirect("/login")
+    resp.delete_cookie(SESSION_COOKIE, path="/")
+    return resp
+
+
+# ----------------------------------------------------------------------------- annotators
+
+
+def _my_counts(db: Session, user: User, project: Project) -> dict[str, int]:
+    rows = db.execute(select(Assignment.status, func.count()).join(Task).where(
+        Assignment.user_id == user.id, Task.project_id == project.id).group_by(Assignment.status)).all()
+    return {status: n for status, n in rows}
+
+
+@router.get("/")
+def home(request: Request, p: Principal = Depends(page_user), db: Session = Depends(get_db)) -> Response:
+    if p.is_admin:
+        return redirect("/admin")
+    projects = db.scalars(select(Project).join(Membership, Membership.project_id == Project.id)
+                          .where(Membership.user_id == p.user.id).order_by(Project.id)).all()
+    rows = [(x, _my_counts(db, p.user, x)) for x in projects]
+    return render(request, "home.html", p, projects=rows)
+
+
+def _label_page(request: Request, p: Principal, db: Session, project: Project, a: Assignment,
+                error: str | None = None, key: str | None = None, status: int = 200) -> HTMLResponse:
+    cands = a.task.candidates
+    view = [{"slot": LETTERS[i], "text": cands[pos].text} for i, pos in enumerate(a.display_order)]
+    return render(request, "label.html", p, status=status, project=project, assignment=a,
+                  prompt=messages(a.task.prompt), candidates=view, mode="pairwise" if len(cands) == 2 else "ranking",
+                  k=len(cands), flags=FLAGS,
+                  key=key or uuid.uuid4().hex, error=error, counts=_my_counts(db, p.user, project))
+
+
+@router.get("/projects/{project_id}/label")
+def label_page(request: Request, project_id: int, p: Principal = Depends(page_user),
+               db: Session = Depends(get_db)) -> HTMLResponse:
+    project = get_project(db, p.user, project_id)
+    a = next_assignment(db, p.user, project)
+    if a is None:
+        return render(request, "done.html", p, project=project, counts=_my_counts(db, p.user, project))
+    return _label_page(request, p, db, project, a)
+
+
+def _label_input(fields: dict, k: int) -> LabelInput:
+    """The label form -> LabelInput. Rank selects become a best-first list of slots."""
+    choice = first(fields, "choice")
+    strength = first(fields, "strength")
+    ranking = None
+    if k > 2:
+        ranks = {}
+        for slot in LETTERS[:k]:
+            value = first(fields, f"rank_{slot}", "")
+            if not value.isdigit():
+                raise Invalid(f"give response {slot} a rank from 1 to {k}")
+            ranks[slot] = int(value)
+        if sorted(ranks.values()) != list(range(1, k + 1)):
+            raise Invalid(f"give each response a different rank from 1 to {k}")
+        ranking = sorted(ranks, key=ranks.get)
+        choice = None
+    ms = first(fields, "client_ms", "")
+    return LabelInput(
+        idempotency_key=first(fields, "idempotency_key", "") or "",
+        choice=choice, ranking=ranking,
+        # the form may still hold a strength picked before switching to tie / both bad: drop it
+        strength=int(strength) if strength and strength.isdigit() and choice in ("A", "B") else None,
+        rationale=first(fields, "rationale"),
+        flags={slot: [v for v in fields.get(f"flag_{slot}", []) if isinstance(v, str)] for slot in LETTERS[:k]},
+        client_ms=int(ms) if ms.isdigit() else None)
+
+
+@router.post("/projects/{project_id}/label")
+def submit_label(request: Request, project_id: int, fields: dict = Depends(form_fields),
+                 p: Principal = Depends(page_writer), db: Session = Depends(get_db)) -> Response:
+    project = get_project(db, p.user, project_id)
+    aid = first(fields, "assignment_id", "")
+    if not aid.isdigit():
+        raise Invalid("assignment_id missing")
+    a = db.get(Assignment, int(aid))
+    try:
+        if a is None:
+            raise Invalid("no such assignment")
+        record_label(db, p.user, a.id, _label_input(fields, len(a.task.candidates)))
+    except Conflict as e:
+        return redirect(f"/projects/{project.id}/label", str(e))
+    except Invalid as e:
+        if a is None or a.user_id != p.user.id or a.status != "pending":
+            raise
+        return _label_page(request, p, db, project, a, error=str(e), key=first(fields, "idempotency_key"), status=422)
+    return redirect(f"/projects/{project.id}/label")
+
+
+@router.post("/projects/{project_id}/skip")
+def skip_task(project_id: int, fields: dict = Depends(form_fields), p: Principal = Depends(page_writer),
+              db: Session = Depends(get_db)) -> Response:
+    project = get_project(db, p.user, project_id)
+    aid = first(fields, "assignment_id", "")
+    if not aid.isdigit():
+        raise Invalid("assignment_id missing")
+    try:
+        skip(db, p.user, int(aid))
+    except Conflict as e:
+        return redirect(f"/projects/{project.id}/label", str(e))
+    return redirect(f"/projects/{project.id}/label")
+
+
+# ----------------------------------------------------------------------------- admin
+
+
+@router.get("/admin")
+def admin(request: Request, p: Principal = Depends(page_admin), db: Session = Depends(get_db)) -> HTMLResponse:
+    projects = db.scalars(select(Project).order_by(Project.id)).all()
+    stats = [quality.project_stats(db, x) for x in projects]
+    users = db.scalars(select(User).order_by(User.name)).all()
+    members = {x.id: sorted(db.scalars(select(User.name).join(Membership, Membership.user_id == User.id)
+                                       .where(Membership.project_id == x.id))) for x in projects}
+    return render(request, "admin.html", p, stats=stats, users=users, members=members)
+
+
+def _admin_action(fn) -> Response:
+    try:
+        msg = fn()
+    except Refused as e:
+        return redirect("/admin", f"Error: {e}")
+    except DataError as e:
+        return redirect("/admin", f"Error: {e.what}")
+    return redirect("/admin", msg)
+
+
+@router.post("/admin/users")
+def admin_create_user(fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
+                      db: Session = Depends(get_db)) -> Response:
+    def act() -> str:
+        user = accounts.create_user(db, first(fields, "name", ""), first(fields, "role", "annotator"),
+                                    first(fields, "password", ""))
+        return f"Created {user.role} {user.name}."
+    return _admin_action(act)
+
+
+@router.post("/admin/projects")
+def admin_create_project(fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
+                         db: Session = Depends(get_db)) -> Response:
+    def act() -> str:
+        try:
+            overlap, gold_rate = int(first(fields, "overlap", "3")), float(first(fields, "gold_rate", "0.1"))
+        except ValueError:
+            raise Invalid("overlap must be an integer and gold_rate a number") from None
+        project = accounts.create_project(db, first(fields, "name", ""), overlap=overlap, gold_rate=gold_rate,
+                                          instructions=first(fields, "instructions", ""))
+        return f"Created project {project.name}."
+    return _admin_action(act)
+
+
+@router.post("/admin/projects/{project_id}/members")
+def admin_add_members(project_id: int, fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
+                      db: Session = Depends(get_db)) -> Response:
+    def act() -> str:
+        project = get_project(db, p.user, project_id)
+        names = [n.strip() for n in (first(fields, "users", "") or "").split(",") if n.strip()]
+        return f"Added {', '.join(accounts.add_members(db, project, names)) or 'nobody'} to {project.name}."
+    return _admin_action(act)
+
+
+@router.post("/admin/projects/{project_id}/import")
+def admin_import(project_id: int, fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
+                 db: Session = Depends(get_db)) -> Response:
+    def act() -> str:
+        project = get_project(db, p.user, project_id)
+        upload = (fields.get("file") or [None])[0]
+        if upload is None or isinstance(upload, str) or not upload.filename:
+            raise Invalid("choose a .jsonl, .json or .parquet file")
+        suffix = Path(upload.filename).suffix.lower()
+        with tempfile.TemporaryDirectory() as tmp:  # the shared reader works on paths
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(upload.file.read())
+            gold = first(fields, "gold_from_chosen") == "on"
+            specs, identical = importing.read_tasks(str(path), gold_from_chosen=gold)
+        counts = importing.add_tasks(db, project, specs)
+        return (f"Imported {counts['added']} task(s) into {project.name} ({counts['duplicates']} already there, "
+                f"{identical} with identical responses skipped).")
+    return _admin_action(act)
+
+
+@router.get("/admin/projects/{project_id}/export.jsonl")
+def admin_export(project_id: int, aggregate: str = "all", p: Principal = Depends(page_admin),
+                 db: Session = Depends(get_db)) -> Response:
+    if aggregate not in ("all", "majority"):
+        raise Invalid("aggregate must be all or majority")
+    project = get_project(db, p.user, project_id)
+    records = export_project(db, project, ExportOptions(aggregate=aggregate))  # type: ignore[arg-type]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return Response(body, media_type="application/x-ndjson", headers={
+        "Content-Disposition": f'attachment; filename="{quote(project.name)}-{aggregate}.jsonl"'})

@@ -1,0 +1,177 @@
+"""Token log-probabilities and entropies from logits without a full [B, T, V] log-softmax.
+
+A language model's logits are [B, T, V] with V ≈ 32k–256k; ``log_softmax(logits)`` makes a second
+tensor of that size (in fp32, a third once the gradient exists) only to read one entry per row.
+Here rows are processed in tiles of about ``chunk_size`` rows: each tile is upcast to fp32 (bf16 has
+8 mantissa bits, too few for a logsumexp over 10⁵ terms), reduced to its logsumexp, and dropped. The
+backward pass recomputes the softmax tile by tile from the saved logits and logsumexp, so peak extra
+memory is one fp32 tile, whatever B·T is.
+
+Compute dtype: fp32, or fp64 when the logits are fp64 (so ``gradcheck`` can verify the gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from posttrain.errors import ConfigError
+
+__all__ = ["selective_log_softmax", "entropy_from_logits", "token_logps"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_3d(logits: torch.Tensor, name: str) -> torch.Tensor:
+    # A view, never a copy: reshaping a sliced (non-contiguous) [B, T, V] would copy all of it.
+    if logits.dim() == 3:
+        return logits
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    raise ConfigError(f"{name}: logits must be [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
+
+
+def _tiles(b: int, t: int, chunk_size: int) -> Iterator[tuple[slice, slice]]:
+    """(batch slice, time slice) tiles of about ``chunk_size`` rows that cover [b, t]."""
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    kt = max(1, min(t, chunk_size))
+    kb = max(1, chunk_size // kt)
+    for b0 in range(0, b, kb):
+        for t0 in range(0, t, kt):
+            yield slice(b0, b0 + kb), slice(t0, t0 + kt)
+
+
+def _forward(logits: torch.Tensor, ids: torch.Tensor, chunk_size: int,
+             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(ids) [B, T], logsumexp [B, T]) of logits / temperature, in the compute dtype, tile by tile."""
+    dt = _compute_dtype(logits.dtype)
+    b, t, _ = logits.shape
+    out = torch.empty(b, t, dtype=dt, device=logits.device)
+    lse = torch.empty(b, t, dtype=dt, device=logits.device)
+    for bs, ts in _tiles(b, t, chunk_size):
+        x = logits[bs, ts].to(dt)
+        if temperature != 1.0:
+            x = x / temperature
+        z = torch.logsumexp(x, dim=-1)
+        lse[bs, ts] = z
+        out[bs, ts] = x.gather(-1, ids[bs, ts].unsqueeze(-1)).squeeze(-1) - z
+    return out, lse
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log p(id) = x_id − logsumexp(x) with x = logits/τ; ∂/∂logits_v = (1[v = id] − softmax(x)_v)/τ,
+    recomputed per tile."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, chunk_size: int, temperature: float) -> torch.Tensor:
+        out, lse = _forward(logits, ids, chunk_size, temperature)
+        # The logits are alive anyway (the model produced them); saving them costs no memory.
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, ids, lse = ctx.saved_tensors
+        dt = lse.dtype
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        b, t, _ = logits.shape
+        tau = ctx.temperature
+        for bs, ts in _tiles(b, t, ctx.chunk_size):
+            g_out = grad_out[bs, ts].to(dt).unsqueeze(-1)
+            if tau != 1.0:
+                g_out = g_out / tau  # chain rule through logits / τ
+            # copy=True: the in-place ops below must not write into fp32 logits.
+            g = logits[bs, ts].to(dt, copy=True)
+            if tau != 1.0:
+                g.div_(tau)
+            g.sub_(lse[bs, ts].unsqueeze(-1)).exp_().mul_(-g_out)  # −softmax · grad
+            g.scatter_add_(-1, ids[bs, ts].unsqueeze(-1), g_out)  # + grad at the taken token
+            grad[bs, ts] = g.to(logits.dtype)
+        return grad, None, None, None
+
+
+def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, chunk_size: int = 4096, *,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / τ)[..., ids]: the log-probability of the given token at each position.
+
+    log π(y_t | s_t) = z_{t, y_t}/τ − log Σ_v exp(z_{t, v}/τ)
+
+    ``temperature`` τ is applied to each fp32 tile, so sampling-temperature log-probs need no
+    full-size ``logits / τ`` (or ``logits.float()``) copy by the caller.
+
+    Shapes: logits [B, T, V] (or [N, V]) in any float dtype; ids [B, T] (or [N]) integer, every
+    entry a valid index (replace ignore indices such as −100 before calling). Returns [B, T] (or
+    [N]) in fp32 (fp64 for fp64 logits). ``chunk_size`` is the number of rows per tile.
+
+    Memory: never more than one fp32 tile of [chunk_size, V] besides the inputs; the gradient
+    w.r.t. the logits (which has the logits' size and dtype) is written tile by tile.
+    """
+    flat = logits.dim() == 2
+    x = _as_3d(logits, "selective_log_softmax")
+    idx = (ids.unsqueeze(0) if flat else ids).long()
+    if idx.shape != x.shape[:-1]:
+        raise ConfigError(f"selective_log_softmax: ids shape {tuple(ids.shape)} does not match logits "
+                          f"{tuple(logits.shape)} without the vocabulary dimension")
+    if torch.is_grad_enabled() and logits.requires_grad:
+        out = _SelectiveLogSoftmax.apply(x, idx, chunk_size, float(temperature))
+    else:
+        out = _forward(x, idx, chunk_size, float(temperature))[0]
+    return out.squeeze(0) if flat else out
+
+
+def _entropy_tile(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    # H = −Σ p log p = logsumexp(x) − Σ p x, with p = softmax(x).
+    x = x.to(_compute_dtype(x.dtype))
+    if temperature != 1.0:
+        x = x / temperature
+    p = torch.softmax(x, dim=-1)
+    return torch.logsumexp(x, dim=-1) - (p * x).sum(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 4096, *, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the next-token distribution softmax(z_t / τ) at each position.
+
+    H(π(· | s_t)) = −Σ_v π(v | s_t) log π(v | s_t) = logsumexp(x_t) − Σ_v softmax(x_t)_v x_{t,v},  x = z/τ
+
+    Shapes: logits [B, T, V] (or [N, V]); returns [B, T] (or [N]) in fp32 (fp64 for fp64 input).
+    Differentiable: with grad enabled each tile is checkpointed, so the backward pass recomputes
+    its softmax instead of keeping every tile's fp32 intermediates alive.
+    """
+    flat = logits.dim() == 2
+    x = _as_3d(logits, "entropy_from_logits")
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    b, t, _ = x.shape
+    out = torch.empty(b, t, dtype=_compute_dtype(x.dtype), device=x.device)
+    for bs, ts in _tiles(b, t, chunk_size):
+        tile = x[bs, ts]
+        tau = float(temperature)
+        out[bs, ts] = checkpoint(_entropy_tile, tile, tau, use_reentrant=False) if grad else _entropy_tile(tile, tau)
+    return out.squeeze(0) if flat else out
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: int = 4096, *,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Causal-LM log-probs of each next token: out[:, t] = log π(input_ids[:, t+1] | input_ids[:, ≤t]).
+
+    The causal shift: the logits at position t predict token t + 1, so the result pairs
+    ``logits[:, :-1]`` with ``input_ids[:, 1:]``. Shapes: logits [B, T, V], input_ids [B, T];
+    returns [B, T − 1] (fp32). A loss mask for the result is ``mask[:, 1:]`` (the mask of the
+    predicted tokens).
+
+    The ids are shifted, not the logits: slicing ``logits[:, :-1]`` would make autograd allocate a
+    zero-filled [B, T, V] gradient for the slice's backward. The last position is computed against
+    a dummy id 0 and dropped (1/T of wasted work, no extra memory); its gradient is exactly zero.
+    ``temperature`` as in ``selective_log_softmax``.
+    """
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ConfigError(f"token_logps: expected logits [B, T, V] and input_ids [B, T], got "
+                          f"{tuple(logits.shape)} and {tuple(input_ids.shape)}")
+    targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
+    return selective_log_softmax(logits, targets, chunk_size, temperature=temperature)[:, :-1]

@@ -1,0 +1,150 @@
+"""Scalar reward heads on any causal-LM backbone.
+
+A reward model is a Hugging Face ``*ForSequenceClassification`` with ``num_labels=1``: the causal LM's
+backbone plus a linear ``score`` head read at each sequence's last token (RLHF book ch. 5). Creating
+it with ``AutoModelForSequenceClassification.from_pretrained(causal_lm_path, num_labels=1)`` reuses
+the backbone weights and initialises the head; saving it with ``save_pretrained`` gives a directory
+that loads back the same way, so the trained model works with any tool that reads HF classifiers.
+
+Training and scoring use packed batches (``collate``: several sequences per row, block-diagonal
+attention, no compute on padding). :func:`sequence_rewards` runs the classifier's forward and reads
+the head's output at each sequence's last token (found through ``seq_index``) instead of the row's.
+That "last token" is the one the Hugging Face class picks on a padded batch — the rightmost token that
+is not ``pad_token_id`` — so both give the same score for the same token ids (tested to 1e-5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain.config import LoraConfig, ModelConfig
+from posttrain.errors import ModelError
+
+
+def load_reward_model(cfg: ModelConfig, name_or_path: str | None = None, pad_token_id: int | None = None,
+                      lora: LoraConfig | None = None):
+    """A ``*ForSequenceClassification`` with one output, from a causal LM or a saved reward model.
+
+    ``pad_token_id`` is written into the config (the HF class needs it to find the last token); the
+    head of a fresh model is initialised by ``from_pretrained`` from the torch seed.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.models.loading import _dtype, quiet_transformers
+    from posttrain.models.tiny import resolve
+
+    quiet_transformers()
+    path = resolve(name_or_path or cfg.name_or_path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load '{path}' as a sequence-classification reward model: {e}",
+                         where="model.name_or_path",
+                         fix="give a causal LM whose architecture has a ForSequenceClassification class "
+                             "(Llama, Qwen2, Mistral, Gemma, ...), a saved reward model, or 'tiny'") from None
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if model.config.pad_token_id is None:
+        raise ModelError("the reward model has no pad_token_id, so its last token cannot be found",
+                         where="model.name_or_path", fix="use a tokenizer with a pad token")
+    if lora is not None and lora.enabled:
+        model = apply_reward_lora(model, lora)
+    return model
+
+
+def apply_reward_lora(model, cfg: LoraConfig):
+    """LoRA adapters on the backbone; the fresh ``score`` head is trained in full (peft
+    ``modules_to_save``), as a frozen random head could not learn anything."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
+                              task_type="SEQ_CLS", modules_to_save=[head_name(model)])
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise ModelError(f"LoRA could not be applied to the reward model: {e}", where="lora.target_modules",
+                         fix="name modules that exist in this model, e.g. q_proj,v_proj") from None
+
+
+def _base(model):
+    """The ``*ForSequenceClassification`` inside a peft wrapper (or the model itself)."""
+    if hasattr(model, "peft_config"):
+        return model.base_model.model
+    return model
+
+
+def head_name(model) -> str:
+    base = _base(model)
+    for name in ("score", "classifier", "v_head"):
+        if isinstance(getattr(base, name, None), torch.nn.Module):
+            return name
+    raise ModelError(f"{type(base).__name__} has no scalar head named score/classifier",
+                     where="model.name_or_path", fix="use a Llama/Qwen2/Mistral-style architecture")
+
+
+def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(transformer backbone, scalar head) of a sequence-classification model (peft-aware)."""
+    base = _base(model)
+    backbone = getattr(base, base.base_model_prefix)
+    head = getattr(base, head_name(model))  # a peft ModulesToSaveWrapper routes to the trained copy
+    return backbone, head
+
+
+def last_token_positions(batch: dict, pad_id: int | None) -> torch.Tensor:
+    """[n_seqs] flat indices (row * L + col) of each sequence's last token that is not padding.
+
+    Matches the HF classifier's rule (rightmost token != pad_token_id) on a padded batch; in a packed
+    row it is applied within each sequence (``seq_index``)."""
+    ids, seq = batch["input_ids"], batch["seq_index"]
+    n = int(batch["n_seqs"])
+    keep = seq >= 0
+    if pad_id is not None:
+        keep = keep & (ids != pad_id)
+    flat = torch.arange(ids.numel(), device=ids.device).view_as(ids)
+    pos = torch.full((n,), -1, dtype=torch.long, device=ids.device)
+    pos = pos.scatter_reduce(0, seq[keep], flat[keep], reduce="amax", include_self=True)
+    if bool((pos < 0).any()):
+        raise ModelError("a sequence consists only of pad tokens, so it has no token to score",
+                         where="data", fix="drop empty responses or use a pad token distinct from EOS")
+    return pos
+
+
+def sequence_rewards(model, batch: dict, pad_id: int | None = None) -> torch.Tensor:
+    """[n_seqs] scalar rewards of a (packed or padded) batch, sequence i read at its last token.
+
+    The forward goes through ``model`` itself (so DDP's gradient hooks run) and a forward hook on the
+    head captures its per-position outputs, which are read at each sequence's last token; the head is
+    a single linear map, so scoring every position costs next to nothing."""
+    from posttrain.data.batching import model_inputs
+
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
+    _, head = backbone_and_head(inner)
+    if pad_id is None:
+        pad_id = _base(inner).config.pad_token_id
+    captured = {}
+    hook = head.register_forward_hook(lambda mod, args, out: captured.__setitem__("scores", out))
+    try:
+        model(**model_inputs(batch))
+    finally:
+        hook.remove()
+    pos = batch["last_pos"] if "last_pos" in batch else last_token_positions(batch, pad_id)
+    return captured["scores"].reshape(-1)[pos].float()
+
+
+def save_reward_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save so ``AutoModelForSequenceClassification.from_pretrained(out_dir)`` gives the same scores.
+    LoRA adapters are merged first (a reward model is consumed as full weights)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    model.config.num_labels = 1
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,95 @@
+"""Load any Hugging Face causal LM (hub id or local path) and its tokenizer; LoRA via peft; save.
+
+``name_or_path: tiny`` (or ``tiny-qwen2``, ``tiny-llama-small``) builds the offline tiny model first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.config import LoraConfig, ModelConfig
+from posttrain.errors import ModelError
+from posttrain.models import tiny
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token guaranteed (EOS is reused when the model has none)."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    path = tiny.resolve(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer from '{name_or_path}': {e}", where="model.name_or_path",
+                         fix="give a local model directory or a hub id available offline "
+                             "(HF_HUB_OFFLINE=1 uses the local cache), or 'tiny'") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` with the configured dtype and attention backend."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    path = tiny.resolve(name_or_path or cfg.name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a causal LM from '{path}': {e}", where="model.name_or_path",
+                         fix="give a local model directory or a hub id available offline, or 'tiny'") from None
+    return model
+
+
+def apply_lora(model, cfg: LoraConfig):
+    """Wrap ``model`` with peft LoRA adapters; the base weights are frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = cfg.target_modules
+    target = "all-linear" if targets == ["all-linear"] else targets
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=target, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise ModelError(f"LoRA could not be applied: {e}", where="lora.target_modules",
+                         fix="name modules that exist in this model, e.g. q_proj,v_proj, or all-linear") from None
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_pretrained(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) -> Path:
+    """Save in Hugging Face format (safetensors). LoRA: the adapter in ``out/adapter`` and, if
+    ``merge_lora``, merged full weights in ``out``; otherwise the adapter alone in ``out``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        if not merge_lora:
+            model.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+            return out
+        model.save_pretrained(out / "adapter", safe_serialization=True)
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

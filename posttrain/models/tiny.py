@@ -1,0 +1,110 @@
+"""A tiny Llama/Qwen2-style model and a tokenizer built offline, saved in Hugging Face format.
+
+Tests and the demo use this instead of downloading anything. The tokenizer is a byte-level BPE
+trained in milliseconds on the built-in task's text (any string still encodes, byte by byte), with a
+ChatML chat template. The saved directory loads with ``AutoTokenizer`` / ``AutoModelForCausalLM``
+``.from_pretrained`` like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+# name -> (hidden, layers, heads, kv_heads, intermediate); "tiny" ≈ 1.6M params, "small" ≈ 4.4M
+SIZES = {
+    "tiny": (192, 4, 6, 2, 512),
+    "small": (256, 6, 8, 4, 688),
+}
+VOCAB = 512
+
+
+def build_tokenizer(vocab_size: int = VOCAB):
+    """Byte-level BPE on the built-in task's corpus, wrapped as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from posttrain.tasks.builtin import corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|pad|>", unk_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(tokenizer, arch: str = "llama", size: str = "tiny", seed: int = 0):
+    """A randomly initialised causal LM whose vocabulary matches ``tokenizer``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    hidden, layers, heads, kv, inter = SIZES[size]
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
+                  max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=None)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def save_tiny(path: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 0) -> Path:
+    """Build the tiny model + tokenizer and save both to ``path`` (atomic: a temp dir, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, arch, size, seed)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "posttrain_tiny.json").write_text(json.dumps({"arch": arch, "size": size, "seed": seed}))
+    if path.exists():  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    os.replace(tmp, path)
+    return path
+
+
+def tiny_path(arch: str = "llama", size: str = "tiny", seed: int = 0) -> Path:
+    """Cached location of a tiny model, built on first use (``$POSTTRAIN_CACHE`` or ~/.cache)."""
+    from posttrain.tasks import builtin
+
+    root = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+    # the key covers the factory code so a change to the task text or sizes rebuilds the model
+    src = Path(__file__).read_bytes() + Path(builtin.__file__).read_bytes()
+    key = hashlib.sha256(src + f"{arch}-{size}-{seed}".encode()).hexdigest()[:12]
+    path = root / f"tiny-{arch}-{size}-{seed}-{key}"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        save_tiny(path, arch, size, seed)
+    return path
+
+
+def resolve(name_or_path: str) -> str:
+    """'tiny', 'tiny-qwen2', 'tiny-llama-small' -> a built local path; anything else unchanged."""
+    if not name_or_path.startswith("tiny") or os.path.exists(name_or_path):
+        return name_or_path
+    parts = name_or_path.split("-")[1:]
+    arch = next((p for p in parts if p in ("llama", "qwen2")), "llama")
+    size = next((p for p in parts if p in SIZES), "tiny")
+    return str(tiny_path(arch, size))

@@ -1,0 +1,495 @@
+"""``posttrain serve``: a local Hugging Face causal LM behind the OpenAI-compatible HTTP protocol.
+
+Endpoints (the subset judges and evaluation need, with OpenAI's request and response shapes):
+
+- ``POST /v1/chat/completions``: ``messages``, ``max_tokens`` (or ``max_completion_tokens``),
+  ``temperature`` (0 = greedy), ``top_p``, ``n``, ``stop``, ``seed``, ``logprobs`` + ``top_logprobs`` (≤ 5)
+- ``POST /v1/completions``: ``prompt`` (a string or a list of strings), the same sampling fields,
+  ``logprobs`` as the legacy integer (top-k alternatives per token, ≤ 5)
+- ``GET /v1/models``, ``GET /health``
+
+Log-probs are those of the model's own next-token distribution (log-softmax of the raw logits),
+not of the temperature/top-p-adjusted sampling distribution, so they are comparable across
+requests and finite for every emitted token. A field we do not implement (``stream``, non-zero
+penalties, ``echo``, ...) is answered with HTTP 400 rather than silently ignored.
+
+Generation goes through the single function :func:`_generate` (the project's rollout engine, with
+log-probs from a teacher-forced pass), so a different decoding backend can be swapped in without
+touching the HTTP layer. One model serves one request at a time: requests are serialized through
+a lock (the ``n`` samples of one request share a batch; there is no cross-request batching).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from posttrain.config import ModelConfig, opt
+from posttrain.errors import ConfigError, ServiceError
+
+MAX_TOP_LOGPROBS = 5  # OpenAI's own limit for the legacy endpoint; keeps responses small
+
+
+@dataclass
+class ServeConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="Model to serve (path, hub id or 'tiny').")
+    host: str = opt("127.0.0.1", "Interface to bind; loopback by default (there is no auth).")
+    port: int = opt(8000, "TCP port (0 picks a free one).")
+    served_model_name: str | None = opt(None, "Name reported by /v1/models and accepted in the "
+                                        "'model' field; null = model.name_or_path.")
+    max_tokens_cap: int = opt(1024, "Largest max_tokens a request may ask for; larger requests get "
+                              "HTTP 400 naming this cap.")
+    default_max_tokens: int = opt(256, "max_tokens when a request gives none.")
+    max_n: int = opt(16, "Largest n (samples per prompt) a request may ask for.")
+    threads: int | None = opt(None, "torch intra-op threads (null = torch default).")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = opt(
+        "info", "uvicorn log level.")
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}", where="port")
+        for key in ("max_tokens_cap", "default_max_tokens", "max_n"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}", where=key)
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ConfigError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens_cap="
+                              f"{self.max_tokens_cap}", where="default_max_tokens",
+                              fix=f"set default_max_tokens <= {self.max_tokens_cap}")
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Generated:
+    """One sampled continuation; stop tokens are not included in ``token_ids``. ``logprobs`` is
+    empty unless asked for; ``top_logprobs[t]`` holds the k best (token id, log-prob) at step t
+    (empty lists when k = 0)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: Literal["stop", "length"]
+
+
+def _generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+              temperature: float = 1.0, top_p: float = 1.0, n: int = 1, seed: int | None = None,
+              logprobs: bool = False, top_logprobs: int = 0, stop_token_ids: list[int] | None = None,
+              stop_strings: Sequence[str] = (), engine=None) -> list[Generated]:
+    """``n`` continuations per prompt (prompt-major order), sampled by the project's rollout engine.
+
+    The single swap point between token ids and a decoding backend. ``temperature == 0`` decodes
+    greedily. When ``logprobs`` or ``top_logprobs`` is asked for, they come from one teacher-forced
+    forward pass over prompt + completion: the model's own ``log_softmax(logits)``, whatever the
+    sampling temperature or top-p (the engine's own log-probs describe the tempered distribution).
+    Pass a cached ``engine`` (an ``HFRolloutEngine`` over ``model``) to avoid rebuilding it per call.
+    """
+    from posttrain.engines.rollout import HFRolloutEngine, SamplingParams
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = engine or HFRolloutEngine(model, pad_token_id=pad, tokenizer=tokenizer)
+    stops = list(stop_token_ids or [tokenizer.eos_token_id])
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            top_k=0, stop_token_ids=stops, stop_strings=list(stop_strings),
+                            seed=seed, n=n)
+    rollouts = engine.generate([list(p) for p in prompts], params)
+    out = []
+    for r in rollouts:
+        ids = r.completion_ids[:-1] if r.finish_reason == "stop" else list(r.completion_ids)
+        out.append(Generated(ids, [], [[] for _ in ids], "length" if r.finish_reason == "length" else "stop"))
+    if logprobs or top_logprobs:
+        scored = teacher_forced_logprobs(model, pad, [(r.prompt_ids, g.token_ids) for r, g in zip(rollouts, out)],
+                                         top_logprobs)
+        for g, (lp, top) in zip(out, scored):
+            g.logprobs, g.top_logprobs = lp, top
+    return out
+
+
+def teacher_forced_logprobs(model, pad_token_id: int, rows: list[tuple[list[int], list[int]]],
+                            top_k: int = 0) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
+    """For each (prompt, continuation): log p(c_t | prompt, c_<t) for every continuation token, and
+    the ``top_k`` most likely (token, log-prob) at each of those positions. One right-padded forward
+    pass (padding after the last real token cannot change causal logits before it)."""
+    import torch
+
+    seqs = [list(p) + list(c) for p, c in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    model.train(was_training)
+    out = []
+    for i, (p, c) in enumerate(rows):
+        if not c:
+            out.append(([], []))
+            continue
+        # logits at position t predict token t + 1: the continuation is predicted from len(p) - 1 on
+        logp = torch.log_softmax(logits[i, len(p) - 1:len(p) - 1 + len(c)].float(), dim=-1)
+        chosen = logp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1).tolist()
+        if top_k:
+            values, indices = logp.topk(top_k, dim=-1)
+            top = [list(zip(ix, vs)) for ix, vs in zip(indices.tolist(), values.tolist())]
+        else:
+            top = [[] for _ in c]
+        out.append((chosen, top))
+    return out
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any EOS ids the checkpoint's generation config lists."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def cut_at_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[str, int, bool]:
+    """Decode and cut the text before the first stop string, as OpenAI does (the stop string is
+    not returned). Returns (text, tokens kept, hit); kept tokens are those whose text lies wholly
+    before the cut, so their log-probs describe exactly the returned text or a prefix of it."""
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    hits = [text.find(s) for s in stops if s and s in text]
+    if not hits:
+        return text, len(token_ids), False
+    cut = min(hits)
+    keep = 0
+    for k in range(1, len(token_ids) + 1):
+        if len(tokenizer.decode(token_ids[:k], skip_special_tokens=True)) > cut:
+            break
+        keep = k
+    return text[:cut], keep, True
+
+
+# ----------------------------------------------------------------------------- request schemas
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # 'name' etc. are metadata; they do not change output
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown field is an error, not ignored
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None  # end-user id for the provider's abuse tracking: metadata only
+
+
+class ChatRequest(_Sampling):
+    messages: list[_Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+
+
+class APIError(Exception):
+    """Answered as OpenAI's error object ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-printable-character table used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _stops(req: _Sampling) -> list[str]:
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+
+def _engine(model, tokenizer):
+    from posttrain.engines.rollout import HFRolloutEngine
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return HFRolloutEngine(model, pad_token_id=pad, tokenizer=tokenizer)
+
+
+def _content_text(content: str | list[dict] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise APIError(400, f"content part of type {part.get('type')!r} is not supported; this "
+                                "server takes text only", "messages")
+        parts.append(part.get("text", ""))
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+class _Server:
+    """The model, its tokenizer and the request handling that does not depend on FastAPI."""
+
+    def __init__(self, model, tokenizer, cfg: ServeConfig, name: str):
+        self.model, self.tokenizer, self.cfg, self.name = model, tokenizer, cfg, name
+        self.lock = threading.Lock()
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.engine = _engine(model, tokenizer)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+
+    def check(self, req: _Sampling) -> int:
+        """Reject what we do not implement; return the max_tokens to use."""
+        if req.model is not None and req.model not in (self.name, self.cfg.model.name_or_path):
+            raise APIError(404, f"model '{req.model}' is not served here; this server has "
+                                f"'{self.name}'", "model", "model_not_found")
+        if req.stream:
+            raise APIError(400, "stream=true is not supported by posttrain serve", "stream")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, key):
+                raise APIError(400, f"{key} is not supported (must be 0)", key)
+        if req.n > self.cfg.max_n:
+            raise APIError(400, f"n={req.n} exceeds this server's max_n={self.cfg.max_n}", "n")
+        stops = _stops(req)
+        if any(not s for s in stops):
+            raise APIError(400, "stop sequences must not be empty", "stop")
+        if len(stops) > 4:
+            raise APIError(400, "at most 4 stop sequences are allowed", "stop")
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.cfg.default_max_tokens
+        if max_tokens > self.cfg.max_tokens_cap:
+            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's cap of "
+                                f"{self.cfg.max_tokens_cap} (posttrain serve max_tokens_cap)",
+                           "max_tokens")
+        return max_tokens
+
+    def generate(self, prompts: list[list[int]], req: _Sampling, max_tokens: int, logprobs: bool,
+                 top_k: int):
+        longest = max(len(p) for p in prompts)
+        if self.max_positions and longest + max_tokens > self.max_positions:
+            raise APIError(400, f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                f"model's context of {self.max_positions} tokens", "max_tokens")
+        with self.lock:
+            return _generate(self.model, self.tokenizer, prompts, max_new_tokens=max_tokens,
+                             temperature=req.temperature, top_p=req.top_p, n=req.n, seed=req.seed,
+                             logprobs=logprobs, top_logprobs=top_k, stop_token_ids=self.stop_ids,
+                             stop_strings=_stops(req), engine=self.engine)
+
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        """(text, raw bytes) of one token. A byte-level BPE token may hold part of a UTF-8
+        character: its text is then U+FFFD, but its bytes come from the byte alphabet exactly."""
+        text = self.tokenizer.decode([token_id])
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece and all(c in _BYTE_DECODER for c in piece):
+            return text, [_BYTE_DECODER[c] for c in piece]
+        return text, list(text.encode("utf-8"))
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text, raw = self._token(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    def chat(self, req: ChatRequest) -> dict:
+        from posttrain.data.chat import encode_prompt
+
+        max_tokens = self.check(req)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
+        messages = [{"role": m.role, "content": _content_text(m.content)} for m in req.messages]
+        ids = encode_prompt(self.tokenizer, messages)
+        top_k = (req.top_logprobs or 0) if req.logprobs else 0
+        gens = self.generate([ids], req, max_tokens, req.logprobs, top_k)
+        stops = _stops(req)
+        choices = []
+        for i, g in enumerate(gens):
+            text, keep, hit = cut_at_stop(self.tokenizer, g.token_ids, stops)
+            logprobs = None
+            if req.logprobs:
+                logprobs = {"content": [
+                    {**self._entry(g.token_ids[t], g.logprobs[t]),
+                     "top_logprobs": [self._entry(a, lp) for a, lp in g.top_logprobs[t]]}
+                    for t in range(keep)]}
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": logprobs, "finish_reason": "stop" if hit else g.finish_reason})
+        return self._response("chat.completion", "chatcmpl", choices, [ids], gens)
+
+    def completion(self, req: CompletionRequest) -> dict:
+        max_tokens = self.check(req)
+        if req.echo:
+            raise APIError(400, "echo=true is not supported by posttrain serve", "echo")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise APIError(400, "prompt must not be an empty list", "prompt")
+        ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        if any(not x for x in ids):
+            raise APIError(400, "prompt must not be empty", "prompt")
+        top_k = req.logprobs or 0
+        gens = self.generate(ids, req, max_tokens, req.logprobs is not None, top_k)
+        stops = _stops(req)
+        choices = []
+        for i, g in enumerate(gens):
+            text, keep, hit = cut_at_stop(self.tokenizer, g.token_ids, stops)
+            logprobs = None
+            if req.logprobs is not None:
+                tokens = [self._token(t)[0] for t in g.token_ids[:keep]]
+                offsets = [sum(len(s) for s in tokens[:j]) for j in range(len(tokens))]
+                logprobs = {"tokens": tokens, "token_logprobs": g.logprobs[:keep],
+                            "top_logprobs": [{self._token(a)[0]: lp for a, lp in g.top_logprobs[t]}
+                                             for t in range(keep)] if top_k else None,
+                            "text_offset": offsets}
+            choices.append({"index": i, "text": text, "logprobs": logprobs,
+                            "finish_reason": "stop" if hit else g.finish_reason})
+        return self._response("text_completion", "cmpl", choices, ids, gens)
+
+    def _response(self, obj: str, prefix: str, choices: list, prompts: list, gens: list) -> dict:
+        # OpenAI counts each prompt once however many samples (n) it gets
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion_tokens = sum(len(g.token_ids) for g in gens)
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
+                "model": self.name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def create_app(model, tokenizer, cfg: ServeConfig, name: str | None = None):
+    """The FastAPI app for an already loaded model and tokenizer."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    server = _Server(model, tokenizer, cfg, name or cfg.served_model_name or cfg.model.name_or_path)
+    app = FastAPI(title="posttrain serve", version="1")
+
+    def error(status: int, message: str, param: str | None, kind: str) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"error": {
+            "message": message, "type": kind, "param": param, "code": None}})
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ())[1:])
+        return error(400, f"{loc or 'request'}: {first.get('msg', 'invalid request')}", loc or None,
+                     "invalid_request_error")
+
+    # sync handlers run in FastAPI's thread pool; the lock inside _Server serializes the model
+    @app.post("/v1/chat/completions")
+    def chat_completions(req: ChatRequest) -> dict:
+        return server.chat(req)
+
+    @app.post("/v1/completions")
+    def completions(req: CompletionRequest) -> dict:
+        return server.completion(req)
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": server.name, "object": "model",
+                                            "created": 0, "owned_by": "posttrain"}]}
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": server.name}
+
+    return app
+
+
+def build_app(cfg: ServeConfig):
+    """Load the configured model and tokenizer and build the app."""
+    from posttrain.models.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    model = load_causal_lm(cfg.model)
+    return create_app(model, tokenizer, cfg)
+
+
+def run(cfg: ServeConfig) -> dict:
+    """Serve until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    app = build_app(cfg)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    except OSError as e:  # port in use, permission denied
+        raise ServiceError(f"cannot listen on {cfg.host}:{cfg.port}: {e}", where="port",
+                           fix="choose a free port, e.g. port=0 or port=8001") from None
+    return {}
+
+
+def start_server_in_thread(model_path: str, port: int = 0, **options: Any):
+    """Serve ``model_path`` from a background thread (tests, notebooks, judge runs).
+
+    Returns ``(base_url, stop)`` where ``base_url`` ends in ``/v1`` (what OpenAI clients expect) and
+    ``stop()`` shuts the server down. ``options`` are further :class:`ServeConfig` fields.
+    """
+    import uvicorn
+
+    cfg = ServeConfig(model=ModelConfig(name_or_path=model_path), port=port, **options)
+    cfg.validate()
+    app = build_app(cfg)
+    # bind first so port=0 yields a known free port with no race between choosing and binding
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, port))
+    except OSError as e:
+        sock.close()
+        raise ServiceError(f"cannot listen on {cfg.host}:{port}: {e}", where="port",
+                           fix="choose a free port or 0") from None
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name=f"posttrain-serve-{bound}")
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise ServiceError(f"the server on {cfg.host}:{bound} did not start",
+                               where=f"http://{cfg.host}:{bound}")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+    return f"http://{cfg.host}:{bound}/v1", stop

@@ -1,0 +1,42 @@
+"""Helpers shared by test files (a uniquely named module: several conftest.py files exist)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, env=None, timeout=600):
+    """Run ``python -m posttrain.cli ...`` in a subprocess; returns CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def undocumented_metrics(run_dirs) -> set[str]:
+    """Metric names in the runs' metrics.jsonl that docs/metrics.md does not define.
+
+    `train/` and `eval/` prefixes are stripped (the docs define the bare name); a family such as
+    `reward/<component>` is documented by a backticked `reward/<` entry."""
+    import json
+    import re
+
+    docs = (ROOT / "docs" / "metrics.md").read_text()
+    names = set(re.findall(r"`([^`]+)`", docs))
+    missing = set()
+    for d in run_dirs:
+        path = Path(d) / "metrics.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            for key in json.loads(line):
+                bare = re.sub(r"^(train|eval)/", "", key)
+                if key == "step" or key in names or bare in names:
+                    continue
+                family = bare.split("/")[0] + "/<"
+                if any(n.startswith(family) for n in names):
+                    continue
+                missing.add(key)
+    return missing

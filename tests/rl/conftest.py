@@ -1,0 +1,64 @@
+"""Fixtures for the RL tests: an SFT policy and a reward model on the built-in task, trained once
+with the project's own commands and cached in $POSTTRAIN_CACHE (keyed by their configs and the
+source of the code that trains them), like the tiny model itself."""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SFT_OVERRIDES = ["train.epochs=2", "data.eval=null", "task_eval=false", "train.progress=false"]
+RM_OVERRIDES = ["train.max_steps=80", "train.batch_size=32", "train.micro_batch_size=32",
+                "eval_holdout=200", "train.progress=false", "train.log_every=20"]
+_SOURCES = ["posttrain/algorithms/sft.py", "posttrain/algorithms/reward.py", "posttrain/losses/sft.py",
+            "posttrain/losses/reward.py", "posttrain/engines/train.py", "posttrain/tasks/builtin.py",
+            "posttrain/models/tiny.py", "posttrain/models/heads.py", "posttrain/data/chat.py",
+            "posttrain/data/batching.py"]
+
+
+def _key(name: str, overrides: list[str]) -> str:
+    h = hashlib.sha256(json.dumps([name, overrides]).encode())
+    for rel in _SOURCES:
+        p = ROOT / rel
+        if p.exists():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_run(name: str, cls, run, overrides: list[str]) -> Path:
+    """Run a command once into $POSTTRAIN_CACHE/rl-fixtures/<name>-<key> (atomic rename); return it."""
+    from posttrain.config import load_config
+
+    cache = Path(os.environ["POSTTRAIN_CACHE"]) / "rl-fixtures"
+    out = cache / f"{name}-{_key(name, overrides)}"
+    if (out / "final").exists():
+        return out
+    tmp = cache / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run(load_config(cls, None, [f"train.output_dir={tmp}", *overrides]))
+    if not out.exists():
+        os.replace(tmp, out)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_policy(tiny_path) -> str:
+    """final/ of an SFT model of the built-in task (imitates the noisy demonstrator: accuracy ~0.6)."""
+    from posttrain.algorithms.sft import SFTConfig, run
+
+    return str(cached_run("sft", SFTConfig, run, ["model.name_or_path=tiny", *SFT_OVERRIDES]) / "final")
+
+
+@pytest.fixture(scope="session")
+def reward_model(sft_policy) -> str:
+    """final/ of a Bradley–Terry reward model trained from the SFT model on gold-labelled pairs."""
+    from posttrain.algorithms.reward import RewardConfig, run
+
+    return str(cached_run("rm", RewardConfig, run, [f"model.name_or_path={sft_policy}", *RM_OVERRIDES]) / "final")

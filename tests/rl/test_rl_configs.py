@@ -1,0 +1,63 @@
+"""The RL recipes load and validate with their config classes; command names match the CLI entries
+the lead registers (see docs/rl.md)."""
+
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import load_config, read_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = {
+    "grpo": ("posttrain.algorithms.grpo", "GRPOConfig"),
+    "rloo": ("posttrain.algorithms.rloo", "RLOOConfig"),
+    "reinforce": ("posttrain.algorithms.reinforce", "ReinforceConfig"),
+    "ppo": ("posttrain.algorithms.ppo", "PPOConfig"),
+    "best-of-n": ("posttrain.algorithms.best_of_n", "BestOfNConfig"),
+}
+RECIPES = ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce", "ppo", "best_of_n"]
+
+
+def _cls(command):
+    import importlib
+
+    module, name = CLASSES[command]
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_rl_recipe_loads(name):
+    path = ROOT / "recipes" / f"{name}.yaml"
+    command = read_yaml(path)["command"]
+    cfg = load_config(_cls(command), path)
+    if name in ("dr_grpo", "dapo", "gspo", "cispo"):
+        assert cfg.variant == name
+
+
+def test_recipes_set_what_their_variant_means():
+    dapo = load_config(_cls("grpo"), ROOT / "recipes" / "dapo.yaml")
+    assert dapo.dynamic_sampling and dapo.loss.clip_high > dapo.loss.clip_low and dapo.loss.aggregation == "token_mean"
+    assert dapo.shaping.overlong_buffer > 0
+    ppo = load_config(_cls("ppo"), ROOT / "recipes" / "ppo.yaml")
+    assert ppo.value.init == "reward_model" and ppo.kl.controller == "adaptive"
+
+
+def test_cli_registry_entries_when_present():
+    from posttrain.cli import COMMANDS
+
+    for command, (module, cls) in CLASSES.items():
+        if command in COMMANDS:
+            assert (COMMANDS[command].module, COMMANDS[command].config) == (module, cls)
+
+
+def test_unknown_key_and_bad_values_are_errors():
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'kl.beta'"):
+        load_config(_cls("grpo"), None, ["kl.bta=0.1"])
+    with pytest.raises(ConfigError, match="value.init=reward_model needs a reward model"):
+        load_config(_cls("ppo"), None, ["value.init=reward_model"])
+    with pytest.raises(ConfigError, match="baseline_n"):
+        load_config(_cls("best-of-n"), None, ["rollout.group_size=4", "baseline_n=[1,8]"])
+    with pytest.raises(ConfigError, match="temperature"):
+        load_config(_cls("grpo"), None, ["rollout.temperature=0"])
