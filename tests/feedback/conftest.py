@@ -66,8 +66,10 @@ def any_url(request, tmp_path) -> str:
 # ----------------------------------------------------------------------------- browser
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    # module scope: a sync Playwright left open would make later sync_playwright() calls (the report
+    # tests) fail with "Sync API inside the asyncio loop"
     if not Path(CHROMIUM).exists():
         missing(f"Chromium ({CHROMIUM})", "POSTTRAIN_SKIP_CHROMIUM")
     try:

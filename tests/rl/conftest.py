@@ -13,9 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 SFT_OVERRIDES = ["train.epochs=2", "data.eval=null", "task_eval=false", "train.progress=false"]
-RM_OVERRIDES = ["train.max_steps=80", "train.batch_size=32", "train.micro_batch_size=32",
-                "eval_holdout=200", "train.progress=false", "train.log_every=20"]
-_SOURCES = ["posttrain/algorithms/sft.py", "posttrain/algorithms/reward.py", "posttrain/losses/sft.py",
+# pairs sampled from the SFT policy itself and labelled by simulated annotators, as in the demo: a
+# reward model trained on off-policy demonstrator pairs ranks the policy's own mistakes poorly
+# (rotated answers scored like correct ones), and PPO then raises its score but not the gold reward
+PREFS_OVERRIDES = ["n_prompts=500", "k=3", "heldout_prompts=150"]
+RM_OVERRIDES = ["train.epochs=3", "train.progress=false", "train.log_every=20"]
+_SOURCES = ["posttrain/algorithms/sft.py", "posttrain/algorithms/reward.py", "posttrain/algorithms/collect.py",
+            "posttrain/tasks/annotators.py", "posttrain/losses/sft.py",
             "posttrain/losses/reward.py", "posttrain/engines/train.py", "posttrain/tasks/builtin.py",
             "posttrain/models/tiny.py", "posttrain/models/heads.py", "posttrain/data/chat.py",
             "posttrain/data/batching.py"]
@@ -30,17 +34,17 @@ def _key(name: str, overrides: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def cached_run(name: str, cls, run, overrides: list[str]) -> Path:
+def cached_run(name: str, cls, run, overrides: list[str], out_key: str = "train.output_dir") -> Path:
     """Run a command once into $POSTTRAIN_CACHE/rl-fixtures/<name>-<key> (atomic rename); return it."""
     from posttrain.config import load_config
 
     cache = Path(os.environ["POSTTRAIN_CACHE"]) / "rl-fixtures"
     out = cache / f"{name}-{_key(name, overrides)}"
-    if (out / "final").exists():
+    if (out / "summary.json").exists():
         return out
     tmp = cache / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    run(load_config(cls, None, [f"train.output_dir={tmp}", *overrides]))
+    run(load_config(cls, None, [f"{out_key}={tmp}", *overrides]))
     if not out.exists():
         os.replace(tmp, out)
     else:
@@ -58,7 +62,13 @@ def sft_policy(tiny_path) -> str:
 
 @pytest.fixture(scope="session")
 def reward_model(sft_policy) -> str:
-    """final/ of a Bradley–Terry reward model trained from the SFT model on gold-labelled pairs."""
+    """final/ of a Bradley–Terry reward model trained from the SFT model on pairs of its own samples
+    labelled by simulated annotators (held-out pairs labelled by the gold reward)."""
+    from posttrain.algorithms import collect
     from posttrain.algorithms.reward import RewardConfig, run
 
-    return str(cached_run("rm", RewardConfig, run, [f"model.name_or_path={sft_policy}", *RM_OVERRIDES]) / "final")
+    prefs = cached_run("prefs", collect.CollectConfig, collect.run,
+                       [f"model.name_or_path={sft_policy}", *PREFS_OVERRIDES], out_key="output_dir")
+    data = [f"data.train={prefs}/train.jsonl", f"data.eval={prefs}/heldout.jsonl"]
+    return str(cached_run("rm", RewardConfig, run, [f"model.name_or_path={sft_policy}", *data, *RM_OVERRIDES])
+               / "final")

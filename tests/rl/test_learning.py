@@ -80,19 +80,20 @@ def test_reinforce_raises_heldout_accuracy(sft_policy, tmp_path):
 
 @pytest.mark.slow
 def test_ppo_against_learned_reward_model(sft_policy, reward_model, tmp_path):
-    """PPO against a Bradley–Terry reward model trained on gold-labelled pairs: the RM score of held-out
+    """PPO against a Bradley–Terry reward model trained on labelled pairs of SFT samples: the RM score of held-out
     samples rises, the hidden gold reward rises too, and KL to the SFT model stays bounded."""
     from posttrain.algorithms.ppo import PPOConfig, run
 
     cfg = load_config(PPOConfig, None, [
         f"model.name_or_path={sft_policy}", f"train.output_dir={tmp_path}", f"reward=rm:{reward_model}",
         "value.init=reward_model", "rollout.prompts_per_step=64", "rollout.eval_prompts=builtin:eval_prompts",
-        "kl.beta=0.1", "train.max_steps=12", "train.lr=1e-5", *COMMON])
+        "kl.beta=0.1", "train.max_steps=16", "train.lr=1e-5", *COMMON])
     s = run(cfg)
     before, after = s["initial"], s["final"]
     assert after["reward"] > before["reward"] + 0.1, (before, after)  # the RM's score, held-out prompts
     assert after["gold_reward"] > before["gold_reward"], (before, after)
     rows = _check_run_dir(tmp_path)
     assert max(r["kl"] for r in rows) < 5.0
-    assert rows[-1]["explained_variance"] > rows[0]["explained_variance"]  # the critic learns
+    ev = [r["explained_variance"] for r in rows]
+    assert _mean(ev[-4:]) > _mean(ev[:2]) + 0.3, ev  # the critic learns
     assert (tmp_path / "value" / "config.json").exists()
