@@ -1,4 +1,4 @@
-"""Helpers shared by the preference benchmarks: peak memory, timing, subprocess workers, data.
+"""Helpers shared by the benchmarks: peak memory, timing, subprocess workers, data.
 
 Each trainer runs in its own subprocess so its peak RSS is its own; a worker prints one JSON line last.
 """
@@ -47,7 +47,7 @@ def run_worker(script: str, worker: str, args: list[str], timeout: int = 1800, t
     ``threads`` pins OMP/MKL threads (on a shared machine, more threads than free cores make OpenMP
     barriers spin: 2 threads measured 5x slower than 1 under load)."""
     cmd = [sys.executable, script, "--worker", worker, *args]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

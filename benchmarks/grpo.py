@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import peak_rss_mb, run_worker
+
 WARMUP = 2
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def prompt_rows(n: int = 512) -> list[dict]:
@@ -134,16 +132,10 @@ def worker_trl(args) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_worker(which: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", which, "--steps", str(args.steps), "--prompts", str(args.prompts),
-           "--group", str(args.group), "--max-new", str(args.max_new), "--model", args.model]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{which} worker failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run(which: str, args) -> dict:
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    return run_worker(__file__, which, ["--steps", str(args.steps), "--prompts", str(args.prompts), "--group",
+                                        str(args.group), "--max-new", str(args.max_new), "--model", args.model, *extra])
 
 
 def main() -> None:
@@ -174,7 +166,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
     for _ in range(args.repeats):
         for which in ("ours", "trl"):
-            runs[which].append(run_worker(which, args))
+            runs[which].append(run(which, args))
 
     def best(rs: list[dict]) -> dict:
         out = dict(max(rs, key=lambda r: r["steps_per_s"]))

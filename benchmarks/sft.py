@@ -16,10 +16,12 @@ import argparse
 import json
 import os
 import random
-import resource
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import matmul_peak_gflops, peak_rss_mb, run_worker
 
 WARMUP = 3
 
@@ -37,22 +39,6 @@ def records(case: str, n: int = 2048) -> list[dict]:
             out.append({"prompt": f"{context} Now: {r['prompt']}", "completion": r["completion"]})
         rows = out
     return rows
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def matmul_peak_gflops(n: int = 1024, reps: int = 20) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 # ----------------------------------------------------------------------------- workers
@@ -131,14 +117,10 @@ def worker_trl(args) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_worker(which: str, case: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", which, "--case", case, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--model", args.model, "--mixed-precision", args.mixed_precision,
-           "--row-tokens", str(args.row_tokens)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if out.returncode != 0:
-        raise SystemExit(f"{which} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run(which: str, case: str, args) -> dict:
+    return run_worker(__file__, which, ["--case", case, "--steps", str(args.steps), "--batch", str(args.batch),
+                                        "--model", args.model, "--mixed-precision", args.mixed_precision,
+                                        "--row-tokens", str(args.row_tokens)])
 
 
 def main() -> None:
@@ -164,7 +146,7 @@ def main() -> None:
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s   model: {args.model}")
     print(f"{'case':6} {'trainer':9} {'tokens':>7} {'tok/s':>9} {'MFU':>6} {'peak MB':>8} {'loss@1':>8}")
     for case in ("short", "long"):
-        ours, trl = run_worker("ours", case, args), run_worker("trl", case, args)
+        ours, trl = run("ours", case, args), run("trl", case, args)
         flops = 6 * ours["n_params"]
         for name, r in (("posttrain", ours), ("trl", trl)):
             r["mfu"] = flops * r["tokens_per_s"] / (peak * 1e9)

@@ -75,17 +75,7 @@ def rollout_engine(model, tokenizer):
 def sample_texts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, temperature: float,
                  seed: int, engine=None) -> list[str]:
     """``n`` sampled completions per prompt (grouped), decoded without special tokens."""
-    from posttrain.data.chat import encode_prompt
-    from posttrain.engines.rollout import SamplingParams
-
-    engine = engine or rollout_engine(model, tokenizer)
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed,
-                            stop_token_ids=[tokenizer.eos_token_id])
-    was_training = model.training
-    model.eval()
-    outs = engine.generate(ids, params)
-    model.train(was_training)
+    outs = sample_rollouts(model, tokenizer, prompts, n, max_new_tokens, temperature, seed, engine)
     return [tokenizer.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
 
 
@@ -115,6 +105,36 @@ def save_final(engine, tokenizer, run_dir: Path, lora: LoraConfig | None = None)
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+
+
+def _eval_row(metrics: dict, flatten) -> dict:
+    return {f"eval/{k}": v for k, v in (flatten(metrics) if flatten else metrics).items()}
+
+
+def between_steps(engine, train, step: int, total: int, evaluate, logger, state: dict, flatten=None) -> None:
+    """Periodic work after optimizer step ``step``: a held-out evaluation every ``train.eval_every``
+    steps (main process; the last step is evaluated by ``finish``) and a checkpoint every
+    ``train.save_every`` steps carrying ``state`` (what resuming needs besides the engine's own)."""
+    if train.eval_every and step % train.eval_every == 0 and step < total and engine.is_main:
+        if row := _eval_row(evaluate(), flatten):
+            logger.log(step, row)
+    if train.save_every and step % train.save_every == 0:
+        engine.save_checkpoint(state)
+
+
+def finish(engine, logger, run_dir: Path, summary: dict, evaluate, step: int, save, flatten=None) -> dict:
+    """End of a training run: on the main process the final held-out evaluation, ``save()`` (the
+    model into final/) and summary.json; then every process waits for it."""
+    if engine.is_main:
+        summary["final"] = evaluate()
+        if row := _eval_row(summary["final"], flatten):
+            logger.log(step, row)
+        save()
+        write_summary(run_dir, summary)
+    logger.close()
+    engine.accelerator.wait_for_everyone()
+    summary["run_dir"] = str(run_dir)
+    return summary
 
 
 def sample_rollouts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, temperature: float,

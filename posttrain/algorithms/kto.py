@@ -248,18 +248,8 @@ def run(cfg: KTOConfig) -> dict:
             row["examples_per_s"] = clock.rate()
             logger.log(step, row)
             progress.update(step, f"loss {row['train/loss']:.3f} kl {row['train/kl']:.3f}")
-        if engine.should(cfg.train.eval_every) and step < total and engine.is_main:
-            logger.log(step, {f"eval/{k}": v for k, v in evaluate().items()})
-        if engine.should(cfg.train.save_every):
-            engine.save_checkpoint({"data_step": step})
+        common.between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step})
     progress.close()
-    if engine.is_main:
-        summary["examples_per_s"] = clock.rate()
-        summary["final"] = evaluate()
-        logger.log(engine.step_count, {f"eval/{k}": v for k, v in summary["final"].items()})
-        common.save_final(engine, tokenizer, run_dir, cfg.lora)
-        common.write_summary(run_dir, summary)
-    logger.close()
-    engine.accelerator.wait_for_everyone()
-    summary["run_dir"] = str(run_dir)
-    return summary
+    summary["examples_per_s"] = clock.rate()
+    return common.finish(engine, logger, run_dir, summary, evaluate, engine.step_count,
+                         save=lambda: common.save_final(engine, tokenizer, run_dir, cfg.lora))

@@ -302,23 +302,17 @@ def run(cfg: PPOConfig) -> dict:
         if step % cfg.train.log_every == 0 or step == n_steps:
             logger.log(step, m)
             progress.update(step, f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.3f}")
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < n_steps and engine.is_main:
-            logger.log(step, {f"eval/{k}": v for k, v in evaluate().items()})
-        if cfg.train.save_every and step % cfg.train.save_every == 0:
-            engine.save_checkpoint({"rl_step": step, "kl_coef": kl_ctl.value})
+        common.between_steps(engine, cfg.train, step, n_steps, evaluate, logger,
+                             {"rl_step": step, "kl_coef": kl_ctl.value})
     progress.close()
-    if engine.is_main:
-        summary["final"] = evaluate()
-        summary["last_step"] = row
-        logger.log(step, {f"eval/{k}": v for k, v in summary["final"].items()})
+    summary["last_step"] = row
+
+    def save():
         merge = bool(cfg.lora.enabled and cfg.lora.merge_on_save)
         save_pretrained(policy, tokenizer, Path(run_dir) / "final", merge_lora=merge)
         save_value(ac, tokenizer, Path(run_dir) / "value")
-        common.write_summary(run_dir, summary)
-    logger.close()
-    engine.accelerator.wait_for_everyone()
-    summary["run_dir"] = str(run_dir)
-    return summary
+
+    return common.finish(engine, logger, run_dir, summary, evaluate, step, save)
 
 
 def save_value(ac: ActorCritic, tokenizer, out: Path) -> None:

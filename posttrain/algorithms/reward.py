@@ -242,18 +242,8 @@ def run(cfg: RewardConfig) -> dict:
             row["pairs_per_s"] = clock.rate()
             logger.log(step, row)
             progress.update(step, f"loss {row['train/loss']:.3f} acc {row['train/accuracy']:.2f}")
-        if engine.should(cfg.train.eval_every) and step < total and engine.is_main:
-            logger.log(step, {f"eval/{k}": v for k, v in flat(evaluate()).items()})
-        if engine.should(cfg.train.save_every):
-            engine.save_checkpoint({"data_step": step})
+        common.between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step}, flat)
     progress.close()
-    if engine.is_main:
-        summary["final"] = evaluate()
-        summary["pairs_per_s"] = clock.rate()
-        logger.log(engine.step_count, {f"eval/{k}": v for k, v in flat(summary["final"]).items()})
-        save_reward_model(engine.unwrapped, tokenizer, run_dir / "final")
-        common.write_summary(run_dir, summary)
-    logger.close()
-    engine.accelerator.wait_for_everyone()
-    summary["run_dir"] = str(run_dir)
-    return summary
+    summary["pairs_per_s"] = clock.rate()
+    return common.finish(engine, logger, run_dir, summary, evaluate, engine.step_count, flatten=flat,
+                         save=lambda: save_reward_model(engine.unwrapped, tokenizer, run_dir / "final"))
