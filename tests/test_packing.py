@@ -18,7 +18,7 @@ def per_sequence_nll(model, batch, n):
 
 def test_packed_equals_padded(tiny_model, tokenizer):
     exs = [encode_sft(tokenizer, r, 256) for r in sft_records(12, seed=3)]
-    packed = collate(exs, packing=True, row_tokens=96, pad_id=tokenizer.pad_token_id)
+    packed = collate(exs, packing=True, row_tokens=96, pad_id=tokenizer.pad_token_id, min_saving=0.0)
     padded = collate(exs, packing=False, pad_id=tokenizer.pad_token_id)
     assert packed["input_ids"].shape[0] < len(exs)  # really packed several per row
     with torch.no_grad():
@@ -34,6 +34,22 @@ def test_packed_equals_padded(tiny_model, tokenizer):
         logits = tiny_model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
         ref = tiny_model(**model_inputs(packed)).logits
     assert (logits - ref).abs().max() > 1e-3
+
+
+def test_similar_lengths_run_pure_causal_with_the_same_losses(tiny_model, tokenizer):
+    """Packing that would save little falls back to right padding with no mask (fused causal kernel)."""
+    exs = [encode_sft(tokenizer, r, 256) for r in sft_records(12, seed=3)]
+    lens = [len(e) for e in exs]
+    waste = 1 - sum(lens) / (len(lens) * max(lens))
+    causal = collate(exs, packing=True, row_tokens=96, pad_id=tokenizer.pad_token_id, min_saving=waste + 0.01)
+    packed = collate(exs, packing=True, row_tokens=96, pad_id=tokenizer.pad_token_id, min_saving=waste - 0.01)
+    assert "attention_mask" not in causal and causal["input_ids"].shape == (len(exs), max(lens))
+    assert packed["attention_mask"].dim() == 4
+    assert int(causal["n_pad"]) == len(exs) * max(lens) - sum(lens)
+    with torch.no_grad():
+        a = per_sequence_nll(tiny_model, causal, len(exs))
+        b = per_sequence_nll(tiny_model, packed, len(exs))
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_padding_fraction_counted(tokenizer):

@@ -38,14 +38,25 @@ def _rows_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(r) for r in rows]
 
 
+PACK_MIN_SAVING = 0.2
+
+
 def collate(examples: Sequence[Example], *, packing: bool, row_tokens: int | None = None,
-            pad_id: int = 0) -> dict[str, torch.Tensor]:
+            pad_id: int = 0, min_saving: float = PACK_MIN_SAVING) -> dict[str, torch.Tensor]:
     """Build one micro-batch.
 
     Returns input_ids, position_ids, attention_mask ([R,1,L,L] bool when packing, [R,L] long
     otherwise), loss_mask and seq_index (all [R, L]), plus ``n_seqs`` and ``n_pad`` counts.
+
+    With ``packing``, a batch whose plain padding would waste less than ``min_saving`` of its
+    tokens (similar lengths) is not packed: one right-padded sequence per row and *no*
+    attention_mask key, so the model runs pure causal attention (SDPA's fused kernel; a real token
+    never attends to the padding after it). The explicit block mask forces the slower masked
+    kernel, which costs more than packing saves there (benchmarks/sft.py, ~110-token examples).
     """
     lengths = [len(e) for e in examples]
+    if packing and 1 - sum(lengths) / (len(lengths) * max(lengths)) < min_saving:
+        return _causal_padded(examples, lengths, pad_id)
     if packing:
         # as many rows as row_tokens asks for, filled evenly: a half-empty last row is padding
         total, longest = sum(lengths), max(lengths)
@@ -82,6 +93,20 @@ def collate(examples: Sequence[Example], *, packing: bool, row_tokens: int | Non
             "n_pad": (~valid).sum()}
 
 
+def _causal_padded(examples: Sequence[Example], lengths: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    R, width = len(examples), max(lengths)
+    ids = torch.full((R, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((R, width), dtype=torch.long)
+    seq_index = torch.full((R, width), -1, dtype=torch.long)
+    for r, (e, n) in enumerate(zip(examples, lengths)):
+        ids[r, :n] = torch.tensor(e.input_ids)
+        loss_mask[r, :n] = torch.tensor(e.loss_mask)
+        seq_index[r, :n] = r
+    pos = torch.arange(width).expand(R, width).clone()
+    return {"input_ids": ids, "position_ids": pos, "loss_mask": loss_mask, "seq_index": seq_index,
+            "n_seqs": torch.tensor(R), "n_pad": (seq_index < 0).sum()}
+
+
 def additive_mask(bool_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Boolean 4-D mask -> additive float mask (0 where allowed, -inf-like where not) for eager."""
     return torch.zeros(bool_mask.shape, dtype=dtype).masked_fill(~bool_mask, torch.finfo(dtype).min)
@@ -90,7 +115,7 @@ def additive_mask(bool_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keyword arguments a Hugging Face causal LM takes from a batch (cache off: see module doc)."""
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-            "attention_mask": batch["attention_mask"], "use_cache": False}
+            "attention_mask": batch.get("attention_mask"), "use_cache": False}
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[int]:
