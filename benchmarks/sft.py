@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--size", default="small", help="tiny model size (tiny ≈1.6M, small ≈4.4M params)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
-    ap.add_argument("--row-tokens", type=int, default=256)
+    ap.add_argument("--row-tokens", type=int, default=96)
     args = ap.parse_args()
     if args.worker:
         result = (worker_ours if args.worker == "ours" else worker_trl)(args)
