@@ -45,8 +45,9 @@ def collate(examples: Sequence[Example], *, packing: bool, row_tokens: int | Non
             pad_id: int = 0, min_saving: float = PACK_MIN_SAVING) -> dict[str, torch.Tensor]:
     """Build one micro-batch.
 
-    Returns input_ids, position_ids, attention_mask ([R,1,L,L] bool when packing, [R,L] long
-    otherwise), loss_mask and seq_index (all [R, L]), plus ``n_seqs`` and ``n_pad`` counts.
+    Returns input_ids, position_ids, attention_mask ([R,1,L,L] bool when packed, [R,L] long when
+    ``packing`` is off, absent when packing is skipped), loss_mask and seq_index (all [R, L]), plus
+    ``n_seqs`` and ``n_pad`` counts.
 
     With ``packing``, a batch whose plain padding would waste less than ``min_saving`` of its
     tokens (similar lengths) is not packed: one right-padded sequence per row and *no*
@@ -55,8 +56,8 @@ def collate(examples: Sequence[Example], *, packing: bool, row_tokens: int | Non
     kernel, which costs more than packing saves there (benchmarks/sft.py, ~110-token examples).
     """
     lengths = [len(e) for e in examples]
-    if packing and 1 - sum(lengths) / (len(lengths) * max(lengths)) < min_saving:
-        return _causal_padded(examples, lengths, pad_id)
+    causal_only = packing and 1 - sum(lengths) / (len(lengths) * max(lengths)) < min_saving
+    packing = packing and not causal_only
     if packing:
         # as many rows as row_tokens asks for, filled evenly: a half-empty last row is padding
         total, longest = sum(lengths), max(lengths)
@@ -80,6 +81,10 @@ def collate(examples: Sequence[Example], *, packing: bool, row_tokens: int | Non
             seq_index[r, t:t + n] = i
             t += n
     valid = seq_index >= 0
+    out = {"input_ids": ids, "position_ids": pos, "loss_mask": loss_mask, "seq_index": seq_index,
+           "n_seqs": torch.tensor(len(examples)), "n_pad": (~valid).sum()}
+    if causal_only:
+        return out
     if packing:
         same = seq_index[:, :, None] == seq_index[:, None, :]  # [R, L, L]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
@@ -88,23 +93,7 @@ def collate(examples: Sequence[Example], *, packing: bool, row_tokens: int | Non
         attn |= torch.eye(width, dtype=torch.bool)[None, None] & ~valid[:, None, :, None]
     else:
         attn = valid.long()
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": attn, "loss_mask": loss_mask,
-            "seq_index": seq_index, "n_seqs": torch.tensor(len(examples)),
-            "n_pad": (~valid).sum()}
-
-
-def _causal_padded(examples: Sequence[Example], lengths: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    R, width = len(examples), max(lengths)
-    ids = torch.full((R, width), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((R, width), dtype=torch.long)
-    seq_index = torch.full((R, width), -1, dtype=torch.long)
-    for r, (e, n) in enumerate(zip(examples, lengths)):
-        ids[r, :n] = torch.tensor(e.input_ids)
-        loss_mask[r, :n] = torch.tensor(e.loss_mask)
-        seq_index[r, :n] = r
-    pos = torch.arange(width).expand(R, width).clone()
-    return {"input_ids": ids, "position_ids": pos, "loss_mask": loss_mask, "seq_index": seq_index,
-            "n_seqs": torch.tensor(R), "n_pad": (seq_index < 0).sum()}
+    return {**out, "attention_mask": attn}
 
 
 def additive_mask(bool_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

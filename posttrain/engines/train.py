@@ -329,5 +329,3 @@ class TrainEngine:
         path = self.latest_checkpoint()
         return None if path is None else self.load_checkpoint(path)
 
-    def should(self, every: int | None) -> bool:
-        return bool(every) and self.step_count % every == 0
