@@ -87,8 +87,7 @@ def worker_ours(args) -> dict:
     n_tok = n_pad = 0
     for step in range(WARMUP + args.steps):
         idx = list(range(step * args.batch, (step + 1) * args.batch))
-        batch = batch_records([encs[i] for i in idx], shared_prompt=True, packing=True,
-                              row_tokens=args.row_tokens, pad_id=tok.pad_token_id)
+        batch = batch_records([encs[i] for i in idx], shared_prompt=True, packing=True, pad_id=tok.pad_token_id)
         batch["ref"] = table[idx]
         n_tok += int((batch["seq_index"] != -1).sum())
         n_pad += int(batch["n_pad"])
@@ -161,7 +160,7 @@ def worker_check_ours(args) -> dict:
     ref_model = load_causal_lm(ModelConfig(name_or_path=args.ref))
     ref = compute_logps(ref_model, [e.example(k) for e in encs for k in (0, 1)], pad_id=tok.pad_token_id)
     model = load_causal_lm(ModelConfig(name_or_path=args.model))
-    batch = batch_records(encs, shared_prompt=True, packing=True, row_tokens=args.row_tokens, pad_id=tok.pad_token_id)
+    batch = batch_records(encs, shared_prompt=True, packing=True, pad_id=tok.pad_token_id)
     batch["ref"] = ref.view(len(encs), 2)
     with torch.no_grad():
         loss, m = make_loss_fn("dpo", BETA, {})(model, batch, torch.tensor(float(len(encs))))
@@ -197,7 +196,6 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--ref", default=None, help="reference for the loss check (default: the same size, seed 1)")
     ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"])
-    ap.add_argument("--row-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per worker (1: robust on a shared machine)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per trainer; the best is kept")
     args = ap.parse_args()
@@ -213,7 +211,7 @@ def main() -> None:
     if args.mixed_precision == "auto":
         args.mixed_precision = "bf16" if bf16_available() else "no"
     fwd = ["--steps", str(args.steps), "--batch", str(args.batch), "--model", args.model, "--ref", args.ref,
-           "--mixed-precision", args.mixed_precision, "--row-tokens", str(args.row_tokens)]
+           "--mixed-precision", args.mixed_precision]
     me = os.path.abspath(__file__)
     check_o = run_worker(me, "check_ours", fwd, threads=args.threads)
     check_t = run_worker(me, "check_trl", fwd, threads=args.threads)

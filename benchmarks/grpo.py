@@ -78,7 +78,8 @@ def worker_ours(args) -> dict:
             f"rollout.max_new_tokens={args.max_new}", "rollout.temperature=1.0", "reward=builtin_correct",
             "kl.beta=0", "kl.track=false", "loss.aggregation=token_mean", f"train.max_steps={WARMUP + args.steps}",
             "train.lr=1e-5", "train.progress=false", "train.log_every=1", "train.warmup_ratio=0",
-            "train.schedule=constant", f"rollout.engine_dtype={args.engine_dtype}"])
+            "train.schedule=constant", f"rollout.engine_dtype={args.engine_dtype}",
+            f"rollout.compile={str(args.compile).lower()}"])
         run(cfg)
     dt = stamps[-1] - stamps[WARMUP - 1]
     return {"steps_per_s": args.steps / dt, "step_s": dt / args.steps, "gen_share": sum(gen[WARMUP:]) / dt,
@@ -133,7 +134,8 @@ def worker_trl(args) -> dict:
 
 
 def run(which: str, args) -> dict:
-    extra = ["--engine-dtype", args.engine_dtype] + (["--threads", str(args.threads)] if args.threads else [])
+    extra = (["--engine-dtype", args.engine_dtype] + (["--threads", str(args.threads)] if args.threads else [])
+             + (["--compile"] if args.compile else []))
     return run_worker(__file__, which, ["--steps", str(args.steps), "--prompts", str(args.prompts), "--group",
                                         str(args.group), "--max-new", str(args.max_new), "--model", args.model, *extra])
 
@@ -148,6 +150,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model path (default: the offline tiny model)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per trainer; the fastest counts")
+    ap.add_argument("--compile", action="store_true", help="posttrain: rollout.compile=true (compiled in the warm-up steps)")
     ap.add_argument("--engine-dtype", default="model", choices=["model", "bfloat16"],
                     help="posttrain's rollout engine dtype (bfloat16: AVX-512 bf16 CPUs; training stays fp32)")
     args = ap.parse_args()
@@ -183,7 +186,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "grpo_step", "model": os.path.basename(args.model.rstrip("/")), "prompts": args.prompts,
         "group": args.group, "max_new_tokens": args.max_new, "steps": args.steps, "threads": torch.get_num_threads(),
-        "posttrain_engine_dtype": args.engine_dtype,
+        "posttrain_engine_dtype": args.engine_dtype, "posttrain_compile": args.compile,
         "posttrain": ours, "trl": trl,
         "speedup_steps_per_s": ours["steps_per_s"] / trl["steps_per_s"],
         "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],

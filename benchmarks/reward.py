@@ -67,8 +67,7 @@ def worker_ours(args) -> dict:
     loss_fn = make_loss_fn(RewardConfig(), tok.pad_token_id)
 
     def batch(step):
-        return batch_records(encs[step * args.batch:(step + 1) * args.batch], shared_prompt=True, packing=True,
-                             row_tokens=args.row_tokens, pad_id=tok.pad_token_id)
+        return batch_records(encs[step * args.batch:(step + 1) * args.batch], shared_prompt=True, packing=True, pad_id=tok.pad_token_id)
 
     with torch.no_grad():
         first, _ = loss_fn(model, batch(0), torch.tensor(float(args.batch)))
@@ -126,7 +125,6 @@ def main() -> None:
     ap.add_argument("--size", default="small", help="tiny model size (tiny ≈1.6M, small ≈4.4M params)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"])
-    ap.add_argument("--row-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per worker (1: robust on a shared machine)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per trainer; the best is kept")
     args = ap.parse_args()
@@ -139,7 +137,7 @@ def main() -> None:
     if args.mixed_precision == "auto":
         args.mixed_precision = "bf16" if bf16_available() else "no"
     fwd = ["--steps", str(args.steps), "--batch", str(args.batch), "--model", args.model,
-           "--mixed-precision", args.mixed_precision, "--row-tokens", str(args.row_tokens)]
+           "--mixed-precision", args.mixed_precision]
     me = os.path.abspath(__file__)
     runs = interleaved(me, ["ours", "trl"], fwd, args.repeats, args.threads)
     ours, trl = runs["ours"], runs["trl"]

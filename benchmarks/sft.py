@@ -6,11 +6,12 @@ Each trainer runs in its own subprocess (so peak RSS is its own) on the same tin
 prompt/completion records and the same global batch, for a few warm-up steps and then ``--steps``
 timed steps. Two cases: the built-in task's short chat examples (~25 tokens) and long ones
 (~120 tokens). Tokens/s counts real (non-padding) tokens: mean example length x examples/s, the same
-estimator for both. MFU = 6 N tokens/s / the fp32 matmul peak measured here first. TRL runs with
-gradient checkpointing off (its SFTConfig default is on: less memory, slower), so speed is compared
-with its faster configuration and memory with the same recomputation policy as ours. Each trainer
-runs ``--repeats`` times, interleaved; the fastest run of each and the highest peak RSS are kept.
-The last line printed is one JSON object.
+estimator for both. MFU = 6 N tokens/s / the fp32 matmul peak measured here first. TRL runs twice
+per repeat: with gradient checkpointing off (``trl``: its faster configuration, and the same
+recomputation policy as ours, so the memory comparison is like for like) and with its SFTConfig
+defaults (``trl_default``: checkpointing on, what a user gets). Each trainer runs ``--repeats``
+times, interleaved; the fastest run of each and the highest peak RSS are kept. Ratios are
+posttrain / TRL. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ def records(case: str, n: int = 2048) -> list[dict]:
 
 
 def worker_ours(args) -> dict:
-    import torch
-
     from posttrain.algorithms.sft import count_tokens, sft_loss
     from posttrain.config import ModelConfig, TrainConfig
     from posttrain.data.batching import collate
@@ -72,7 +71,7 @@ def worker_ours(args) -> dict:
         if step == WARMUP:
             t0 = time.perf_counter()
         idx = [order[(step * args.batch + i) % len(order)] for i in range(args.batch)]
-        batch = collate([exs[i] for i in idx], packing=True, row_tokens=args.row_tokens, pad_id=tok.pad_token_id)
+        batch = collate([exs[i] for i in idx], packing=True, pad_id=tok.pad_token_id)
         m = engine.step([batch], sft_loss, count_tokens)
         if first_loss is None:
             first_loss = float(m["loss"])
@@ -107,7 +106,7 @@ def worker_trl(args) -> dict:
                     max_steps=WARMUP + args.steps, learning_rate=1e-4, lr_scheduler_type="constant",
                     logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, max_length=512,
                     dataloader_num_workers=0, bf16=args.mixed_precision == "bf16", disable_tqdm=True,
-                    gradient_checkpointing=False)
+                    **({} if args.trl_defaults else {"gradient_checkpointing": False}))
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     trainer.train()
     lens = [len(x) for x in trainer.train_dataset["input_ids"]]
@@ -122,14 +121,17 @@ def worker_trl(args) -> dict:
 
 
 def run(which: str, case: str, args) -> dict:
-    return run_worker(__file__, which, ["--case", case, "--steps", str(args.steps), "--batch", str(args.batch),
-                                        "--model", args.model, "--mixed-precision", args.mixed_precision,
-                                        "--row-tokens", str(args.row_tokens)])
+    argv = ["--case", case, "--steps", str(args.steps), "--batch", str(args.batch), "--model", args.model,
+            "--mixed-precision", args.mixed_precision]
+    if which == "trl_default":
+        return run_worker(__file__, "trl", argv + ["--trl-defaults"])
+    return run_worker(__file__, which, argv)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", choices=["ours", "trl"])
+    ap.add_argument("--trl-defaults", action="store_true", help="TRL worker: keep SFTConfig's gradient checkpointing")
     ap.add_argument("--case", default="short", choices=["short", "long"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
@@ -137,7 +139,6 @@ def main() -> None:
     ap.add_argument("--size", default="small", help="tiny model size (tiny ≈1.6M, small ≈4.4M params)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
-    ap.add_argument("--row-tokens", type=int, default=96)
     args = ap.parse_args()
     if args.worker:
         result = (worker_ours if args.worker == "ours" else worker_trl)(args)
@@ -149,24 +150,27 @@ def main() -> None:
     peak = matmul_peak_gflops()
     result = {"model": args.model, "batch": args.batch, "steps": args.steps, "matmul_peak_gflops": round(peak, 1)}
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s   model: {args.model}")
-    print(f"{'case':6} {'trainer':9} {'tokens':>7} {'tok/s':>9} {'MFU':>6} {'peak MB':>8} {'loss@1':>8}")
+    print(f"{'case':6} {'trainer':11} {'tokens':>7} {'tok/s':>9} {'MFU':>6} {'peak MB':>8} {'loss@1':>8}")
     for case in ("short", "long"):
-        runs = {"ours": [], "trl": []}
-        for _ in range(args.repeats):  # interleaved: load from other processes hits both alike
+        runs = {"ours": [], "trl": [], "trl_default": []}
+        for _ in range(args.repeats):  # interleaved: load from other processes hits all alike
             for w in runs:
                 runs[w].append(run(w, case, args))
-        ours, trl = ({**max(rs, key=lambda r: r["tokens_per_s"]), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
-                     for rs in runs.values())
+        ours, trl, trl_def = ({**max(rs, key=lambda r: r["tokens_per_s"]),
+                               "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)} for rs in runs.values())
         flops = 6 * ours["n_params"]
-        for name, r in (("posttrain", ours), ("trl", trl)):
+        for name, r in (("posttrain", ours), ("trl", trl), ("trl_default", trl_def)):
             r["mfu"] = flops * r["tokens_per_s"] / (peak * 1e9)
-            print(f"{case:6} {name:9} {r['mean_tokens']:7.1f} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%} "
+            print(f"{case:6} {name:11} {r['mean_tokens']:7.1f} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%} "
                   f"{r['peak_rss_mb']:8.0f} {r['first_loss']:8.4f}")
         result[case] = {"posttrain_tokens_per_s": round(ours["tokens_per_s"]), "trl_tokens_per_s": round(trl["tokens_per_s"]),
                         "speed_ratio": round(ours["tokens_per_s"] / trl["tokens_per_s"], 3),
                         "posttrain_peak_rss_mb": round(ours["peak_rss_mb"]), "trl_peak_rss_mb": round(trl["peak_rss_mb"]),
                         "memory_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 3),
                         "posttrain_mfu": round(ours["mfu"], 3), "trl_mfu": round(trl["mfu"], 3),
+                        "trl_default_tokens_per_s": round(trl_def["tokens_per_s"]),
+                        "speed_ratio_vs_trl_default": round(ours["tokens_per_s"] / trl_def["tokens_per_s"], 3),
+                        "memory_ratio_vs_trl_default": round(ours["peak_rss_mb"] / trl_def["peak_rss_mb"], 3),
                         "mean_tokens": round(ours["mean_tokens"], 1)}
     print(json.dumps(result))
 

@@ -1,7 +1,6 @@
 """Shared fixtures. The tiny model is built once per machine into $POSTTRAIN_CACHE."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -24,7 +24,7 @@ from pt_helpers import ROOT, run_cli
 def one_step(model, exs, micro, packing, tmp_path):
     cfg = TrainConfig(lr=1e-2, batch_size=8, micro_batch_size=micro, warmup_ratio=0.0, schedule="constant")
     engine = TrainEngine(model, cfg, total_steps=1, run_dir=tmp_path)
-    batches = [collate(exs[s:s + micro], packing=packing, row_tokens=128) for s in range(0, 8, micro)]
+    batches = [collate(exs[s:s + micro], packing=packing) for s in range(0, 8, micro)]
     grads, step = {}, engine.optimizer.step
 
     def capture(*args, **kw):  # the accumulated gradient the optimizer is about to apply

@@ -1,14 +1,17 @@
-"""Packed rows isolate sequences: the same logits and per-sequence losses as one padded row each."""
+"""Packed rows isolate sequences: the same logits and per-sequence losses as one padded row each,
+through the packed attention path and through a dense mask on the sdpa and eager backends."""
 
+import pytest
 import torch
 
-from posttrain.data.batching import StepSampler, collate, model_inputs, shard
+from posttrain.data.batching import StepSampler, attention_layout, collate, pack_shared, shard
 from posttrain.data.chat import encode_sft
+from posttrain.models.attention import PACKED_SDPA, model_inputs
 from posttrain.tasks.builtin import sft_records
 
 
 def per_sequence_nll(model, batch, n):
-    logits = model(**model_inputs(batch)).logits.float()
+    logits = model(**model_inputs(model, batch)).logits.float()
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
     same = batch["seq_index"][:, 1:] == batch["seq_index"][:, :-1]
     mask = batch["loss_mask"][:, 1:].bool() & same
@@ -16,40 +19,82 @@ def per_sequence_nll(model, batch, n):
     return torch.stack([-(logp[(seq == i) & mask]).sum() for i in range(n)])
 
 
-def test_packed_equals_padded(tiny_model, tokenizer):
+@pytest.fixture()
+def examples(tokenizer):
     exs = [encode_sft(tokenizer, r, 256) for r in sft_records(12, seed=3)]
-    packed = collate(exs, packing=True, row_tokens=96, pad_id=tokenizer.pad_token_id, min_saving=0.0)
+    exs[0] = encode_sft(tokenizer, {"prompt": "a much longer prompt " * 6, "completion": "x"}, 256)  # 2+ buckets
+    return exs
+
+
+def test_packed_equals_padded(tiny_model, tokenizer, examples):
+    exs = examples
+    packed = collate(exs, packing=True, pad_id=tokenizer.pad_token_id)
     padded = collate(exs, packing=False, pad_id=tokenizer.pad_token_id)
-    assert packed["input_ids"].shape[0] < len(exs)  # really packed several per row
+    assert tiny_model.config._attn_implementation == PACKED_SDPA
+    assert packed["input_ids"].shape == (1, sum(len(e) for e in exs)) and int(packed["n_pad"]) == 0
+    assert len(packed["attn_layout"].buckets) >= 2
     with torch.no_grad():
         a = per_sequence_nll(tiny_model, packed, len(exs))
         b = per_sequence_nll(tiny_model, padded, len(exs))
         alone = torch.stack([per_sequence_nll(tiny_model, collate([e], packing=False), 1)[0] for e in exs])
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
     assert torch.allclose(a, alone, atol=1e-5, rtol=0)
-    # the check can fail: without the block mask, sequences attend across boundaries
-    leaky = dict(packed)
-    leaky["attention_mask"] = None
+    # the check can fail: without the layout, sequences attend across boundaries
     with torch.no_grad():
         logits = tiny_model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
-        ref = tiny_model(**model_inputs(packed)).logits
+        ref = tiny_model(**model_inputs(tiny_model, packed)).logits
     assert (logits - ref).abs().max() > 1e-3
 
 
-def test_similar_lengths_run_pure_causal_with_the_same_losses(tiny_model, tokenizer):
-    """Packing that would save little falls back to right padding with no mask (fused causal kernel)."""
-    exs = [encode_sft(tokenizer, r, 256) for r in sft_records(12, seed=3)]
-    lens = [len(e) for e in exs]
-    waste = 1 - sum(lens) / (len(lens) * max(lens))
-    causal = collate(exs, packing=True, row_tokens=96, pad_id=tokenizer.pad_token_id, min_saving=waste + 0.01)
-    packed = collate(exs, packing=True, row_tokens=96, pad_id=tokenizer.pad_token_id, min_saving=waste - 0.01)
-    assert "attention_mask" not in causal and causal["input_ids"].shape == (len(exs), max(lens))
-    assert packed["attention_mask"].dim() == 4
-    assert int(causal["n_pad"]) == len(exs) * max(lens) - sum(lens)
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_other_backends_get_the_same_pattern_as_a_dense_mask(tiny_model, tokenizer, examples, backend):
+    packed = collate(examples, packing=True, pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
-        a = per_sequence_nll(tiny_model, causal, len(exs))
-        b = per_sequence_nll(tiny_model, packed, len(exs))
-    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        fast = tiny_model(**model_inputs(tiny_model, packed)).logits
+        tiny_model.set_attn_implementation(backend)
+        kw = model_inputs(tiny_model, packed)
+        assert "attn_layout" not in kw and kw["attention_mask"].shape[-1] == packed["input_ids"].shape[1]
+        dense = tiny_model(**kw).logits
+    assert (fast - dense).abs().max() < 1e-5
+
+
+def test_packed_gradients_equal_padded(tiny_model, tokenizer, examples):
+    grads = []
+    for packing in (True, False):
+        tiny_model.zero_grad()
+        batch = collate(examples, packing=packing, pad_id=tokenizer.pad_token_id)
+        per_sequence_nll(tiny_model, batch, len(examples)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tiny_model.parameters()]))
+    assert (grads[0] - grads[1]).abs().max() < 1e-5 * grads[1].abs().max()
+
+
+def test_shared_prompt_tree_matches_separate_sequences(tiny_model):
+    """A prompt stored once and attended by each branch gives each branch its logits alone."""
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    branches = [[[11, 12, 13], [14, 15]], [[16], [17, 18, 19, 20], [21, 22]]]
+    packed = pack_shared(prompts, branches)
+    assert packed["input_ids"].shape[1] == 6 + 5 + 1 + 4 + 2
+    with torch.no_grad():
+        logits = tiny_model(**model_inputs(tiny_model, packed)).logits[0]
+        for p, group, p0, starts in zip(prompts, branches, packed["prompt_start"], packed["branch_start"]):
+            for b, c0 in zip(group, starts):
+                alone = tiny_model(input_ids=torch.tensor([p + b])).logits[0]
+                assert (logits[p0:p0 + len(p)] - alone[:len(p)]).abs().max() < 1e-5
+                assert (logits[c0:c0 + len(b)] - alone[len(p):]).abs().max() < 1e-5
+
+
+def test_layout_by_hand():
+    """Two sequences [0,1,2] and [3,4]: buckets, output slots and the dense mask."""
+    lay = attention_layout([torch.arange(0, 3), torch.arange(3, 5)], torch.tensor([0, 0, 0, 1, 1]),
+                           torch.tensor([0, 1, 2, 0, 1]))
+    assert [b.tolist() for b in lay.buckets] == [[[0, 1, 2]], [[3, 4]]]  # 2 < 0.75 * 3: own bucket
+    assert lay.out.tolist() == [0, 1, 2, 3, 4]
+    expect = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]])
+    assert torch.equal(lay.dense_mask(), expect.bool())
+    same = attention_layout([torch.arange(0, 4), torch.arange(4, 7)], torch.tensor([0] * 4 + [1] * 3),
+                            torch.tensor([0, 1, 2, 3, 0, 1, 2]))
+    assert [b.tolist() for b in same.buckets] == [[[0, 1, 2, 3], [4, 5, 6, 0]]]  # padded slot -> position 0
+    assert same.out.tolist() == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_padding_fraction_counted(tokenizer):

@@ -154,8 +154,7 @@ def run(cfg: BestOfNConfig) -> dict:
         train = TrainConfig(**{**cfg.train.__dict__, "output_dir": str(run_dir / "sft")})
         data = DataConfig(train=str(run_dir / "selected.jsonl"), eval=None, max_length=cfg.rollout.max_prompt_tokens
                           + cfg.rollout.max_new_tokens + 8)
-        res = sft_run(SFTConfig(model=cfg.model, data=data, train=train, task_eval=False,
-                                row_tokens=max(512, data.max_length)))
+        res = sft_run(SFTConfig(model=cfg.model, data=data, train=train, task_eval=False))
         summary["finetune"] = {"run_dir": res["run_dir"]}
         if is_builtin:  # the built-in task's held-out metrics before and after
             tuned = common.load_policy(cfg.model, None, name_or_path=str(Path(res["run_dir"]) / "final"))

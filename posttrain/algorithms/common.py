@@ -42,7 +42,7 @@ class Throughput:
 
 
 @torch.no_grad()
-def eval_loss(engine, examples, loss_fn, count_fn, pad_id, packing, row_tokens, micro) -> dict[str, float]:
+def eval_loss(engine, examples, loss_fn, count_fn, pad_id, packing, micro) -> dict[str, float]:
     """Held-out loss and metrics, weighted exactly like training (sum / total count)."""
     from posttrain.data.batching import collate
 
@@ -50,7 +50,7 @@ def eval_loss(engine, examples, loss_fn, count_fn, pad_id, packing, row_tokens, 
         return {}
     model = engine.unwrapped  # not the DDP wrapper: only the main process evaluates
     model.eval()
-    batches = [collate(examples[s:s + micro], packing=packing, row_tokens=row_tokens, pad_id=pad_id)
+    batches = [collate(examples[s:s + micro], packing=packing, pad_id=pad_id)
                for s in range(0, len(examples), micro)]
     total = torch.stack([count_fn(b) for b in batches]).sum().clamp(min=1)
     loss, sums = 0.0, {}
@@ -156,19 +156,20 @@ def sample_rollouts(model, tokenizer, prompts: list, n: int, max_new_tokens: int
 
 @torch.no_grad()
 def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                     micro: int = 64, row_tokens: int = 1024) -> torch.Tensor:
+                     micro: int = 64) -> torch.Tensor:
     """[N] summed log π(completion | prompt) in packed forwards (no padding compute)."""
-    from posttrain.data.batching import collate, model_inputs
+    from posttrain.data.batching import collate
     from posttrain.data.chat import Example
     from posttrain.logprobs import token_logps
+    from posttrain.models.attention import model_inputs
 
     model.eval()
     out = []
     for s in range(0, len(prompt_ids), micro):
         exs = [Example(p + c, [0] * len(p) + [1] * len(c))
                for p, c in zip(prompt_ids[s:s + micro], completion_ids[s:s + micro])]
-        batch = collate(exs, packing=True, row_tokens=row_tokens)
-        logp = token_logps(model(**model_inputs(batch)).logits, batch["input_ids"])
+        batch = collate(exs, packing=True)
+        logp = token_logps(model(**model_inputs(model, batch)).logits, batch["input_ids"])
         same = batch["seq_index"][:, 1:] == batch["seq_index"][:, :-1]
         mask = batch["loss_mask"][:, 1:].bool() & same
         seq = batch["seq_index"][:, 1:].clamp(min=0)

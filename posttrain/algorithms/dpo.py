@@ -83,7 +83,6 @@ class DPOConfig:
                                     "$POSTTRAIN_CACHE/ref_logps).")
     eval_holdout: int = opt(0, "With data.eval null, hold out the last N training pairs for evaluation.")
     packing: bool = opt(True, "Pack sequences into rows with isolated attention (no compute on padding).")
-    row_tokens: int = opt(256, "Row length when packing (short rows keep the block-diagonal attention cheap).")
     shared_prompt: bool = opt(True, "Compute each record's prompt once for all its responses (packed "
                               "layout where a response attends to the prompt and itself only). Needs packing.")
     task_eval: bool = opt(True, "When data.train is the built-in task, sample held-out prompts and report "
@@ -101,10 +100,6 @@ class DPOConfig:
         if self.shared_prompt and not self.packing:
             raise ConfigError("shared_prompt needs packing (the shared layout is a packed row)", where="shared_prompt",
                               fix="set shared_prompt=false, or packing=true")
-        if self.packing and self.row_tokens < self.data.max_length:
-            raise ConfigError(f"row_tokens={self.row_tokens} is shorter than data.max_length="
-                              f"{self.data.max_length}", where="row_tokens",
-                              fix=f"set row_tokens >= {self.data.max_length}")
         if self.eval_holdout < 0:
             raise ConfigError("eval_holdout must be >= 0", where="eval_holdout")
 
@@ -304,7 +299,7 @@ def run(cfg: DPOConfig) -> dict:
     if engine.maybe_resume() is not None:
         logger.truncate_after(engine.step_count)
     loss_fn = make_loss_fn(cfg.loss, cfg.beta, cfg.loss_args, live, cfg.nll_weight)
-    kw = dict(shared_prompt=cfg.shared_prompt, packing=cfg.packing, row_tokens=cfg.row_tokens, pad_id=pad)
+    kw = dict(shared_prompt=cfg.shared_prompt, packing=cfg.packing, pad_id=pad)
 
     def micro_batches(step: int) -> list[dict]:
         parts = shard(sampler.batch(step), engine.rank, engine.world_size, cfg.train.micro_batch_size)

@@ -294,7 +294,7 @@ def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
             steps = []
             for _, micro_idx in rb.minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
                                                seed=cfg.train.seed * 7919 + step, group_size=G):
-                mbs = [exp.micro_batch(idx, cfg.rollout.row_tokens, tokenizer.pad_token_id) for idx in micro_idx]
+                mbs = [exp.micro_batch(idx) for idx in micro_idx]
                 steps.append(engine.step(mbs, loss_fn, count_fn))
             m.update(rb.merge_update_metrics(steps))
             m["train_s"] = time.perf_counter() - t1

@@ -52,7 +52,6 @@ class KTOConfig:
                                     "$POSTTRAIN_CACHE/ref_logps).")
     eval_holdout: int = opt(0, "With data.eval null and paired data, hold out the last N pairs for evaluation.")
     packing: bool = opt(True, "Pack sequences into rows with isolated attention.")
-    row_tokens: int = opt(256, "Row length when packing (short rows keep the block-diagonal attention cheap).")
     task_eval: bool = opt(True, "Built-in task: report gold reward, accuracy and KL of samples.")
     task_eval_prompts: int = opt(64, "Held-out prompts for the built-in task's metrics.")
     task_eval_samples: int = opt(4, "Samples per held-out prompt (temperature 1).")
@@ -67,10 +66,6 @@ class KTOConfig:
             raise ConfigError(f"nll_weight must be >= 0, got {self.nll_weight}", where="nll_weight")
         if self.train.batch_size < 2:
             raise ConfigError("KTO's reference point needs at least 2 records per batch", where="train.batch_size")
-        if self.packing and self.row_tokens < self.data.max_length:
-            raise ConfigError(f"row_tokens={self.row_tokens} is shorter than data.max_length="
-                              f"{self.data.max_length}", where="row_tokens",
-                              fix=f"set row_tokens >= {self.data.max_length}")
 
 
 def mismatched(encs: list, seed: int) -> list:
@@ -205,7 +200,7 @@ def run(cfg: KTOConfig) -> dict:
         logger.truncate_after(engine.step_count)
     loss_fn = make_loss_fn(cfg, live)
     eval_fn = D.make_loss_fn("dpo", cfg.beta, {}, live)  # implicit-reward metrics on held-out pairs
-    kw = dict(packing=cfg.packing, row_tokens=cfg.row_tokens, pad_id=pad)
+    kw = dict(packing=cfg.packing, pad_id=pad)
 
     def micro_batches(step: int) -> list[dict]:
         out = []

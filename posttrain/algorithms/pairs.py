@@ -167,10 +167,10 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     Uses the gather-based ``token_logps`` (never a full [B, T, V] log-softmax); a packed batch has no
     padding compute."""
-    from posttrain.data.batching import model_inputs
     from posttrain.logprobs import token_logps
+    from posttrain.models.attention import model_inputs
 
-    logits = model(**model_inputs(batch)).logits
+    logits = model(**model_inputs(model, batch)).logits
     if "src" in batch:  # shared-prompt layout: explicit (predicting position, target token) pairs
         from posttrain.logprobs import selective_log_softmax
 
@@ -221,7 +221,7 @@ def load_preference_rows(source: str, *, columns: dict[str, str] | None = None, 
     return rows
 
 
-def collate_responses(encs: list[Encoded], *, packing: bool, row_tokens: int, pad_id: int) -> dict:
+def collate_responses(encs: list[Encoded], *, packing: bool, pad_id: int) -> dict:
     """One packed forward for every response of every record.
 
     Adds to ``collate``'s batch: ``slot`` [N, K] (sequence index of record i's response k, -1 when
@@ -241,7 +241,7 @@ def collate_responses(encs: list[Encoded], *, packing: bool, row_tokens: int, pa
             if k < len(e.responses):
                 slot[i, k] = len(exs)
                 exs.append(e.example(k))
-    batch = collate(exs, packing=packing, row_tokens=row_tokens, pad_id=pad_id)
+    batch = collate(exs, packing=packing, pad_id=pad_id)
     ranks = torch.full((N, K), float("inf"))
     for i, e in enumerate(encs):
         if e.ranks:
@@ -270,83 +270,57 @@ def micro_batches_of(encs: list[Encoded], micro: int, shared_prompt: bool = Fals
 # ----------------------------------------------------------------------------- shared prompt
 
 
-def collate_shared(encs: list[Encoded], *, row_tokens: int, pad_id: int) -> dict:
+def collate_shared(encs: list[Encoded], *, pad_id: int) -> dict:
     """Like :func:`collate_responses`, but each record's prompt is computed ONCE: a record is laid
-    out as ``[prompt | response_0 | response_1 | ...]`` in a packed row; a response token attends
-    to its prompt and to earlier tokens of its own response only, and its positions continue from
-    the prompt (``len(prompt), len(prompt) + 1, ...``), so every response sees exactly the keys and
-    positions it would see alone. Saves the prompt's tokens K − 1 times per record.
+    out as ``[prompt | response_0 | response_1 | ...]`` in the packed row (``batching.pack_shared``);
+    a response token attends to its prompt and to earlier tokens of its own response only, at the
+    positions it would have alone. Saves the prompt's tokens K − 1 times per record.
 
     Log-probs need one change: the first token of response k is predicted from the prompt's last
     position, not from the token before it in the row. The batch therefore carries explicit
     ``src`` (predicting position) / ``tgt`` (target token) flat indices and ``tgt_seq`` (which
     sequence, numbered like ``collate_responses``: slot k of record i is k * N + i), plus ``last_pos``
     (each sequence's last non-pad token, for reward heads)."""
-    from posttrain.data.batching import _rows_first_fit
+    from posttrain.data.batching import pack_shared
 
     N, K = len(encs), max(len(e.responses) for e in encs)
-    lengths = [len(e.prompt_ids) + sum(len(r) for r in e.responses) for e in encs]
-    rows = _rows_first_fit(lengths, max(row_tokens, max(lengths)))
-    width = max(sum(lengths[i] for i in r) for r in rows)
-    R = len(rows)
-    ids = torch.full((R, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((R, width), dtype=torch.long)
-    rec = torch.full((R, width), -1, dtype=torch.long)
-    part = torch.full((R, width), -1, dtype=torch.long)  # -1 prompt, k response k
+    packed = pack_shared([e.prompt_ids for e in encs], [e.responses for e in encs])
+    T = packed["input_ids"].shape[1]
+    seq_index = torch.full((T,), -2, dtype=torch.long)  # prompt tokens belong to no sequence (-2)
     slot = torch.full((N, K), -1, dtype=torch.long)
     src, tgt, tgt_seq = [], [], []
     last = torch.zeros(N * K, dtype=torch.long)
-    for r, members in enumerate(rows):
-        t = 0
-        for i in members:
-            e = encs[i]
-            p = len(e.prompt_ids)
-            ids[r, t:t + p] = torch.tensor(e.prompt_ids, dtype=torch.long)
-            pos[r, t:t + p] = torch.arange(p)
-            rec[r, t:t + p] = i
-            prompt_end = r * width + t + p - 1  # flat index of the prompt's last token
-            t += p
-            for k, resp in enumerate(e.responses):
-                n = len(resp)
-                seq = k * N + i
-                slot[i, k] = seq
-                ids[r, t:t + n] = torch.tensor(resp, dtype=torch.long)
-                pos[r, t:t + n] = torch.arange(p, p + n)
-                rec[r, t:t + n] = i
-                part[r, t:t + n] = k
-                flat = [r * width + t + j for j in range(n)]
-                src += [prompt_end] + flat[:-1]
-                tgt += flat
-                tgt_seq += [seq] * n
-                keep = [f for f, tok in zip(flat, resp) if tok != pad_id]
-                last[seq] = (keep or flat)[-1]
-                t += n
-    valid = rec >= 0
-    same = rec[:, :, None] == rec[:, None, :]
-    visible = (part[:, None, :] == -1) | (part[:, None, :] == part[:, :, None])  # key is prompt or own response
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    attn = (same & visible & causal & valid[:, :, None])[:, None]
-    attn |= torch.eye(width, dtype=torch.bool)[None, None] & ~valid[:, None, :, None]
-    # seq_index: prompt tokens belong to no sequence of their own (-2), padding -1
-    seq_index = torch.where(part >= 0, part * N + rec.clamp(min=0), torch.where(valid, -2, -1))
+    for i, e in enumerate(encs):
+        prompt_end = packed["prompt_start"][i] + len(e.prompt_ids) - 1
+        for k, (resp, c0) in enumerate(zip(e.responses, packed["branch_start"][i])):
+            n, seq = len(resp), k * N + i
+            slot[i, k] = seq
+            seq_index[c0:c0 + n] = seq
+            flat = list(range(c0, c0 + n))
+            src += [prompt_end] + flat[:-1]
+            tgt += flat
+            tgt_seq += [seq] * n
+            keep = [f for f, tok in zip(flat, resp) if tok != pad_id]
+            last[seq] = (keep or flat)[-1]
     ranks = torch.full((N, K), float("inf"))
     for i, e in enumerate(encs):
         if e.ranks:
             ranks[i, :len(e.ranks)] = torch.tensor(e.ranks, dtype=torch.float)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": attn, "seq_index": seq_index,
-            "loss_mask": (part >= 0).long(), "src": torch.tensor(src), "tgt": torch.tensor(tgt),
+    return {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"],
+            "attn_layout": packed["attn_layout"], "seq_index": seq_index[None],
+            "loss_mask": (seq_index >= 0).long()[None], "src": torch.tensor(src), "tgt": torch.tensor(tgt),
             "tgt_seq": torch.tensor(tgt_seq), "last_pos": last,
-            "n_seqs": torch.tensor(N * K), "n_pad": (~valid).sum(), "slot": slot, "ranks": ranks,
+            "n_seqs": torch.tensor(N * K), "n_pad": torch.tensor(0), "slot": slot, "ranks": ranks,
             "margin": torch.tensor([e.margin for e in encs], dtype=torch.float),
             "tie": torch.tensor([e.tie for e in encs]), "label": torch.tensor([bool(e.label) for e in encs]),
             "n_records": torch.tensor(N)}
 
 
-def batch_records(encs: list[Encoded], *, shared_prompt: bool, packing: bool, row_tokens: int, pad_id: int) -> dict:
+def batch_records(encs: list[Encoded], *, shared_prompt: bool, packing: bool, pad_id: int) -> dict:
     """The micro-batch of ``encs``: prompt shared across responses (packed) or one sequence each."""
     if shared_prompt:
         if any(len(e.responses) != len(encs[0].responses) for e in encs):
             # slots must be dense for k * N + i numbering; rankings of mixed K use separate sequences
-            return collate_responses(encs, packing=packing, row_tokens=row_tokens, pad_id=pad_id)
-        return collate_shared(encs, row_tokens=row_tokens, pad_id=pad_id)
-    return collate_responses(encs, packing=packing, row_tokens=row_tokens, pad_id=pad_id)
+            return collate_responses(encs, packing=packing, pad_id=pad_id)
+        return collate_shared(encs, pad_id=pad_id)
+    return collate_responses(encs, packing=packing, pad_id=pad_id)

@@ -81,8 +81,7 @@ def compute_logps(model, examples: list, *, batch_tokens: int = 4096, pad_id: in
             tokens += len(examples[order[end]])
             end += 1
         idx = order[start:end]
-        longest = max(len(examples[i]) for i in idx)
-        batch = collate([examples[i] for i in idx], packing=True, row_tokens=max(longest, 512), pad_id=pad_id)
+        batch = collate([examples[i] for i in idx], packing=True, pad_id=pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with (autocast or nullcontext)():
             logp, _ = sequence_logps(model, batch)

@@ -54,7 +54,6 @@ class RewardConfig:
                              "recommended when scores should stay near 0).", "Eisenstein et al. 2023; TRL")
     eval_holdout: int = opt(0, "With data.eval null, hold out the last N training records for evaluation.")
     packing: bool = opt(True, "Pack responses into rows with isolated attention (no compute on padding).")
-    row_tokens: int = opt(256, "Row length when packing (short rows keep the block-diagonal attention cheap).")
     shared_prompt: bool = opt(True, "Compute each record's prompt once for all its responses (packed "
                               "layout where a response attends to the prompt and itself only). Needs packing.")
 
@@ -66,10 +65,6 @@ class RewardConfig:
         if self.shared_prompt and not self.packing:
             raise ConfigError("shared_prompt needs packing (the shared layout is a packed row)", where="shared_prompt",
                               fix="set shared_prompt=false, or packing=true")
-        if self.packing and self.row_tokens < self.data.max_length:
-            raise ConfigError(f"row_tokens={self.row_tokens} is shorter than data.max_length="
-                              f"{self.data.max_length}", where="row_tokens",
-                              fix=f"set row_tokens >= {self.data.max_length}")
         if self.eval_holdout < 0:
             raise ConfigError("eval_holdout must be >= 0", where="eval_holdout")
 
@@ -203,13 +198,13 @@ def run(cfg: RewardConfig) -> dict:
     def micro_batches(step: int) -> list[dict]:
         parts = shard(sampler.batch(step), engine.rank, engine.world_size, cfg.train.micro_batch_size)
         return [batch_records([train_enc[i] for i in p], shared_prompt=cfg.shared_prompt, packing=cfg.packing,
-                              row_tokens=cfg.row_tokens, pad_id=pad) for p in parts]
+                              pad_id=pad) for p in parts]
 
     def evaluate() -> dict:
         if not eval_enc:
             return {}
         scorer = RewardModelScorer(engine.unwrapped, tokenizer, max_length=cfg.data.max_length,
-                                   batch_tokens=max(cfg.row_tokens, 4096), packing=cfg.packing)
+                                   batch_tokens=4096, packing=cfg.packing)
         with engine.autocast():
             rewards = score_encoded(scorer, eval_enc)
         return evaluate_scores(eval_enc, rewards)

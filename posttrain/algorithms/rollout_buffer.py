@@ -64,11 +64,9 @@ class RolloutConfig:
         "AVX-512 bf16 (the trainer still recomputes log-probs in the model's dtype).",
         "ENVIRONMENT.md decoding levers")
     compile: bool = opt(False, "torch.compile the rollout engine's decode step (seconds per new shape).")
-    row_tokens: int = opt(256, "Tokens per packed row in trainer forwards (short rows waste less attention "
-                         "compute on the block-diagonal mask; measured 2.6x faster than 1024 for ~30-token rollouts).")
 
     def validate(self) -> None:
-        for key in ("prompts_per_step", "group_size", "max_new_tokens", "row_tokens", "max_prompt_tokens"):
+        for key in ("prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"rollout.{key} must be >= 1, got {getattr(self, key)}", where=f"rollout.{key}")
         if self.temperature <= 0:
@@ -291,82 +289,44 @@ def combine_rewards(components: dict[str, list], weights: dict[str, float]) -> t
 # ----------------------------------------------------------------------------- packed forwards
 
 
-def collate_shared(prompts: list[list[int]], completions: list[list[int]], row_tokens: int,
-                   pad_id: int) -> dict[str, torch.Tensor]:
-    """Pack rollouts into rows, computing a prompt shared by consecutive rollouts only once.
+def collate_shared(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Pack rollouts into one row, computing a prompt shared by consecutive rollouts only once.
 
-    Consecutive rollouts with the same prompt (a GRPO group) become one *tree*: the prompt, then each
+    Consecutive rollouts with the same prompt (a GRPO group) become one tree: the prompt, then each
     completion, where a completion token attends to the prompt and to its own earlier tokens only
-    (positions continue from the prompt's length, so every completion sees exactly what it would
-    alone). A rollout whose prompt differs from its predecessor's starts a new tree. Trees are packed
-    first-fit into rows of about ``row_tokens`` tokens with a block-diagonal 4-D boolean mask (the
-    ``collate`` convention: sdpa; padded query rows attend to themselves).
+    (``batching.pack_shared``: positions continue from the prompt's length, so every completion sees
+    exactly what it would alone). A rollout whose prompt differs from its predecessor's starts a new
+    tree. With G completions of C tokens after a P-token prompt, a group costs P + G·C tokens
+    instead of G·(P + C).
 
-    With G completions of C tokens after a P-token prompt, a group costs P + G·C tokens instead of
-    G·(P + C). Returns input_ids, position_ids, attention_mask [R,1,L,L], and per completion token k
-    (flat, ordered by rollout then position): ``pred_row``/``pred_col`` (the position whose logits
-    predict it: the prompt's last token for the first completion token), ``tgt_seq`` (rollout index
-    in the given list), ``tgt_j`` (position in its completion), ``tgt_ids``; plus n_seqs, n_pad.
+    Returns input_ids, position_ids [1, T], attn_layout, and per completion token k (flat, ordered by
+    rollout then position): ``pred_row``/``pred_col`` (the position whose logits predict it: the
+    prompt's last token for the first completion token), ``tgt_seq`` (rollout index in the given
+    list), ``tgt_j`` (position in its completion), ``tgt_ids``; plus n_seqs, n_pad.
     """
+    from posttrain.data.batching import pack_shared
+
     trees: list[tuple[list[int], list[int]]] = []  # (prompt, rollout indices)
     for i, p in enumerate(prompts):
         if trees and prompts[trees[-1][1][-1]] == p:
             trees[-1][1].append(i)
         else:
             trees.append((p, [i]))
-    sizes = [len(p) + sum(len(completions[i]) for i in members) for p, members in trees]
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for t in sorted(range(len(trees)), key=lambda t: -sizes[t]):  # first-fit decreasing
-        for r in range(len(rows)):
-            if sizes[t] <= room[r]:
-                rows[r].append(t)
-                room[r] -= sizes[t]
-                break
-        else:
-            rows.append([t])
-            room.append(max(row_tokens, sizes[t]) - sizes[t])
-    width = max(sum(sizes[t] for t in r) for r in rows)
-    R = len(rows)
-    ids = torch.full((R, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((R, width), dtype=torch.long)
-    tree = torch.full((R, width), -1, dtype=torch.long)  # tree id in the row, -1 = padding
-    seg = torch.zeros((R, width), dtype=torch.long)  # 0 = prompt, k = k-th completion of the tree
+    packed = pack_shared([p for p, _ in trees], [[completions[i] for i in members] for _, members in trees])
     n = len(prompts)
-    pred_row, pred_col, tgt_j, tgt_ids = [None] * n, [None] * n, [None] * n, [None] * n
-    for r, members in enumerate(rows):
-        t0 = 0
-        for slot, t in enumerate(sorted(members)):
-            p, rolls = trees[t]
-            P = len(p)
-            ids[r, t0:t0 + P] = torch.tensor(p)
-            pos[r, t0:t0 + P] = torch.arange(P)
-            tree[r, t0:t0 + P] = slot
-            c0 = t0 + P
-            for k, i in enumerate(rolls, 1):
-                c = completions[i]
-                C = len(c)
-                ids[r, c0:c0 + C] = torch.tensor(c)
-                pos[r, c0:c0 + C] = torch.arange(P, P + C)
-                tree[r, c0:c0 + C] = slot
-                seg[r, c0:c0 + C] = k
-                pred_row[i] = torch.full((C,), r)
-                pred_col[i] = torch.cat([torch.tensor([t0 + P - 1]), torch.arange(c0, c0 + C - 1)])
-                tgt_j[i] = torch.arange(C)
-                tgt_ids[i] = torch.tensor(c)
-                c0 += C
-            t0 = c0
-    valid = tree >= 0
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same_tree = tree[:, :, None] == tree[:, None, :]
-    visible = (seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :])  # key in prompt, or same branch
-    attn = (same_tree & visible & causal & valid[:, :, None])[:, None]
-    attn |= torch.eye(width, dtype=torch.bool)[None, None] & ~valid[:, None, :, None]
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": attn,
-            "pred_row": torch.cat(pred_row), "pred_col": torch.cat(pred_col),
+    pred_col, tgt_j = [None] * n, [None] * n
+    for t, (p, members) in enumerate(trees):
+        prompt_end = packed["prompt_start"][t] + len(p) - 1
+        for i, c0 in zip(members, packed["branch_start"][t]):
+            C = len(completions[i])
+            pred_col[i] = torch.cat([torch.tensor([prompt_end]), torch.arange(c0, c0 + C - 1)])
+            tgt_j[i] = torch.arange(C)
+    cols = torch.cat(pred_col)
+    return {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"],
+            "attn_layout": packed["attn_layout"], "pred_row": torch.zeros_like(cols), "pred_col": cols,
             "tgt_seq": torch.cat([torch.full((len(completions[i]),), i) for i in range(n)]),
-            "tgt_j": torch.cat(tgt_j), "tgt_ids": torch.cat(tgt_ids),
-            "n_seqs": torch.tensor(n), "n_pad": (~valid).sum()}
+            "tgt_j": torch.cat(tgt_j), "tgt_ids": torch.cat([torch.tensor(completions[i]) for i in range(n)]),
+            "n_seqs": torch.tensor(n), "n_pad": torch.tensor(0)}
 
 
 _HEAD_SLICE_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
@@ -385,18 +345,18 @@ def token_forward(model, batch: dict, temperature: float = 1.0, want_hidden: boo
 
     For Llama/Qwen2/Qwen3/Mistral the LM head runs only on the K completion positions (the prompt's
     logits are never computed); other architectures run their full forward and index it."""
-    from posttrain.data.batching import model_inputs
     from posttrain.logprobs import selective_log_softmax
+    from posttrain.models.attention import model_inputs
 
     rows, cols, seq, j, targets = (batch[k] for k in ("pred_row", "pred_col", "tgt_seq", "tgt_j", "tgt_ids"))
     base = _base_lm(model)
     hidden = None
     if type(base).__name__ in _HEAD_SLICE_ARCHS:
-        out = base.get_decoder()(**model_inputs(batch))
+        out = base.get_decoder()(**model_inputs(base, batch))
         hidden = out.last_hidden_state[rows, cols]
         logits = base.get_output_embeddings()(hidden)
     else:
-        out = model(**model_inputs(batch), output_hidden_states=want_hidden)
+        out = model(**model_inputs(model, batch), output_hidden_states=want_hidden)
         logits = out.logits[rows, cols]
         if want_hidden:
             hidden = out.hidden_states[-1][rows, cols]
@@ -420,11 +380,11 @@ def to_layout(flat: torch.Tensor, seq: torch.Tensor, j: torch.Tensor, n: int, T:
 def critic_values(critic, batch: dict) -> torch.Tensor:
     """Per-token values [K] from a separate value model (a ``*ForSequenceClassification``): its head
     applied to the hidden state that precedes each completion token."""
-    from posttrain.data.batching import model_inputs
+    from posttrain.models.attention import model_inputs
     from posttrain.models.heads import backbone_and_head
 
     backbone, head = backbone_and_head(critic)
-    out = backbone(**model_inputs(batch))
+    out = backbone(**model_inputs(critic, batch))
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return head(hidden[batch["pred_row"], batch["pred_col"]]).squeeze(-1).float()
 
@@ -497,11 +457,10 @@ class Experience:
                           cat([p.values for p in parts]), cat([p.advantages for p in parts]),
                           cat([p.returns for p in parts]), dict(first.metrics))
 
-    def micro_batch(self, idx: list[int], row_tokens: int, pad_id: int) -> dict:
+    def micro_batch(self, idx: list[int]) -> dict:
         """A packed training micro-batch of rollouts ``idx`` (a prompt shared by consecutive rollouts
         computed once, :func:`collate_shared`) plus their [n, T] per-token tensors."""
-        batch = collate_shared([self.prompt_ids[i] for i in idx], [self.completion_ids[i] for i in idx],
-                               row_tokens, pad_id)
+        batch = collate_shared([self.prompt_ids[i] for i in idx], [self.completion_ids[i] for i in idx])
         t = torch.tensor(idx, dtype=torch.long)
         for name in ("mask", "rollout_logp", "old_logp", "ref_logp", "values", "advantages", "returns"):
             x = getattr(self, name)
@@ -619,7 +578,7 @@ class ExperienceMaker:
         out = torch.zeros(N, T)
         for s in range(0, N, micro):
             idx = list(range(s, min(N, s + micro)))
-            mb = exp.micro_batch(idx, self.rollout.row_tokens, self.tokenizer.pad_token_id)
+            mb = exp.micro_batch(idx)
             flat, seq, j = fn(mb)
             out[idx[0]:idx[-1] + 1] = to_layout(flat.float().cpu(), seq.cpu(), j.cpu(), len(idx), T)
         return out

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
-from posttrain.errors import ConfigError
 
 
 @dataclass
@@ -27,30 +26,22 @@ class SFTConfig:
     train: TrainConfig = opt(factory=lambda: TrainConfig(lr=1e-3, epochs=3.0, schedule="cosine"),
                              help="Optimisation; SFT defaults suit the tiny model (real models: "
                                   "lr 1e-5..5e-5).")
-    packing: bool = opt(True, "Pack short examples into rows with isolated attention (needs the sdpa "
-                        "or eager backend); off = one padded row per example.",
+    packing: bool = opt(True, "Pack each micro-batch into one row without padding, every sequence "
+                        "attending to itself only (sdpa; eager works, slower); off = one padded row per example.",
                         "ENVIRONMENT.md: packing is the lever for short examples")
-    row_tokens: int = opt(96, "Target row length when packing (a longer example gets its own row); "
-                          "masked attention is computed over the whole row, so rows stay short.",
-                          "benchmarks/sft.py: ~24-token examples in 96-token rows stay within TRL's "
-                          "memory in bf16, 256-token rows took 1.1x")
     task_eval: bool = opt(True, "When data.train is the built-in task, sample held-out prompts and "
                           "report the gold reward and accuracy.")
     task_eval_prompts: int = opt(64, "Held-out prompts for the built-in task's metrics.")
     task_eval_samples: int = opt(4, "Samples per held-out prompt (temperature 1).")
 
-    def validate(self) -> None:
-        if self.row_tokens < 8:
-            raise ConfigError("row_tokens must be at least 8", where="row_tokens")
-
 
 def sft_loss(model, batch: dict, n_tokens: torch.Tensor):
     """NLL over trained tokens / the step's trained-token count; also token accuracy."""
-    from posttrain.data.batching import model_inputs
     from posttrain.logprobs import token_logps
+    from posttrain.models.attention import model_inputs
     from posttrain.losses.sft import nll_loss
 
-    logits = model(**model_inputs(batch)).logits
+    logits = model(**model_inputs(model, batch)).logits
     mask = target_mask(batch)
     logp = token_logps(logits, batch["input_ids"])
     loss, metrics = nll_loss(logp, mask, num_items=n_tokens)
@@ -104,11 +95,10 @@ def run(cfg: SFTConfig) -> dict:
 
     def micro_batches(step: int) -> list[dict]:
         parts = shard(sampler.batch(step), engine.rank, engine.world_size, cfg.train.micro_batch_size)
-        return [collate([train_ex[i] for i in p], packing=cfg.packing, row_tokens=cfg.row_tokens,
-                        pad_id=pad) for p in parts]
+        return [collate([train_ex[i] for i in p], packing=cfg.packing, pad_id=pad) for p in parts]
 
     def evaluate() -> dict[str, float]:
-        out = common.eval_loss(engine, eval_ex, sft_loss, count_tokens, pad, cfg.packing, cfg.row_tokens,
+        out = common.eval_loss(engine, eval_ex, sft_loss, count_tokens, pad, cfg.packing,
                                cfg.train.micro_batch_size)
         if cfg.task_eval and cfg.data.train.startswith("builtin:"):
             out.update(common.builtin_task_eval(engine.unwrapped, tokenizer, cfg.task_eval_prompts,

@@ -1,10 +1,12 @@
 """Batches without compute on padding: packing with isolated sequences, or padding.
 
-Packing puts several sequences in one row, restarts ``position_ids`` at each sequence and passes an
-explicit 4-D block-diagonal causal mask (boolean, True = may attend), so no token attends across a
-sequence boundary. Transformers' own packing detection is not relied on: it silently attends across
-sequences whenever a KV cache or a 2-D mask is present (see ENVIRONMENT.md). The boolean mask is the
-form SDPA expects; eager attention needs an additive float mask (:func:`additive_mask`).
+Packing concatenates a micro-batch's sequences into ONE row with no padding at all: every linear layer
+(most of the compute) sees exactly the real tokens. ``position_ids`` restart at each sequence, and an
+:class:`AttentionLayout` says which tokens attend to which; the model's attention
+(``posttrain.models.attention``) gathers each sequence's queries, keys and values into length buckets
+and runs SDPA's fused causal kernel on them, so no token attends across a sequence boundary and no
+dense T x T mask is built. Transformers' own packing detection is not relied on: it silently attends
+across sequences whenever a KV cache or a 2-D mask is present (see ENVIRONMENT.md).
 
 Every batch carries ``seq_index`` ([R, L], -1 on padding) so per-sequence quantities (sequence
 log-probs, per-sequence losses) can be reduced from a packed batch.
@@ -13,98 +15,141 @@ log-probs, per-sequence losses) can be reduced from a packed batch.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from posttrain.data.chat import Example
 
+# A bucket holds attention sequences at least this fraction of its longest one: its padding (inside
+# attention only) stays under 1 - BUCKET_FILL per sequence, with a handful of kernel calls per layer.
+BUCKET_FILL = 0.75
 
-def _rows_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing bin packing of sequence indices into rows of ``capacity`` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = lengths[i]
-        for r, space in enumerate(free):
-            if n <= space:
-                rows[r].append(i)
-                free[r] -= n
-                break
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Who attends to whom in a packed row of T tokens.
+
+    An *attention sequence* is an ordered list of row positions attended causally: a plain packed
+    sequence is its own tokens; a response that shares a prompt is the prompt's positions followed by
+    its own (the prompt is stored once in the row but appears in every response's sequence).
+
+    ``buckets[b]`` is [n_b, L_b]: the row positions of the n_b attention sequences of bucket b,
+    right-padded with position 0 (a padded slot comes after every real slot of its sequence, so a
+    causal query never sees it). ``out`` is [T]: for each row token, the slot (flat index over the
+    concatenated [n_b * L_b] buckets) whose attention output becomes that token's output.
+    """
+
+    buckets: tuple[torch.Tensor, ...]
+    out: torch.Tensor
+
+    def to(self, device) -> "AttentionLayout":
+        return AttentionLayout(tuple(b.to(device) for b in self.buckets), self.out.to(device))
+
+    def dense_mask(self) -> torch.Tensor:
+        """[T, T] boolean mask (True = query t may attend key s) equal to this layout, for attention
+        backends without the packed path (slower: the whole row's T x T scores are computed)."""
+        T = self.out.numel()
+        mask = torch.zeros(T, T, dtype=torch.bool)
+        offset = 0
+        for pos in self.buckets:
+            n, L = pos.shape
+            mine = ((self.out >= offset) & (self.out < offset + n * L)).nonzero().squeeze(1)
+            seq, p = (self.out[mine] - offset).div(L, rounding_mode="floor"), (self.out[mine] - offset) % L
+            keep = torch.arange(L)[None] <= p[:, None]  # causal: slots 0..p of the query's sequence
+            mask[mine[:, None].expand(-1, L)[keep], pos[seq][keep]] = True
+            offset += n * L
+        return mask
+
+
+def attention_layout(seqs: Sequence[torch.Tensor], out_seq: torch.Tensor, out_pos: torch.Tensor) -> AttentionLayout:
+    """Bucket attention sequences (row positions, see :class:`AttentionLayout`) by length; token t's
+    output is slot ``out_pos[t]`` of sequence ``out_seq[t]``."""
+    order = sorted(range(len(seqs)), key=lambda s: -len(seqs[s]))
+    groups: list[list[int]] = []
+    for s in order:
+        if groups and len(seqs[s]) >= BUCKET_FILL * len(seqs[groups[-1][0]]):
+            groups[-1].append(s)
         else:
-            rows.append([i])
-            free.append(capacity - n)
-    return [sorted(r) for r in rows]
+            groups.append([s])
+    first_slot = torch.zeros(len(seqs), dtype=torch.long)
+    buckets, offset = [], 0
+    for g in groups:
+        L = len(seqs[g[0]])
+        pos = torch.zeros(len(g), L, dtype=torch.long)
+        for r, s in enumerate(g):
+            pos[r, :len(seqs[s])] = seqs[s]
+            first_slot[s] = offset + r * L
+        buckets.append(pos)
+        offset += len(g) * L
+    return AttentionLayout(tuple(buckets), first_slot[out_seq] + out_pos)
 
 
-PACK_MIN_SAVING = 0.2
-
-
-def collate(examples: Sequence[Example], *, packing: bool, row_tokens: int | None = None,
-            pad_id: int = 0, min_saving: float = PACK_MIN_SAVING) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[Example], *, packing: bool, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Build one micro-batch.
 
-    Returns input_ids, position_ids, attention_mask ([R,1,L,L] bool when packed, [R,L] long when
-    ``packing`` is off, absent when packing is skipped), loss_mask and seq_index (all [R, L]), plus
-    ``n_seqs`` and ``n_pad`` counts.
-
-    With ``packing``, a batch whose plain padding would waste less than ``min_saving`` of its
-    tokens (similar lengths) is not packed: one right-padded sequence per row and *no*
-    attention_mask key, so the model runs pure causal attention (SDPA's fused kernel; a real token
-    never attends to the padding after it). The explicit block mask forces the slower masked
-    kernel, which costs more than packing saves there (benchmarks/sft.py, ~110-token examples).
+    Packed: one row [1, T] of all sequences back to back, ``attn_layout`` (each sequence attends to
+    itself only), ``n_pad`` = 0. Not packed: one right-padded row per example and a 2-D
+    ``attention_mask`` [R, L]. Both carry input_ids, position_ids, loss_mask and seq_index ([R, L],
+    -1 on padding) plus ``n_seqs`` and ``n_pad``.
     """
     lengths = [len(e) for e in examples]
-    causal_only = packing and 1 - sum(lengths) / (len(lengths) * max(lengths)) < min_saving
-    packing = packing and not causal_only
     if packing:
-        # as many rows as row_tokens asks for, filled evenly: a half-empty last row is padding
-        total, longest = sum(lengths), max(lengths)
-        n_rows = max(1, -(-total // max(row_tokens or total, 1)))
-        rows = _rows_first_fit(lengths, max(longest, -(-total // n_rows) + longest // 2))
-    else:
-        rows = [[i] for i in range(len(examples))]
-    width = max(sum(lengths[i] for i in r) for r in rows)
-    R = len(rows)
+        ids = torch.tensor([t for e in examples for t in e.input_ids])[None]
+        loss_mask = torch.tensor([m for e in examples for m in e.loss_mask])[None]
+        pos = torch.cat([torch.arange(n) for n in lengths])
+        seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+        starts = torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
+        layout = attention_layout([torch.arange(s, s + n) for s, n in zip(starts, lengths)], seq, pos)
+        return {"input_ids": ids, "position_ids": pos[None], "loss_mask": loss_mask, "seq_index": seq[None],
+                "n_seqs": torch.tensor(len(examples)), "n_pad": torch.tensor(0), "attn_layout": layout}
+    R, width = len(examples), max(lengths)
     ids = torch.full((R, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((R, width), dtype=torch.long)
     loss_mask = torch.zeros((R, width), dtype=torch.long)
     seq_index = torch.full((R, width), -1, dtype=torch.long)
-    for r, members in enumerate(rows):
-        t = 0
-        for i in members:
-            e, n = examples[i], lengths[i]
-            ids[r, t:t + n] = torch.tensor(e.input_ids)
-            loss_mask[r, t:t + n] = torch.tensor(e.loss_mask)
-            pos[r, t:t + n] = torch.arange(n)
-            seq_index[r, t:t + n] = i
-            t += n
+    for r, (e, n) in enumerate(zip(examples, lengths)):
+        ids[r, :n] = torch.tensor(e.input_ids)
+        loss_mask[r, :n] = torch.tensor(e.loss_mask)
+        seq_index[r, :n] = r
     valid = seq_index >= 0
-    out = {"input_ids": ids, "position_ids": pos, "loss_mask": loss_mask, "seq_index": seq_index,
-           "n_seqs": torch.tensor(len(examples)), "n_pad": (~valid).sum()}
-    if causal_only:
-        return out
-    if packing:
-        same = seq_index[:, :, None] == seq_index[:, None, :]  # [R, L, L]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        attn = (same & causal & valid[:, :, None])[:, None]  # [R, 1, L, L]
-        # padded query rows attend to themselves so softmax never sees an all-masked row
-        attn |= torch.eye(width, dtype=torch.bool)[None, None] & ~valid[:, None, :, None]
-    else:
-        attn = valid.long()
-    return {**out, "attention_mask": attn}
+    pos = torch.arange(width).expand(R, width).clone()
+    return {"input_ids": ids, "position_ids": pos, "loss_mask": loss_mask, "seq_index": seq_index,
+            "n_seqs": torch.tensor(R), "n_pad": (~valid).sum(), "attention_mask": valid.long()}
 
 
-def additive_mask(bool_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Boolean 4-D mask -> additive float mask (0 where allowed, -inf-like where not) for eager."""
-    return torch.zeros(bool_mask.shape, dtype=dtype).masked_fill(~bool_mask, torch.finfo(dtype).min)
+def pack_shared(prompts: Sequence[Sequence[int]], branches: Sequence[Sequence[Sequence[int]]]) -> dict:
+    """One packed row of prompt-sharing trees: each prompt once, then its branches (responses or
+    completions). A branch token attends to its prompt and to its own earlier tokens only, at
+    positions continuing from the prompt's length, so it sees exactly what it would alone; a group
+    of G branches of C tokens after a P-token prompt costs P + G*C tokens instead of G*(P + C).
 
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments a Hugging Face causal LM takes from a batch (cache off: see module doc)."""
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-            "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    Returns ``input_ids``/``position_ids`` [1, T], ``attn_layout``, and the flat row offsets
+    ``prompt_start`` [n_trees] and ``branch_start`` (one list per tree)."""
+    ids: list[int] = []
+    pos: list[torch.Tensor] = []
+    seqs, out_seq, out_pos = [], [], []
+    prompt_start, branch_start = [], []
+    for prompt, group in zip(prompts, branches):
+        P, p0 = len(prompt), len(ids)
+        prompt_start.append(p0)
+        ids += prompt
+        pos.append(torch.arange(P))
+        out_seq.append(torch.full((P,), len(seqs)))  # the prompt's outputs: from its first branch
+        out_pos.append(torch.arange(P))
+        starts = []
+        for b in group:
+            C, c0 = len(b), len(ids)
+            starts.append(c0)
+            ids += b
+            pos.append(torch.arange(P, P + C))
+            out_seq.append(torch.full((C,), len(seqs)))
+            out_pos.append(torch.arange(P, P + C))
+            seqs.append(torch.cat([torch.arange(p0, p0 + P), torch.arange(c0, c0 + C)]))
+        branch_start.append(starts)
+    layout = attention_layout(seqs, torch.cat(out_seq), torch.cat(out_pos))
+    return {"input_ids": torch.tensor(ids)[None], "position_ids": torch.cat(pos)[None], "attn_layout": layout,
+            "prompt_start": prompt_start, "branch_start": branch_start}
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[int]:

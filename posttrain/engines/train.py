@@ -185,8 +185,10 @@ class TrainEngine:
         if not params:
             raise TrainingError("the model has no trainable parameters", where="model",
                                 fix="check lora.target_modules or the model's frozen parameters")
+        # the fused kernel (one pass over each tensor; transformers' default optimizer too) where it exists
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay)
+                                      weight_decay=cfg.weight_decay, fused=fused or None)
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)

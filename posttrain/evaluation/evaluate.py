@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from posttrain.config import ModelConfig, opt
 from posttrain.errors import ConfigError

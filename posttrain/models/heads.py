@@ -32,14 +32,14 @@ def load_reward_model(cfg: ModelConfig, name_or_path: str | None = None, pad_tok
     """
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models.loading import _dtype, quiet_transformers
+    from posttrain.models.loading import _dtype, attn_implementation, quiet_transformers
     from posttrain.models.tiny import resolve
 
     quiet_transformers()
     path = resolve(name_or_path or cfg.name_or_path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            path, num_labels=1, dtype=_dtype(cfg.dtype), attn_implementation=attn_implementation(cfg),
             revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load '{path}' as a sequence-classification reward model: {e}",
@@ -121,7 +121,7 @@ def sequence_rewards(model, batch: dict, pad_id: int | None = None) -> torch.Ten
     The forward goes through ``model`` itself (so DDP's gradient hooks run) and a forward hook on the
     head captures its per-position outputs, which are read at each sequence's last token; the head is
     a single linear map, so scoring every position costs next to nothing."""
-    from posttrain.data.batching import model_inputs
+    from posttrain.models.attention import model_inputs
 
     inner = getattr(model, "module", model)  # DDP / accelerate wrappers
     _, head = backbone_and_head(inner)
@@ -130,7 +130,7 @@ def sequence_rewards(model, batch: dict, pad_id: int | None = None) -> torch.Ten
     captured = {}
     hook = head.register_forward_hook(lambda mod, args, out: captured.__setitem__("scores", out))
     try:
-        model(**model_inputs(batch))
+        model(**model_inputs(model, batch))
     finally:
         hook.remove()
     pos = batch["last_pos"] if "last_pos" in batch else last_token_positions(batch, pad_id)

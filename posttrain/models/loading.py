@@ -19,6 +19,16 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def attn_implementation(cfg: ModelConfig) -> str:
+    """``sdpa`` becomes SDPA with the padding-free packed path (``models.attention``)."""
+    from posttrain.models import attention
+
+    if cfg.attn_implementation == "sdpa":
+        attention.register()
+        return attention.PACKED_SDPA
+    return cfg.attn_implementation
+
+
 def _dtype(name: str):
     import torch
 
@@ -50,7 +60,7 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None):
     path = tiny.resolve(name_or_path or cfg.name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            path, dtype=_dtype(cfg.dtype), attn_implementation=attn_implementation(cfg),
             revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a causal LM from '{path}': {e}", where="model.name_or_path",

@@ -76,9 +76,7 @@ class RewardModelScorer:
                 tokens += len(examples[order[end]])
                 end += 1
             idx = order[start:end]
-            longest = max(len(examples[i]) for i in idx)
-            batch = collate([examples[i] for i in idx], packing=self.packing,
-                            row_tokens=max(longest, min(self.batch_tokens, 1024)), pad_id=self.pad_id)
+            batch = collate([examples[i] for i in idx], packing=self.packing, pad_id=self.pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out[idx] = sequence_rewards(self.model, batch, self.pad_id).float().cpu()
             start = end

@@ -38,7 +38,7 @@ def test_packed_and_padded_sequence_logps_agree(tiny_model, tokenizer, encs):
     pad = tokenizer.pad_token_id
     exs = [e.example(k) for e in encs for k in (0, 1)]
     with torch.no_grad():
-        packed, n_p = sequence_logps(tiny_model, collate(exs, packing=True, row_tokens=80, pad_id=pad))
+        packed, n_p = sequence_logps(tiny_model, collate(exs, packing=True, pad_id=pad))
         padded, n_d = sequence_logps(tiny_model, collate(exs, packing=False, pad_id=pad))
         alone = torch.stack([sequence_logps(tiny_model, collate([e], packing=False, pad_id=pad))[0][0] for e in exs])
     assert torch.equal(n_p, n_d) and n_p.tolist() == [sum(e.loss_mask) - 0 for e in exs]
@@ -59,8 +59,8 @@ def test_shared_prompt_layout_equals_separate_sequences(tiny_path, tiny_model, t
     from posttrain.models.heads import load_reward_model, sequence_rewards
 
     pad = tokenizer.pad_token_id
-    shared = collate_shared(encs, row_tokens=96, pad_id=pad)
-    separate = collate_responses(encs, packing=True, row_tokens=96, pad_id=pad)
+    shared = collate_shared(encs, pad_id=pad)
+    separate = collate_responses(encs, packing=True, pad_id=pad)
     assert int((shared["seq_index"] != -1).sum()) < int((separate["seq_index"] != -1).sum())
     with torch.no_grad():
         a, na = sequence_logps(tiny_model, shared)
@@ -89,7 +89,7 @@ def test_accumulation_is_exact(tiny_model, tokenizer, encs, loss):
     def batches(micro):
         out = []
         for s in range(0, 8, micro):
-            b = batch_records(encs[s:s + micro], shared_prompt=loss != "ipo", packing=True, row_tokens=128,
+            b = batch_records(encs[s:s + micro], shared_prompt=loss != "ipo", packing=True,
                               pad_id=pad)
             b["ref"] = ref[s:s + micro]
             out.append(b)

@@ -44,7 +44,7 @@ def test_packed_padded_and_hf_classifier_agree(rm, tokenizer, pair_encs):
     exs = [e.example(k) for e in pair_encs for k in (0, 1)]
     pad = tokenizer.pad_token_id
     with torch.no_grad():
-        packed = sequence_rewards(rm, collate(exs, packing=True, row_tokens=96, pad_id=pad), pad)
+        packed = sequence_rewards(rm, collate(exs, packing=True, pad_id=pad), pad)
         padded_batch = collate(exs, packing=False, pad_id=pad)
         padded = sequence_rewards(rm, padded_batch, pad)
         hf = rm(input_ids=padded_batch["input_ids"], attention_mask=padded_batch["attention_mask"]).logits[:, 0]
@@ -67,7 +67,7 @@ def test_accumulation_is_exact(rm, tokenizer, pair_encs):
     cfg = load_config(RewardConfig, None, [])
     loss_fn = make_loss_fn(cfg, tokenizer.pad_token_id)
     pad = tokenizer.pad_token_id
-    grads = [accumulated_grads(rm, [collate_responses(pair_encs[s:s + micro], packing=True, row_tokens=128,
+    grads = [accumulated_grads(rm, [collate_responses(pair_encs[s:s + micro], packing=True,
                                                       pad_id=pad) for s in range(0, 8, micro)], loss_fn, count_records)
              for micro in (8, 2, 3)]  # 3: unequal micro-batches (3, 3, 2) must still weigh pairs equally
     full = grads[0]
@@ -82,7 +82,7 @@ def test_ties_use_target_half_and_margins_are_scaled(rm, tokenizer):
     recs[1]["margin"] = 2.0
     recs[0]["margin"] = 5.0  # a tie's margin is ignored (it would shift the tie's optimum)
     encs = [encode_pair(tokenizer, r, 256) for r in recs]
-    batch = collate_responses(encs, packing=True, row_tokens=256, pad_id=tokenizer.pad_token_id)
+    batch = collate_responses(encs, packing=True, pad_id=tokenizer.pad_token_id)
     cfg = load_config(RewardConfig, None, ["margin_scale=0.5"])
     with torch.no_grad():
         loss, m = make_loss_fn(cfg, tokenizer.pad_token_id)(rm, batch, torch.tensor(4.0))
@@ -141,7 +141,7 @@ def test_rankings_train(tmp_path, loss):
 def test_kwise_loss_keeps_a_prompts_pairs_together(rm, tokenizer):
     recs = rankings(6, seed=8)[:3]
     encs = [encode_ranking(tokenizer, r, 256) for r in recs]
-    batch = collate_responses(encs, packing=True, row_tokens=256, pad_id=tokenizer.pad_token_id)
+    batch = collate_responses(encs, packing=True, pad_id=tokenizer.pad_token_id)
     cfg = load_config(RewardConfig, None, ["loss=kwise"])
     with torch.no_grad():
         loss, _ = make_loss_fn(cfg, tokenizer.pad_token_id)(rm, batch, torch.tensor(3.0))

@@ -218,8 +218,8 @@ def test_packed_completion_logps_match_unpacked(tokenizer, tiny_model):
                         finish=["stop"] * 3, group_size=1, scores=torch.zeros(3), valid=torch.ones(3, dtype=torch.bool),
                         components={}, mask=torch.zeros(3, 5), rollout_logp=torch.zeros(3, 5))
     for temperature in (1.0, 0.7):
-        mb = exp.micro_batch([0, 1, 2], row_tokens=16, pad_id=tokenizer.pad_token_id)
-        assert mb["input_ids"].shape[0] < 3  # really packed
+        mb = exp.micro_batch([0, 1, 2])
+        assert mb["input_ids"].shape == (1, 4 + 3 + 2 + 1 + 6 + 5)  # really packed, no padding
         out = rb.token_forward(tiny_model, mb, temperature)
         got = rb.to_layout(out["logp"], out["seq"], out["j"], 3, 5)
         for i in range(3):
@@ -237,15 +237,13 @@ def test_shared_prompt_layout_matches_separate_sequences(tokenizer, tiny_model):
                         finish=["stop"] * 5, group_size=1, scores=torch.zeros(5),
                         valid=torch.ones(5, dtype=torch.bool), components={}, mask=torch.zeros(5, 4),
                         rollout_logp=torch.zeros(5, 4))
-    for row_tokens in (8, 64):
-        mb = exp.micro_batch([0, 1, 2, 3, 4], row_tokens=row_tokens, pad_id=tokenizer.pad_token_id)
-        real = int((mb["input_ids"].numel() - mb["n_pad"]))
-        assert real == 5 + 8 + 2 + 2 + 5 + 2  # three trees: P + ΣC each (the last rollout starts a new one)
-        out = rb.token_forward(tiny_model, mb, want_hidden=True)
-        got = rb.to_layout(out["logp"], out["seq"], out["j"], 5, 4)
-        for i in range(5):
-            ref = _reference_logps(tiny_model, prompts[i], comps[i])
-            assert torch.allclose(got[i, :len(comps[i])], ref, atol=1e-5), (row_tokens, i)
+    mb = exp.micro_batch([0, 1, 2, 3, 4])
+    assert mb["input_ids"].numel() == 5 + 8 + 2 + 2 + 5 + 2  # three trees: P + ΣC each (the last rollout starts a new one)
+    out = rb.token_forward(tiny_model, mb, want_hidden=True)
+    got = rb.to_layout(out["logp"], out["seq"], out["j"], 5, 4)
+    for i in range(5):
+        ref = _reference_logps(tiny_model, prompts[i], comps[i])
+        assert torch.allclose(got[i, :len(comps[i])], ref, atol=1e-5), i
 
 
 def test_head_slice_matches_full_forward(tokenizer, tiny_model, monkeypatch):
@@ -253,7 +251,7 @@ def test_head_slice_matches_full_forward(tokenizer, tiny_model, monkeypatch):
                         texts=[""] * 2, finish=["stop"] * 2, group_size=1, scores=torch.zeros(2),
                         valid=torch.ones(2, dtype=torch.bool), components={}, mask=torch.zeros(2, 3),
                         rollout_logp=torch.zeros(2, 3))
-    mb = exp.micro_batch([0, 1], 64, tokenizer.pad_token_id)
+    mb = exp.micro_batch([0, 1])
     fast = rb.token_forward(tiny_model, mb, want_hidden=True)
     monkeypatch.setattr(rb, "_HEAD_SLICE_ARCHS", ())
     slow = rb.token_forward(tiny_model, mb, want_hidden=True)
@@ -312,7 +310,7 @@ def test_accumulation_is_exact(variant, tiny_model):
 
     def grads(micro_lists):
         tiny_model.zero_grad()
-        mbs = [exp.micro_batch(idx, 64, 0) for idx in micro_lists]
+        mbs = [exp.micro_batch(idx) for idx in micro_lists]
         total = torch.stack([count_fn(mb) for mb in mbs]).sum()
         for mb in mbs:
             loss, _ = loss_fn(tiny_model, mb, total)
@@ -335,7 +333,7 @@ def test_policy_gradient_raises_logp_of_positive_advantage(tiny_model):
     loss_fn, count_fn = make_loss(cfg, FixedKLController(0.0), max_len=8)
     exp = _fake_experience()
     exp.ref_logp = None
-    mb = exp.micro_batch(list(range(8)), 64, 0)
+    mb = exp.micro_batch(list(range(8)))
 
     def seq_logp():
         with torch.no_grad():
