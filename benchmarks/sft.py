@@ -61,7 +61,8 @@ def worker_ours(args) -> dict:
     model = load_causal_lm(ModelConfig(name_or_path=args.model))
     n_params = sum(p.numel() for p in model.parameters())
     cfg = TrainConfig(lr=1e-4, batch_size=args.batch, micro_batch_size=args.batch, warmup_ratio=0.0,
-                      schedule="constant", mixed_precision=args.mixed_precision, output_dir="/tmp/bench-sft")
+                      schedule="constant", mixed_precision=args.mixed_precision, output_dir="/tmp/bench-sft",
+                      gradient_checkpointing=args.checkpointing)
     engine = TrainEngine(model, cfg, WARMUP + args.steps, cfg.output_dir)
     rng = random.Random(0)
     order = list(range(len(exs)))
@@ -122,7 +123,7 @@ def worker_trl(args) -> dict:
 
 def run(which: str, case: str, args) -> dict:
     argv = ["--case", case, "--steps", str(args.steps), "--batch", str(args.batch), "--model", args.model,
-            "--mixed-precision", args.mixed_precision]
+            "--mixed-precision", args.mixed_precision] + (["--checkpointing"] if args.checkpointing else [])
     if which == "trl_default":
         return run_worker(__file__, "trl", argv + ["--trl-defaults"])
     return run_worker(__file__, which, argv)
@@ -132,6 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", choices=["ours", "trl"])
     ap.add_argument("--trl-defaults", action="store_true", help="TRL worker: keep SFTConfig's gradient checkpointing")
+    ap.add_argument("--checkpointing", action="store_true", help="posttrain with train.gradient_checkpointing "
+                    "(compare its memory with trl_default's)")
     ap.add_argument("--case", default="short", choices=["short", "long"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)

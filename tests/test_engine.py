@@ -21,14 +21,15 @@ from posttrain.tasks.builtin import sft_records
 from pt_helpers import ROOT, run_cli
 
 
-def one_step(model, exs, micro, packing, tmp_path):
-    cfg = TrainConfig(lr=1e-2, batch_size=8, micro_batch_size=micro, warmup_ratio=0.0, schedule="constant")
+def one_step(model, exs, micro, packing, tmp_path, checkpointing=False):
+    cfg = TrainConfig(lr=1e-2, batch_size=8, micro_batch_size=micro, warmup_ratio=0.0, schedule="constant",
+                      gradient_checkpointing=checkpointing)
     engine = TrainEngine(model, cfg, total_steps=1, run_dir=tmp_path)
     batches = [collate(exs[s:s + micro], packing=packing) for s in range(0, 8, micro)]
     grads, step = {}, engine.optimizer.step
 
     def capture(*args, **kw):  # the accumulated gradient the optimizer is about to apply
-        grads.update({n: p.grad.clone() for n, p in engine.unwrapped.named_parameters()})
+        grads.update({n: p.grad.clone() for n, p in engine.unwrapped.named_parameters() if p.grad is not None})
         return step(*args, **kw)
 
     engine.optimizer.step = capture
@@ -50,6 +51,26 @@ def test_accumulation_4x2_equals_batch_8(tiny_path, tokenizer, tmp_path, packing
     assert diff <= 1e-5
     # the micro-batch losses add up to the full-batch loss
     assert abs(m_full["loss"].item() - m_acc["loss"].item()) < 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_path, tokenizer, tmp_path):
+    from posttrain.config import LoraConfig, ModelConfig
+    from posttrain.models.loading import apply_lora, load_causal_lm
+
+    exs = [encode_sft(tokenizer, r, 256) for r in sft_records(8, seed=5)]
+    for lora in (False, True):
+        grads = []
+        for ckpt in (False, True):
+            torch.manual_seed(0)  # the same LoRA initialisation in both runs
+            model = load_causal_lm(ModelConfig(name_or_path=tiny_path))
+            if lora:
+                model = apply_lora(model, LoraConfig(enabled=True, target_modules=["q_proj", "v_proj"], dropout=0.0))
+            g, _ = one_step(model, exs, 4, True, tmp_path / f"{lora}{ckpt}", checkpointing=ckpt)
+            grads.append(g)
+            base = model.get_base_model() if lora else model
+            assert any(getattr(m, "gradient_checkpointing", False) for m in base.modules()) == ckpt
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) <= 1e-6, lora
 
 
 def test_non_finite_loss_stops_with_message(tiny_model, tokenizer, tmp_path):

@@ -4,7 +4,7 @@ through the packed attention path and through a dense mask on the sdpa and eager
 import pytest
 import torch
 
-from posttrain.data.batching import StepSampler, attention_layout, collate, pack_shared, shard
+from posttrain.data.batching import StepSampler, attention_layout, collate, pack_shared, row_padding, shard
 from posttrain.data.chat import encode_sft
 from posttrain.models.attention import PACKED_SDPA, model_inputs
 from posttrain.tasks.builtin import sft_records
@@ -31,7 +31,8 @@ def test_packed_equals_padded(tiny_model, tokenizer, examples):
     packed = collate(exs, packing=True, pad_id=tokenizer.pad_token_id)
     padded = collate(exs, packing=False, pad_id=tokenizer.pad_token_id)
     assert tiny_model.config._attn_implementation == PACKED_SDPA
-    assert packed["input_ids"].shape == (1, sum(len(e) for e in exs)) and int(packed["n_pad"]) == 0
+    T = sum(len(e) for e in exs)
+    assert packed["input_ids"].shape == (1, T + row_padding(T)) and int(packed["n_pad"]) == row_padding(T) > 0
     assert len(packed["attn_layout"].buckets) >= 2
     with torch.no_grad():
         a = per_sequence_nll(tiny_model, packed, len(exs))
@@ -73,7 +74,7 @@ def test_shared_prompt_tree_matches_separate_sequences(tiny_model):
     prompts = [[5, 6, 7, 8], [9, 10]]
     branches = [[[11, 12, 13], [14, 15]], [[16], [17, 18, 19, 20], [21, 22]]]
     packed = pack_shared(prompts, branches)
-    assert packed["input_ids"].shape[1] == 6 + 5 + 1 + 4 + 2
+    assert packed["input_ids"].shape[1] == 6 + 5 + 1 + 4 + 2 + packed["n_pad"]
     with torch.no_grad():
         logits = tiny_model(**model_inputs(tiny_model, packed)).logits[0]
         for p, group, p0, starts in zip(prompts, branches, packed["prompt_start"], packed["branch_start"]):
@@ -81,6 +82,13 @@ def test_shared_prompt_tree_matches_separate_sequences(tiny_model):
                 alone = tiny_model(input_ids=torch.tensor([p + b])).logits[0]
                 assert (logits[p0:p0 + len(p)] - alone[:len(p)]).abs().max() < 1e-5
                 assert (logits[c0:c0 + len(b)] - alone[len(p):]).abs().max() < 1e-5
+
+
+def test_row_padding_rounds_to_sixteen_lengths_per_doubling():
+    assert [row_padding(t) for t in (7, 16, 31, 33, 100, 946, 1024, 1025)] == [0, 0, 0, 1, 0, 14, 0, 63]
+    assert all(row_padding(t) <= t / 16 for t in range(1, 5000))
+    sizes = {t + row_padding(t) for t in range(513, 1025)}
+    assert len(sizes) == 16
 
 
 def test_layout_by_hand():

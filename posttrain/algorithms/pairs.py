@@ -284,9 +284,10 @@ def collate_shared(encs: list[Encoded], *, pad_id: int) -> dict:
     from posttrain.data.batching import pack_shared
 
     N, K = len(encs), max(len(e.responses) for e in encs)
-    packed = pack_shared([e.prompt_ids for e in encs], [e.responses for e in encs])
+    packed = pack_shared([e.prompt_ids for e in encs], [e.responses for e in encs], pad_id)
     T = packed["input_ids"].shape[1]
     seq_index = torch.full((T,), -2, dtype=torch.long)  # prompt tokens belong to no sequence (-2)
+    seq_index[T - packed["n_pad"]:] = -1  # row padding
     slot = torch.full((N, K), -1, dtype=torch.long)
     src, tgt, tgt_seq = [], [], []
     last = torch.zeros(N * K, dtype=torch.long)
@@ -310,7 +311,7 @@ def collate_shared(encs: list[Encoded], *, pad_id: int) -> dict:
             "attn_layout": packed["attn_layout"], "seq_index": seq_index[None],
             "loss_mask": (seq_index >= 0).long()[None], "src": torch.tensor(src), "tgt": torch.tensor(tgt),
             "tgt_seq": torch.tensor(tgt_seq), "last_pos": last,
-            "n_seqs": torch.tensor(N * K), "n_pad": torch.tensor(0), "slot": slot, "ranks": ranks,
+            "n_seqs": torch.tensor(N * K), "n_pad": torch.tensor(packed["n_pad"]), "slot": slot, "ranks": ranks,
             "margin": torch.tensor([e.margin for e in encs], dtype=torch.float),
             "tie": torch.tensor([e.tie for e in encs]), "label": torch.tensor([bool(e.label) for e in encs]),
             "n_records": torch.tensor(N)}

@@ -326,7 +326,7 @@ def collate_shared(prompts: list[list[int]], completions: list[list[int]]) -> di
             "attn_layout": packed["attn_layout"], "pred_row": torch.zeros_like(cols), "pred_col": cols,
             "tgt_seq": torch.cat([torch.full((len(completions[i]),), i) for i in range(n)]),
             "tgt_j": torch.cat(tgt_j), "tgt_ids": torch.cat([torch.tensor(completions[i]) for i in range(n)]),
-            "n_seqs": torch.tensor(n), "n_pad": torch.tensor(0)}
+            "n_seqs": torch.tensor(n), "n_pad": torch.tensor(packed["n_pad"])}
 
 
 _HEAD_SLICE_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")

@@ -86,24 +86,47 @@ def attention_layout(seqs: Sequence[torch.Tensor], out_seq: torch.Tensor, out_po
     return AttentionLayout(tuple(buckets), first_slot[out_seq] + out_pos)
 
 
+def row_padding(T: int) -> int:
+    """Pad tokens that round a packed row of T tokens up to a multiple of 2^(bits(T) - 5): at most
+    1/16 extra, and only 16 row lengths per doubling. Every new length makes oneDNN (bf16 matmuls
+    on CPU) build and cache new kernels: with exact lengths a bf16 DPO run's memory grew by 300 MB
+    in 40 steps; with rounded lengths it stays flat."""
+    step = 1 << max(0, T.bit_length() - 5)
+    return -T % step
+
+
+def _pad_sequence(seqs: list, out_seq: list, out_pos: list, T: int, n: int) -> None:
+    """Append ``n`` pad tokens at row positions T.. as one more attention sequence of their own."""
+    if n:
+        out_seq.append(torch.full((n,), len(seqs)))
+        out_pos.append(torch.arange(n))
+        seqs.append(torch.arange(T, T + n))
+
+
 def collate(examples: Sequence[Example], *, packing: bool, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Build one micro-batch.
 
     Packed: one row [1, T] of all sequences back to back, ``attn_layout`` (each sequence attends to
-    itself only), ``n_pad`` = 0. Not packed: one right-padded row per example and a 2-D
+    itself only), then ``row_padding`` pad tokens (``n_pad``). Not packed: one right-padded row per example and a 2-D
     ``attention_mask`` [R, L]. Both carry input_ids, position_ids, loss_mask and seq_index ([R, L],
     -1 on padding) plus ``n_seqs`` and ``n_pad``.
     """
     lengths = [len(e) for e in examples]
     if packing:
-        ids = torch.tensor([t for e in examples for t in e.input_ids])[None]
-        loss_mask = torch.tensor([m for e in examples for m in e.loss_mask])[None]
-        pos = torch.cat([torch.arange(n) for n in lengths])
-        seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+        T = sum(lengths)
+        pad = row_padding(T)
+        ids = torch.tensor([t for e in examples for t in e.input_ids] + [pad_id] * pad)[None]
+        loss_mask = torch.tensor([m for e in examples for m in e.loss_mask] + [0] * pad)[None]
+        out_pos = [torch.arange(n) for n in lengths]
+        out_seq = [torch.full((n,), i) for i, n in enumerate(lengths)]
         starts = torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
-        layout = attention_layout([torch.arange(s, s + n) for s, n in zip(starts, lengths)], seq, pos)
-        return {"input_ids": ids, "position_ids": pos[None], "loss_mask": loss_mask, "seq_index": seq[None],
-                "n_seqs": torch.tensor(len(examples)), "n_pad": torch.tensor(0), "attn_layout": layout}
+        seqs = [torch.arange(s, s + n) for s, n in zip(starts, lengths)]
+        _pad_sequence(seqs, out_seq, out_pos, T, pad)
+        out_seq, out_pos = torch.cat(out_seq), torch.cat(out_pos)
+        layout = attention_layout(seqs, out_seq, out_pos)
+        seq_index = torch.where(torch.arange(T + pad) < T, out_seq, -1)
+        return {"input_ids": ids, "position_ids": out_pos[None], "loss_mask": loss_mask, "seq_index": seq_index[None],
+                "n_seqs": torch.tensor(len(examples)), "n_pad": torch.tensor(pad), "attn_layout": layout}
     R, width = len(examples), max(lengths)
     ids = torch.full((R, width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((R, width), dtype=torch.long)
@@ -118,14 +141,16 @@ def collate(examples: Sequence[Example], *, packing: bool, pad_id: int = 0) -> d
             "n_seqs": torch.tensor(R), "n_pad": (~valid).sum(), "attention_mask": valid.long()}
 
 
-def pack_shared(prompts: Sequence[Sequence[int]], branches: Sequence[Sequence[Sequence[int]]]) -> dict:
+def pack_shared(prompts: Sequence[Sequence[int]], branches: Sequence[Sequence[Sequence[int]]],
+                pad_id: int = 0) -> dict:
     """One packed row of prompt-sharing trees: each prompt once, then its branches (responses or
     completions). A branch token attends to its prompt and to its own earlier tokens only, at
     positions continuing from the prompt's length, so it sees exactly what it would alone; a group
     of G branches of C tokens after a P-token prompt costs P + G*C tokens instead of G*(P + C).
 
-    Returns ``input_ids``/``position_ids`` [1, T], ``attn_layout``, and the flat row offsets
-    ``prompt_start`` [n_trees] and ``branch_start`` (one list per tree)."""
+    Returns ``input_ids``/``position_ids`` [1, T], ``attn_layout``, the flat row offsets
+    ``prompt_start`` [n_trees] and ``branch_start`` (one list per tree), and ``n_pad`` (the
+    ``row_padding`` tokens at the end of the row)."""
     ids: list[int] = []
     pos: list[torch.Tensor] = []
     seqs, out_seq, out_pos = [], [], []
@@ -147,9 +172,14 @@ def pack_shared(prompts: Sequence[Sequence[int]], branches: Sequence[Sequence[Se
             out_pos.append(torch.arange(P, P + C))
             seqs.append(torch.cat([torch.arange(p0, p0 + P), torch.arange(c0, c0 + C)]))
         branch_start.append(starts)
+    T = len(ids)
+    pad = row_padding(T)
+    ids += [pad_id] * pad
+    pos.append(torch.arange(pad))
+    _pad_sequence(seqs, out_seq, out_pos, T, pad)
     layout = attention_layout(seqs, torch.cat(out_seq), torch.cat(out_pos))
     return {"input_ids": torch.tensor(ids)[None], "position_ids": torch.cat(pos)[None], "attn_layout": layout,
-            "prompt_start": prompt_start, "branch_start": branch_start}
+            "prompt_start": prompt_start, "branch_start": branch_start, "n_pad": pad}
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[int]:

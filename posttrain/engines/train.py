@@ -181,6 +181,16 @@ class TrainEngine:
         # cpu=True when there is no GPU: under torchrun this is what gives real gloo DDP (ENVIRONMENT.md)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision=cfg.mixed_precision)
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", True):
+                raise TrainingError(f"{type(model).__name__} does not support gradient checkpointing",
+                                    where="train.gradient_checkpointing", fix="set train.gradient_checkpointing=false")
+            # non-reentrant: works with frozen inputs (LoRA) and passes the packed-attention kwargs through
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("the model has no trainable parameters", where="model",
