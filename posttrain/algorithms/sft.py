@@ -5,8 +5,8 @@
 N counts the trained tokens of the whole optimizer step (all micro-batches, all processes), so a
 long answer weighs by its tokens and accumulation does not change the gradient (RLHF book ch. 4;
 the token-level normalisation TRL and open-instruct use). System and user turns are masked; every
-assistant turn of a multi-turn conversation is trained. Short examples are packed into rows with a
-block-diagonal attention mask (no compute on padding).
+assistant turn of a multi-turn conversation is trained. The examples of a micro-batch are packed into one
+row, each attending to itself only (no compute on padding; ``data.batching``).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ it with ``AutoModelForSequenceClassification.from_pretrained(causal_lm_path, num
 the backbone weights and initialises the head; saving it with ``save_pretrained`` gives a directory
 that loads back the same way, so the trained model works with any tool that reads HF classifiers.
 
-Training and scoring use packed batches (``collate``: several sequences per row, block-diagonal
-attention, no compute on padding). :func:`sequence_rewards` runs the classifier's forward and reads
+Training and scoring use packed batches (``collate``: the sequences of a micro-batch in one
+row, each attending to itself only, no compute on padding). :func:`sequence_rewards` runs the classifier's forward and reads
 the head's output at each sequence's last token (found through ``seq_index``) instead of the row's.
 That "last token" is the one the Hugging Face class picks on a padded batch — the rightmost token that
 is not ``pad_token_id`` — so both give the same score for the same token ids (tested to 1e-5).

@@ -7,8 +7,8 @@
 
 Prompts and responses are tokenized exactly as in training (the tokenizer's chat template; the
 response ends with its end-of-turn token) and scored in packed batches: many short sequences share
-one row with a block-diagonal mask, so no compute is spent on padding, and the score of a sequence
-does not depend on what it was batched with.
+one row, each attending to itself only (``data.batching``), so no compute is spent on padding, and
+the score of a sequence does not depend on what it was batched with.
 """
 
 from __future__ import annotations
