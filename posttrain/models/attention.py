@@ -38,7 +38,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if kwargs.get("sliding_window") or kwargs.get("softcap") or is_causal is False:
         raise ConfigError(f"{type(module).__name__}: packed attention supports plain causal attention only "
                           f"(no sliding window, softcap or bidirectional attention)",
-                          where="packing", fix="set packing=false, or model.attn_implementation=eager")
+                          where="packing", fix="set packing=false (one padded row per sequence)")
     H, D = query.shape[1], query.shape[3]
     # under autocast RoPE leaves q, k in fp32 and v in bf16, and SDPA would run in bf16, which on CPU
     # is ~5x slower than fp32 for short sequences (fwd+bwd, 64 x 40 tokens; DPO step 2x slower): attend
