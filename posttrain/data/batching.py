@@ -95,38 +95,23 @@ def row_padding(T: int) -> int:
     return -T % step
 
 
-def _pad_sequence(seqs: list, out_seq: list, out_pos: list, T: int, n: int) -> None:
-    """Append ``n`` pad tokens at row positions T.. as one more attention sequence of their own."""
-    if n:
-        out_seq.append(torch.full((n,), len(seqs)))
-        out_pos.append(torch.arange(n))
-        seqs.append(torch.arange(T, T + n))
-
-
 def collate(examples: Sequence[Example], *, packing: bool, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Build one micro-batch.
 
     Packed: one row [1, T] of all sequences back to back, ``attn_layout`` (each sequence attends to
-    itself only), then ``row_padding`` pad tokens (``n_pad``). Not packed: one right-padded row per example and a 2-D
-    ``attention_mask`` [R, L]. Both carry input_ids, position_ids, loss_mask and seq_index ([R, L],
+    itself only: :func:`pack_shared` with empty prompts), then ``row_padding`` pad tokens
+    (``n_pad``). Not packed: one right-padded row per example and a 2-D ``attention_mask`` [R, L]. Both carry input_ids, position_ids, loss_mask and seq_index ([R, L],
     -1 on padding) plus ``n_seqs`` and ``n_pad``.
     """
     lengths = [len(e) for e in examples]
     if packing:
-        T = sum(lengths)
-        pad = row_padding(T)
-        ids = torch.tensor([t for e in examples for t in e.input_ids] + [pad_id] * pad)[None]
+        packed = pack_shared([[]] * len(examples), [[e.input_ids] for e in examples], pad_id)
+        pad = packed["n_pad"]
         loss_mask = torch.tensor([m for e in examples for m in e.loss_mask] + [0] * pad)[None]
-        out_pos = [torch.arange(n) for n in lengths]
-        out_seq = [torch.full((n,), i) for i, n in enumerate(lengths)]
-        starts = torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
-        seqs = [torch.arange(s, s + n) for s, n in zip(starts, lengths)]
-        _pad_sequence(seqs, out_seq, out_pos, T, pad)
-        out_seq, out_pos = torch.cat(out_seq), torch.cat(out_pos)
-        layout = attention_layout(seqs, out_seq, out_pos)
-        seq_index = torch.where(torch.arange(T + pad) < T, out_seq, -1)
-        return {"input_ids": ids, "position_ids": out_pos[None], "loss_mask": loss_mask, "seq_index": seq_index[None],
-                "n_seqs": torch.tensor(len(examples)), "n_pad": torch.tensor(pad), "attn_layout": layout}
+        seq_index = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)] + [torch.full((pad,), -1)])
+        return {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"], "loss_mask": loss_mask,
+                "seq_index": seq_index[None], "n_seqs": torch.tensor(len(examples)), "n_pad": torch.tensor(pad),
+                "attn_layout": packed["attn_layout"]}
     R, width = len(examples), max(lengths)
     ids = torch.full((R, width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((R, width), dtype=torch.long)
@@ -152,14 +137,12 @@ def pack_shared(prompts: Sequence[Sequence[int]], branches: Sequence[Sequence[Se
     ``prompt_start`` [n_trees] and ``branch_start`` (one list per tree), and ``n_pad`` (the
     ``row_padding`` tokens at the end of the row)."""
     ids: list[int] = []
-    pos: list[torch.Tensor] = []
     seqs, out_seq, out_pos = [], [], []
     prompt_start, branch_start = [], []
     for prompt, group in zip(prompts, branches):
         P, p0 = len(prompt), len(ids)
         prompt_start.append(p0)
         ids += prompt
-        pos.append(torch.arange(P))
         out_seq.append(torch.full((P,), len(seqs)))  # the prompt's outputs: from its first branch
         out_pos.append(torch.arange(P))
         starts = []
@@ -167,18 +150,20 @@ def pack_shared(prompts: Sequence[Sequence[int]], branches: Sequence[Sequence[Se
             C, c0 = len(b), len(ids)
             starts.append(c0)
             ids += b
-            pos.append(torch.arange(P, P + C))
             out_seq.append(torch.full((C,), len(seqs)))
             out_pos.append(torch.arange(P, P + C))
             seqs.append(torch.cat([torch.arange(p0, p0 + P), torch.arange(c0, c0 + C)]))
         branch_start.append(starts)
     T = len(ids)
     pad = row_padding(T)
-    ids += [pad_id] * pad
-    pos.append(torch.arange(pad))
-    _pad_sequence(seqs, out_seq, out_pos, T, pad)
-    layout = attention_layout(seqs, torch.cat(out_seq), torch.cat(out_pos))
-    return {"input_ids": torch.tensor(ids)[None], "position_ids": torch.cat(pos)[None], "attn_layout": layout,
+    if pad:  # the pad tokens: one more attention sequence of their own, never trained
+        ids += [pad_id] * pad
+        out_seq.append(torch.full((pad,), len(seqs)))
+        out_pos.append(torch.arange(pad))
+        seqs.append(torch.arange(T, T + pad))
+    pos = torch.cat(out_pos)  # a token's position is its slot in its own attention sequence
+    layout = attention_layout(seqs, torch.cat(out_seq), pos)
+    return {"input_ids": torch.tensor(ids, dtype=torch.long)[None], "position_ids": pos[None], "attn_layout": layout,
             "prompt_start": prompt_start, "branch_start": branch_start, "n_pad": pad}
 
 
