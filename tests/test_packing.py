@@ -95,14 +95,31 @@ def test_layout_by_hand():
     """Two sequences [0,1,2] and [3,4]: buckets, output slots and the dense mask."""
     lay = attention_layout([torch.arange(0, 3), torch.arange(3, 5)], torch.tensor([0, 0, 0, 1, 1]),
                            torch.tensor([0, 1, 2, 0, 1]))
-    assert [b.tolist() for b in lay.buckets] == [[[0, 1, 2]], [[3, 4]]]  # 2 < 0.75 * 3: own bucket
+    assert [b.keys.tolist() for b in lay.buckets] == [[[0, 1, 2]], [[3, 4]]]  # 2 < 0.75 * 3: own bucket
     assert lay.out.tolist() == [0, 1, 2, 3, 4]
     expect = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]])
     assert torch.equal(lay.dense_mask(), expect.bool())
     same = attention_layout([torch.arange(0, 4), torch.arange(4, 7)], torch.tensor([0] * 4 + [1] * 3),
                             torch.tensor([0, 1, 2, 3, 0, 1, 2]))
-    assert [b.tolist() for b in same.buckets] == [[[0, 1, 2, 3], [4, 5, 6, 0]]]  # padded slot -> position 0
+    assert [b.keys.tolist() for b in same.buckets] == [[[0, 1, 2, 3], [4, 5, 6, 0]]]  # padded slot -> position 0
     assert same.out.tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_shared_prompt_layout_by_hand():
+    """Prompt [p0 p1], branches [c0 c1] and [e0]: the prompt's queries once (a causal bucket of its
+    own), each branch's queries over prompt + own keys (a masked bucket), and the dense mask."""
+    packed = pack_shared([[7, 8]], [[[9, 10], [11]]])
+    lay = packed["attn_layout"]
+    assert packed["input_ids"].tolist() == [[7, 8, 9, 10, 11]] and packed["n_pad"] == 0
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 2]]  # a branch continues from the prompt
+    prompt, branch = lay.buckets
+    assert prompt.keys.tolist() == [[0, 1]] and prompt.queries is None and prompt.mask is None
+    assert branch.keys.tolist() == [[0, 1, 2, 3], [0, 1, 4, 0]] and branch.q_start.tolist() == [2, 2]
+    assert branch.queries.tolist() == [[2, 3], [4, 0]]  # the second row's padded query repeats a slot
+    assert branch.mask[:, 0].int().tolist() == [[[1, 1, 1, 0], [1, 1, 1, 1]], [[1, 1, 1, 0], [1, 1, 1, 1]]]
+    assert lay.out.tolist() == [0, 1, 2, 3, 4]
+    expect = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]])
+    assert torch.equal(lay.dense_mask(), expect.bool())
 
 
 def test_padding_fraction_counted(tokenizer):

@@ -28,20 +28,46 @@ BUCKET_FILL = 0.75
 
 
 @dataclass(frozen=True)
+class Bucket:
+    """Attention sequences of similar length, attended by one SDPA call.
+
+    ``keys`` [n, Lk]: each sequence's row positions, right-padded with position 0 (a padded slot
+    comes after every real slot, so no real query sees it). ``q_start`` [n]: the sequence's first
+    *query* slot; the slots before it are keys only (a shared prompt whose own outputs come from
+    another sequence). ``queries`` [n, Lq] (row positions of slots ``q_start..``, right-padded) and
+    ``mask`` [n, 1, Lq, Lk] (query i sees key slots j <= q_start + i) are None when every q_start is
+    0: the queries are then the keys and the fused causal kernel needs no mask.
+    """
+
+    keys: torch.Tensor
+    q_start: torch.Tensor
+    queries: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    @property
+    def n_queries(self) -> int:
+        return (self.keys if self.queries is None else self.queries).shape[1]
+
+    def to(self, device) -> "Bucket":
+        move = (lambda t: None if t is None else t.to(device))
+        return Bucket(self.keys.to(device), self.q_start.to(device), move(self.queries), move(self.mask))
+
+
+@dataclass(frozen=True)
 class AttentionLayout:
     """Who attends to whom in a packed row of T tokens.
 
     An *attention sequence* is an ordered list of row positions attended causally: a plain packed
     sequence is its own tokens; a response that shares a prompt is the prompt's positions followed by
-    its own (the prompt is stored once in the row but appears in every response's sequence).
+    its own (the prompt is stored once in the row and appears in every response's sequence as keys;
+    its queries are computed once, in a sequence of the prompt alone).
 
-    ``buckets[b]`` is [n_b, L_b]: the row positions of the n_b attention sequences of bucket b,
-    right-padded with position 0 (a padded slot comes after every real slot of its sequence, so a
-    causal query never sees it). ``out`` is [T]: for each row token, the slot (flat index over the
-    concatenated [n_b * L_b] buckets) whose attention output becomes that token's output.
+    ``buckets``: the sequences grouped into :class:`Bucket` s. ``out`` is [T]: for each row token,
+    the query slot (flat index over the concatenated [n_b * Lq_b] bucket queries) whose attention
+    output becomes that token's output.
     """
 
-    buckets: tuple[torch.Tensor, ...]
+    buckets: tuple[Bucket, ...]
     out: torch.Tensor
 
     def to(self, device) -> "AttentionLayout":
@@ -53,36 +79,47 @@ class AttentionLayout:
         T = self.out.numel()
         mask = torch.zeros(T, T, dtype=torch.bool)
         offset = 0
-        for pos in self.buckets:
-            n, L = pos.shape
-            mine = ((self.out >= offset) & (self.out < offset + n * L)).nonzero().squeeze(1)
-            seq, p = (self.out[mine] - offset).div(L, rounding_mode="floor"), (self.out[mine] - offset) % L
-            keep = torch.arange(L)[None] <= p[:, None]  # causal: slots 0..p of the query's sequence
-            mask[mine[:, None].expand(-1, L)[keep], pos[seq][keep]] = True
-            offset += n * L
+        for b in self.buckets:
+            (n, Lk), Lq = b.keys.shape, b.n_queries
+            mine = ((self.out >= offset) & (self.out < offset + n * Lq)).nonzero().squeeze(1)
+            seq, i = (self.out[mine] - offset).div(Lq, rounding_mode="floor"), (self.out[mine] - offset) % Lq
+            keep = torch.arange(Lk)[None] <= (b.q_start[seq] + i)[:, None]  # causal within the sequence
+            mask[mine[:, None].expand(-1, Lk)[keep], b.keys[seq][keep]] = True
+            offset += n * Lq
         return mask
 
 
-def attention_layout(seqs: Sequence[torch.Tensor], out_seq: torch.Tensor, out_pos: torch.Tensor) -> AttentionLayout:
-    """Bucket attention sequences (row positions, see :class:`AttentionLayout`) by length; token t's
-    output is slot ``out_pos[t]`` of sequence ``out_seq[t]``."""
-    order = sorted(range(len(seqs)), key=lambda s: -len(seqs[s]))
+def attention_layout(seqs: Sequence[torch.Tensor], out_seq: torch.Tensor, out_pos: torch.Tensor,
+                     q_start: Sequence[int] | None = None) -> AttentionLayout:
+    """Bucket attention sequences (row positions, see :class:`AttentionLayout`) by kind and length;
+    token t's output is query ``out_pos[t]`` of sequence ``out_seq[t]``, counted from the sequence's
+    ``q_start`` (default 0: every slot is a query)."""
+    q0 = [0] * len(seqs) if q_start is None else list(q_start)
+    order = sorted(range(len(seqs)), key=lambda s: (q0[s] > 0, -len(seqs[s])))
     groups: list[list[int]] = []
     for s in order:
-        if groups and len(seqs[s]) >= BUCKET_FILL * len(seqs[groups[-1][0]]):
-            groups[-1].append(s)
+        g = groups[-1] if groups else None
+        if g and (q0[g[0]] > 0) == (q0[s] > 0) and len(seqs[s]) >= BUCKET_FILL * len(seqs[g[0]]):
+            g.append(s)
         else:
             groups.append([s])
     first_slot = torch.zeros(len(seqs), dtype=torch.long)
     buckets, offset = [], 0
     for g in groups:
-        L = len(seqs[g[0]])
-        pos = torch.zeros(len(g), L, dtype=torch.long)
+        Lk, Lq = len(seqs[g[0]]), max(len(seqs[s]) - q0[s] for s in g)
+        keys = torch.zeros(len(g), Lk, dtype=torch.long)
         for r, s in enumerate(g):
-            pos[r, :len(seqs[s])] = seqs[s]
-            first_slot[s] = offset + r * L
-        buckets.append(pos)
-        offset += len(g) * L
+            keys[r, :len(seqs[s])] = seqs[s]
+        starts = torch.tensor([q0[s] for s in g], dtype=torch.long)
+        if q0[g[0]] == 0:
+            buckets.append(Bucket(keys, starts))
+        else:
+            slot = (starts[:, None] + torch.arange(Lq)[None]).clamp(max=Lk - 1)  # padded queries repeat a slot
+            mask = torch.arange(Lk)[None, None] <= (starts[:, None, None] + torch.arange(Lq)[None, :, None])
+            buckets.append(Bucket(keys, starts, keys.gather(1, slot), mask[:, None]))
+        for r, s in enumerate(g):
+            first_slot[s] = offset + r * Lq
+        offset += len(g) * Lq
     return AttentionLayout(tuple(buckets), first_slot[out_seq] + out_pos)
 
 
@@ -131,40 +168,46 @@ def pack_shared(prompts: Sequence[Sequence[int]], branches: Sequence[Sequence[Se
     """One packed row of prompt-sharing trees: each prompt once, then its branches (responses or
     completions). A branch token attends to its prompt and to its own earlier tokens only, at
     positions continuing from the prompt's length, so it sees exactly what it would alone; a group
-    of G branches of C tokens after a P-token prompt costs P + G*C tokens instead of G*(P + C).
+    of G branches of C tokens after a P-token prompt costs P + G*C tokens instead of G*(P + C) in the
+    linear layers. In attention the prompt's queries are computed once (a sequence of the prompt
+    alone) and each branch's sequence has the prompt as keys only (``q_start = P``).
 
     Returns ``input_ids``/``position_ids`` [1, T], ``attn_layout``, the flat row offsets
     ``prompt_start`` [n_trees] and ``branch_start`` (one list per tree), and ``n_pad`` (the
     ``row_padding`` tokens at the end of the row)."""
     ids: list[int] = []
-    seqs, out_seq, out_pos = [], [], []
+    seqs, q_start, out_seq, out_pos, positions = [], [], [], [], []
+
+    def add(keys: torch.Tensor, first_query: int) -> None:  # one attention sequence; its queries' outputs
+        out_seq.append(torch.full((len(keys) - first_query,), len(seqs)))
+        out_pos.append(torch.arange(len(keys) - first_query))
+        positions.append(torch.arange(first_query, len(keys)))
+        seqs.append(keys)
+        q_start.append(first_query)
+
     prompt_start, branch_start = [], []
     for prompt, group in zip(prompts, branches):
         P, p0 = len(prompt), len(ids)
         prompt_start.append(p0)
         ids += prompt
-        out_seq.append(torch.full((P,), len(seqs)))  # the prompt's outputs: from its first branch
-        out_pos.append(torch.arange(P))
+        if P:
+            add(torch.arange(p0, p0 + P), 0)
         starts = []
         for b in group:
             C, c0 = len(b), len(ids)
             starts.append(c0)
             ids += b
-            out_seq.append(torch.full((C,), len(seqs)))
-            out_pos.append(torch.arange(P, P + C))
-            seqs.append(torch.cat([torch.arange(p0, p0 + P), torch.arange(c0, c0 + C)]))
+            if C:
+                add(torch.cat([torch.arange(p0, p0 + P), torch.arange(c0, c0 + C)]), P)
         branch_start.append(starts)
     T = len(ids)
     pad = row_padding(T)
     if pad:  # the pad tokens: one more attention sequence of their own, never trained
         ids += [pad_id] * pad
-        out_seq.append(torch.full((pad,), len(seqs)))
-        out_pos.append(torch.arange(pad))
-        seqs.append(torch.arange(T, T + pad))
-    pos = torch.cat(out_pos)  # a token's position is its slot in its own attention sequence
-    layout = attention_layout(seqs, torch.cat(out_seq), pos)
-    return {"input_ids": torch.tensor(ids, dtype=torch.long)[None], "position_ids": pos[None], "attn_layout": layout,
-            "prompt_start": prompt_start, "branch_start": branch_start, "n_pad": pad}
+        add(torch.arange(T, T + pad), 0)
+    layout = attention_layout(seqs, torch.cat(out_seq), torch.cat(out_pos), q_start)
+    return {"input_ids": torch.tensor(ids, dtype=torch.long)[None], "position_ids": torch.cat(positions)[None],
+            "attn_layout": layout, "prompt_start": prompt_start, "branch_start": branch_start, "n_pad": pad}
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[int]:

@@ -48,17 +48,17 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     upcast = query.device.type == "cpu" and bool(low)
     q, k, v = (x[0].transpose(0, 1).float() if upcast else x[0].transpose(0, 1) for x in (query, key, value))
     outs = []
-    for pos in layout.buckets:
-        n, L = pos.shape
-        idx = pos.reshape(-1)
+    for b in layout.buckets:
+        def seqs(x, pos):
+            n, L = pos.shape
+            return x.index_select(0, pos.reshape(-1)).view(n, L, x.shape[1], D).transpose(1, 2)
 
-        def seqs(x):
-            return x.index_select(0, idx).view(n, L, x.shape[1], D).transpose(1, 2)
-
+        queries = b.keys if b.queries is None else b.queries
         with torch.autocast("cpu", enabled=False) if upcast else nullcontext():  # CPU autocast would recast
-            o = F.scaled_dot_product_attention(seqs(q), seqs(k), seqs(v), dropout_p=dropout, is_causal=True,
-                                               scale=scaling, enable_gqa=k.shape[1] != H)
-        outs.append(o.transpose(1, 2).reshape(n * L, H, D))
+            o = F.scaled_dot_product_attention(seqs(q, queries), seqs(k, b.keys), seqs(v, b.keys), attn_mask=b.mask,
+                                               dropout_p=dropout, is_causal=b.mask is None, scale=scaling,
+                                               enable_gqa=k.shape[1] != H)
+        outs.append(o.transpose(1, 2).reshape(queries.numel(), H, D))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.index_select(0, layout.out)[None].to(dtype), None
 
