@@ -7,7 +7,9 @@ Each trainer runs in its own subprocess (so peak RSS is its own) on the same tin
 default, random weights, so every completion runs to the budget: the worst case for generation; pass
 an SFT model with ``--model`` for short completions), the built-in task's prompts in chat format, the
 built-in verifiable reward, P prompts x G completions per step, one optimizer step per generation
-batch, temperature 1, beta 0 (so neither loads a reference model), fp32, no gradient checkpointing.
+batch, temperature 1, beta 0 (so neither loads a reference model), fp32 weights and training (our rollout
+engine decodes in bf16 on CPUs with native bf16: ``rollout.engine_dtype=auto``, the default; ``--engine-dtype
+model`` keeps it fp32), no gradient checkpointing.
 After ``WARMUP`` steps, ``--steps`` steps are timed from step end to step end. Generation share =
 time inside generation / step time (posttrain: the engine's ``gen_s``; TRL: time inside
 ``model.generate``). The last line printed is one JSON object.
@@ -151,8 +153,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per trainer; the fastest counts")
     ap.add_argument("--compile", action="store_true", help="posttrain: rollout.compile=true (compiled in the warm-up steps)")
-    ap.add_argument("--engine-dtype", default="model", choices=["model", "bfloat16"],
-                    help="posttrain's rollout engine dtype (bfloat16: AVX-512 bf16 CPUs; training stays fp32)")
+    ap.add_argument("--engine-dtype", default="auto", choices=["auto", "model", "bfloat16"],
+                    help="posttrain's rollout.engine_dtype (default auto: bf16 decoding on CPUs with native bf16, "
+                         "as users get it; model: exact fp32 rollouts); training stays fp32")
     args = ap.parse_args()
     if args.threads:
         import torch

@@ -173,7 +173,7 @@ def count_tokens(mb: dict) -> torch.Tensor:
 
 def make_loss(cfg: GRPOConfig, kl_coef, max_len: int):
     """loss_fn(model, micro_batch, total) -> (sum / total, metrics) and its count_fn, chosen once."""
-    from posttrain.algorithms.rollout_buffer import to_layout, token_forward
+    from posttrain.algorithms.rollout_buffer import rollout_is_weight, to_layout, token_forward
     from posttrain.kl import get_kl_estimator
     from posttrain.logprobs import entropy_from_logits
     from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
@@ -192,9 +192,10 @@ def make_loss(cfg: GRPOConfig, kl_coef, max_len: int):
         n, T = mask.shape
         logp = to_layout(out["logp"], out["seq"], out["j"], n, T)
         old = mb["old_logp"] if "old_logp" in mb else logp.detach()
+        is_w, tis_m = rollout_is_weight(cfg.rollout, old, mb["rollout_logp"], mask)
         loss, m = policy_loss(logp, old, mb["advantages"], mask, clip_low=L.clip_low, clip_high=L.clip_high,
-                              aggregation=L.aggregation, max_len=max_len)
-        metrics = dict(m)
+                              aggregation=L.aggregation, max_len=max_len, is_weight=is_w)
+        metrics = {**m, **tis_m}
         if kl_in_loss:
             kl_tok = kl_penalty_in_loss(logp, mb["ref_logp"], mask, cfg.kl.estimator)
             loss = loss + kl_coef.value * aggregate(kl_tok, mask, L.aggregation, max_len)

@@ -155,7 +155,7 @@ def build_actor_critic(cfg: PPOConfig, tokenizer) -> ActorCritic:
 
 
 def make_loss(cfg: PPOConfig, kl_coef, max_len: int):
-    from posttrain.algorithms.rollout_buffer import to_layout
+    from posttrain.algorithms.rollout_buffer import rollout_is_weight, to_layout
     from posttrain.logprobs import entropy_from_logits
     from posttrain.losses.policy import aggregate, kl_penalty_in_loss, ppo_clip_loss, value_loss
 
@@ -170,8 +170,9 @@ def make_loss(cfg: PPOConfig, kl_coef, max_len: int):
         n, T = mask.shape
         out, v_flat = model(mb, temp)
         logp = to_layout(out["logp"], out["seq"], out["j"], n, T)
+        is_w, tis_m = rollout_is_weight(cfg.rollout, mb["old_logp"], mb["rollout_logp"], mask)
         pg, m = ppo_clip_loss(logp, mb["old_logp"], mb["advantages"], mask, clip_low=L.clip_low,
-                              clip_high=L.clip_high, aggregation=L.aggregation, max_len=max_len)
+                              clip_high=L.clip_high, aggregation=L.aggregation, max_len=max_len, is_weight=is_w)
         values = to_layout(v_flat, out["seq"], out["j"], n, T)
         vl, vm = value_loss(values, mb["values"], mb["returns"], mask, clip=V.clip, aggregation=L.aggregation,
                             max_len=max_len)
@@ -183,7 +184,7 @@ def make_loss(cfg: PPOConfig, kl_coef, max_len: int):
         if kl_in_loss:
             loss = loss + kl_coef.value * aggregate(kl_penalty_in_loss(logp, mb["ref_logp"], mask, cfg.kl.estimator),
                                                     mask, L.aggregation, max_len)
-        metrics = {**m, "policy_loss": pg.detach(), "value_loss": vl.detach(),
+        metrics = {**m, **tis_m, "policy_loss": pg.detach(), "value_loss": vl.detach(),
                    "value_clip_frac": vm["value_clip_frac"],
                    "entropy": (ent.detach() * mask).sum() / mask.sum().clamp(min=1)}
         return loss * (count_fn(mb) / total), metrics

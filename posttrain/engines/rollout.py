@@ -110,8 +110,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         tokens = logits.argmax(-1)
         logp = torch.log_softmax(logits, dim=-1)
     else:
-        scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-        logp = torch.log_softmax(scaled, dim=-1)
+        scaled = logits if params.temperature == 1 else logits / params.temperature
+        logp = torch.log_softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
         tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1)
 

@@ -12,6 +12,8 @@ Each loss is −(objective), aggregated by ``aggregation`` (see ``aggregate``), 
     ratio_mean / ratio_max / ratio_min   of the importance ratio over valid tokens
     approx_kl   mean k3 estimate of KL(π_old ‖ π_θ) over valid tokens: (ρ − 1) − log ρ
 Masked positions may hold any finite or infinite value: they are selected away before use.
+``is_weight`` (optional, [B, T], no gradient) multiplies every token's term before aggregation: the
+rollout-mismatch correction of :func:`truncated_is_weight`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from posttrain.kl import get_kl_estimator
 from posttrain.masked import masked_sum, masked_var
 
 __all__ = ["aggregate", "AGGREGATIONS", "ppo_clip_loss", "gspo_loss", "cispo_loss", "kl_penalty_in_loss",
+           "truncated_is_weight",
            "value_loss", "explained_variance", "POLICY_LOSSES", "get_policy_loss"]
 
 Metrics = dict[str, torch.Tensor]
@@ -124,7 +127,8 @@ def _clipped_objective(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                   clip_low: float = 0.2, clip_high: float = 0.2, aggregation: str = "token_mean",
-                  max_len: int | None = None, dual_clip: float | None = None) -> tuple[torch.Tensor, Metrics]:
+                  max_len: int | None = None, dual_clip: float | None = None,
+                  is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7),
     with DAPO's decoupled clip range (Yu et al. 2025, §3.1 "Clip-Higher"):
 
@@ -145,6 +149,8 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     advantages = _zero_masked(advantages, valid)
     ratio = torch.exp(log_ratio)
     per_token, metrics = _clipped_objective(ratio, advantages, clip_low, clip_high, dual_clip, valid)
+    if is_weight is not None:
+        per_token = per_token * is_weight.detach()
     loss = aggregate(per_token, valid, aggregation, max_len)
     metrics.update(_ratio_metrics(log_ratio.detach(), valid))
     return loss, metrics
@@ -152,7 +158,8 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
 
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               clip_low: float = 3e-4, clip_high: float = 4e-4, aggregation: str = "seq_mean_token_mean",
-              max_len: int | None = None) -> tuple[torch.Tensor, Metrics]:
+              max_len: int | None = None,
+              is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """Group Sequence Policy Optimization (Zheng et al. 2025, "GSPO"), token-level form (GSPO-token):
 
         s_i = (π_θ(y_i|x) / π_old(y_i|x))^{1/|y_i|} = exp( 1/|y_i| Σ_t log ρ_{i,t} )
@@ -175,6 +182,8 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     log_s = seq_log_ratio.detach()[:, None] + tok
     ratio = torch.exp(log_s)
     per_token, metrics = _clipped_objective(ratio, advantages, clip_low, clip_high, None, valid)
+    if is_weight is not None:
+        per_token = per_token * is_weight.detach()
     loss = aggregate(per_token, valid, aggregation, max_len)
     metrics.update(_ratio_metrics(log_s.detach(), valid))
     metrics["approx_kl"] = _ratio_metrics(log_ratio.detach(), valid)["approx_kl"]  # token-level k3
@@ -183,7 +192,8 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                clip_low: float = 1.0, clip_high: float = 0.2, aggregation: str = "token_mean",
-               max_len: int | None = None) -> tuple[torch.Tensor, Metrics]:
+               max_len: int | None = None,
+               is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """Clipped IS-weight Policy Optimization (MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute
     Efficiently with Lightning Attention"):
 
@@ -203,10 +213,37 @@ def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
         weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
         cut = (ratio > 1.0 + clip_high) | (ratio < 1.0 - clip_low)
     per_token = -weight * advantages * _zero_masked(logp, valid)
+    if is_weight is not None:
+        per_token = per_token * is_weight.detach()
     loss = aggregate(per_token, valid, aggregation, max_len)
     metrics = {"clip_frac": _token_mean(cut.to(ratio.dtype), valid, None)}
     metrics.update(_ratio_metrics(log_ratio.detach(), valid))
     return loss, metrics
+
+
+def truncated_is_weight(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                        cap: float = 2.0) -> tuple[torch.Tensor, Metrics]:
+    """Truncated importance sampling for the rollout engine's mismatch (TIS; Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training"; rlhf-book ch. 6):
+
+        w_t = min( π_old(a_t|s_t) / π_rollout(a_t|s_t), C ),   log-ratio clamped to [−10, 10]
+
+    π_old is the trainer's probability before the update (what the PPO ratio ρ_t refers to);
+    π_rollout is the probability the engine sampled a_t with (another dtype, other kernels). The
+    objective becomes E[min(ρA, clip(ρ)A) · w]: the policy gradient of samples that came from
+    π_rollout, re-weighted towards π_old, with C bounding the variance (Open Instruct uses C = 2).
+    With an exact engine w = 1. Shapes: [B, T] each. Returns (w [B, T], 1 where masked, no
+    gradient; metrics ``tis/weight_mean`` and ``tis/capped_frac`` over valid tokens)."""
+    if cap <= 0:
+        raise ConfigError(f"the TIS cap must be positive, got {cap}", where="rollout.tis_cap")
+    valid = mask.bool()
+    with torch.no_grad():
+        log_w = _zero_masked(old_logp - rollout_logp, valid).clamp(-10.0, 10.0)
+        raw = torch.exp(log_w)
+        w = raw.clamp(max=cap)
+        metrics = {"tis/weight_mean": _token_mean(w, valid, None),
+                   "tis/capped_frac": _token_mean((raw > cap).to(w.dtype), valid, None)}
+    return w, metrics
 
 
 def kl_penalty_in_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,

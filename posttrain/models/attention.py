@@ -5,8 +5,9 @@ batch's :class:`~posttrain.data.batching.AttentionLayout`, it gathers each atten
 queries, keys and values from the packed row into length buckets, runs the fused causal kernel per
 bucket and scatters the outputs back. The linear layers then run on the real tokens only (no row
 padding), attention needs no T x T mask, and a prompt shared by several responses is stored once in
-the row yet attended by each (its keys are gathered into every response's sequence; autograd sums
-their gradients). Models loaded with ``attn_implementation: sdpa`` use it (``loading``); the saved
+the row yet attended by each: its keys are gathered into every response's sequence (autograd sums
+their gradients) while only the response's own tokens are queries there (a bucket with a
+bottom-right causal mask), the prompt's queries being computed once in a sequence of their own. Models loaded with ``attn_implementation: sdpa`` use it (``loading``); the saved
 ``config.json`` does not mention it, so saved models load anywhere.
 
 Measured with benchmarks/sft.py (4.4M Llama, batch 32 of ~24-token examples, fp32): 172 ms per step

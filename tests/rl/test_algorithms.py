@@ -97,7 +97,8 @@ def _grpo(tmp_path, tiny_path, *extra):
 
 
 def test_grpo_run_directory_and_metrics(tmp_path, tiny_path):
-    s = _grpo(tmp_path, tiny_path, "train.max_steps=2", "train.batch_size=8", "loss.ppo_epochs=2")
+    s = _grpo(tmp_path, tiny_path, "train.max_steps=2", "train.batch_size=8", "loss.ppo_epochs=2",
+              "rollout.engine_dtype=model", "reward=pt_helpers:text_length_reward")
     assert s["optimizer_steps_per_rl_step"] == 4 and s["rollouts_per_step"] == 16
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "reward/mean" in r]
@@ -105,6 +106,7 @@ def test_grpo_run_directory_and_metrics(tmp_path, tiny_path):
     r = train[-1]
     # several updates per batch: π_old was stored, ratios move away from 1, KL is measured on it
     assert r["ratio/max"] > 1.0 and "kl" in r and r["logprob_gap"] < 1e-3 and r["reward/std_zero_frac"] >= 0
+    assert abs(r["tis/weight_mean"] - 1) < 1e-3 and r["tis/capped_frac"] == 0  # an exact engine: w = 1
     assert (tmp_path / "final" / "model.safetensors").exists()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"initial", "final", "last_step"} <= set(summary)

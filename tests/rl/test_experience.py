@@ -47,6 +47,16 @@ def make_maker(tokenizer, engine, rewards, *, G=2, P=3, shaping=None, records=No
 # ----------------------------------------------------------------------------- batch sizes
 
 
+def test_engine_dtype_choice(tiny_model):
+    """auto: bf16 for an fp32 model on a CPU with native bf16 matmuls, else the model's dtype."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert rb.engine_dtype("auto", tiny_model) == (torch.bfloat16 if native else None)
+    assert rb.engine_dtype("model", tiny_model) is None
+    assert rb.engine_dtype("bfloat16", tiny_model) is torch.bfloat16
+    with pytest.raises(ConfigError, match="tis_cap"):
+        load_config(rb.RolloutConfig, None, ["tis_cap=0"])
+
+
 def test_plan_batches_derives_sizes():
     ro = rb.RolloutConfig(prompts_per_step=8, group_size=4)
     p = rb.plan_batches(ro, rb.RLTrainConfig())

@@ -32,8 +32,10 @@ def _check_run_dir(run_dir):
     need = {"reward/mean", "reward/std", "reward/std_zero_frac", "entropy", "clip_frac", "ratio/mean", "ratio/max",
             "response/length_mean", "response/truncated_frac", "logprob_gap", "gen_s", "train_s", "kl"}
     assert need <= set(rows[-1]), need - set(rows[-1])
-    # the trainer's recomputed log-probs agree with the fp32 rollout engine's
-    assert max(r["logprob_gap"] for r in rows) < 1e-3
+    # the trainer's recomputed log-probs agree with the rollout engine's (bf16 on CPUs with native bf16,
+    # ~2e-3 nats/token; fp32 ~1e-7), and the TIS weights that correct the mismatch stay near 1
+    assert max(r["logprob_gap"] for r in rows) < 0.02
+    assert all(abs(r["tis/weight_mean"] - 1) < 0.02 for r in rows)
     return rows
 
 

@@ -7,7 +7,8 @@ import torch
 
 from posttrain.errors import ConfigError
 from posttrain.losses.policy import (AGGREGATIONS, POLICY_LOSSES, aggregate, cispo_loss, explained_variance,
-                                     get_policy_loss, gspo_loss, kl_penalty_in_loss, ppo_clip_loss, value_loss)
+                                     get_policy_loss, gspo_loss, kl_penalty_in_loss, ppo_clip_loss,
+                                     truncated_is_weight, value_loss)
 
 F64 = torch.float64
 
@@ -202,6 +203,47 @@ def test_cispo_default_has_no_lower_bound():
 
 
 # ----------------------------------------------------------------------------- KL in the loss
+
+
+def test_truncated_is_weight_by_hand():
+    # π_old / π_rollout per token: 0.5, e^0.1, 3 (capped at C = 2), e^20 (log clamped to 10, then capped); masked: 1
+    old = torch.log(torch.tensor([[0.2, 0.4, 0.6, 0.9]], dtype=F64))
+    rollout = torch.log(torch.tensor([[0.4, 0.4, 0.2, 0.9]], dtype=F64))
+    rollout[0, 1] = old[0, 1] - 0.1
+    rollout[0, 3] = old[0, 3] - 20.0
+    mask = torch.tensor([[1, 1, 1, 0]])
+    w, m = truncated_is_weight(old, rollout, mask, cap=2.0)
+    assert w.tolist()[0] == pytest.approx([0.5, math.exp(0.1), 2.0, 1.0], abs=1e-12)
+    assert m["tis/weight_mean"].item() == pytest.approx((0.5 + math.exp(0.1) + 2.0) / 3, abs=1e-12)
+    assert m["tis/capped_frac"].item() == pytest.approx(1 / 3, abs=1e-12)
+    mask[0, 3] = 1
+    w, m = truncated_is_weight(old, rollout, mask, cap=5.0)
+    assert w[0, 3].item() == 5.0 and m["tis/capped_frac"].item() == pytest.approx(0.25)  # e^10 > 5: capped
+    with pytest.raises(ConfigError, match="cap"):
+        truncated_is_weight(old, rollout, mask, cap=0.0)
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+def test_is_weight_scales_each_tokens_term(name):
+    """A token weight w multiplies that token's loss term and gradient; w = 1 changes nothing
+    (on-policy ratios, so no clip interferes)."""
+    torch.manual_seed(0)
+    logp = (torch.randn(2, 3, dtype=F64) * 0.1 - 1).requires_grad_()
+    old, adv, mask = logp.detach(), torch.tensor([[1.0] * 3, [-2.0] * 3], dtype=F64), torch.ones(2, 3)
+    fn = POLICY_LOSSES[name]
+    base, _ = fn(logp, old, adv, mask, aggregation="token_mean")
+    same, _ = fn(logp, old, adv, mask, aggregation="token_mean", is_weight=torch.ones(2, 3, dtype=F64))
+    assert same.item() == base.item()
+    w = torch.zeros(2, 3, dtype=F64)
+    w[1, 2] = 3.0  # only one token left, three times over
+    only, _ = fn(logp, old, adv, mask, aggregation="token_mean", is_weight=w)
+    single = torch.zeros(2, 3)
+    single[1, 2] = 1.0
+    one, _ = fn(logp, old, adv, single, aggregation="token_mean")
+    # token_mean over 6 tokens vs over 1: the weighted loss is 3 * (1/6) of the single-token loss
+    assert only.item() == pytest.approx(3 / 6 * one.item(), rel=1e-12)
+    g, = torch.autograd.grad(only, logp)
+    assert g[0].abs().sum().item() == 0 and g[1, :2].abs().sum().item() == 0 and g[1, 2].item() != 0
 
 
 def test_kl_penalty_in_loss_values_gradient_and_mask():
