@@ -59,6 +59,11 @@ class BestOfNConfig:
                               fix=f"use values up to rollout.group_size={N}, or raise group_size")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError("top_k must be >= 1", where="top_k")
+        default = RolloutConfig()
+        for key in ("correction", "tis_cap"):  # training options: best-of-n has no policy gradient
+            if getattr(self.rollout, key) != getattr(default, key):
+                raise ConfigError(f"rollout.{key} corrects policy-gradient updates; best-of-n makes none",
+                                  where=f"rollout.{key}", fix=f"remove rollout.{key}")
 
 
 def select(rewards: list[list[float]], how: str, k: int | None = None) -> list[tuple[int, int]]:

@@ -714,7 +714,8 @@ def engine_dtype(choice: str, model) -> torch.dtype | None:
     from posttrain.engines.fast_decode import unsupported_reason
 
     p = next(model.parameters())
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    probe = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    native_bf16 = any(f is not None and f() for f in probe)  # private probes: absent means no
     fast = unsupported_reason(model) is None  # another dtype needs the fast decode path
     return torch.bfloat16 if p.device.type == "cpu" and p.dtype == torch.float32 and native_bf16 and fast else None
 

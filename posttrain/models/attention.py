@@ -48,12 +48,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     dtype = low[0] if low else query.dtype
     upcast = query.device.type == "cpu" and bool(low)
     q, k, v = (x[0].transpose(0, 1).float() if upcast else x[0].transpose(0, 1) for x in (query, key, value))
+
+    def seqs(x, pos):  # [T, heads, D] gathered at pos [n, L] -> [n, heads, L, D]
+        n, L = pos.shape
+        return x.index_select(0, pos.reshape(-1)).view(n, L, x.shape[1], D).transpose(1, 2)
+
     outs = []
     for b in layout.buckets:
-        def seqs(x, pos):
-            n, L = pos.shape
-            return x.index_select(0, pos.reshape(-1)).view(n, L, x.shape[1], D).transpose(1, 2)
-
         queries = b.keys if b.queries is None else b.queries
         with torch.autocast("cpu", enabled=False) if upcast else nullcontext():  # CPU autocast would recast
             o = F.scaled_dot_product_attention(seqs(q, queries), seqs(k, b.keys), seqs(v, b.keys), attn_mask=b.mask,

@@ -61,3 +61,11 @@ def test_unknown_key_and_bad_values_are_errors():
         load_config(_cls("best-of-n"), None, ["rollout.group_size=4", "baseline_n=[1,8]"])
     with pytest.raises(ConfigError, match="temperature"):
         load_config(_cls("grpo"), None, ["rollout.temperature=0"])
+
+
+def test_best_of_n_refuses_training_only_rollout_options():
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.correction"):
+        load_config(_cls("best-of-n"), None, ["rollout.correction=none"])
+    assert load_config(_cls("best-of-n"), None, ["rollout.engine_dtype=model"]).rollout.engine_dtype == "model"
