@@ -136,6 +136,7 @@ def run(cfg: EvalConfig) -> dict:
     results: dict = {"policies": {}, "baseline": base_name, "judge": cfg.judge, "n_prompts": len(prompts),
                      "samples": cfg.samples}
     texts_by: dict[str, list[str]] = {}
+    proxy_by: dict[str, np.ndarray] = {}
     for name, path in cfg.policies.items():
         rolls, texts = _sample(models, tokenizer, path, prompts, cfg.samples, cfg, cfg.seed + 1)
         texts_by[name] = texts
@@ -150,7 +151,8 @@ def run(cfg: EvalConfig) -> dict:
             r["gold_ci"] = list(stats.bootstrap_ci(_per_prompt(gold, cfg.samples), n_boot=cfg.bootstrap, seed=cfg.seed)[1:])
             r["accuracy"] = float(np.mean([builtin.is_correct(p, t) for p, t in zip(rep, texts)]))
         if scorer is not None:
-            r["proxy_reward"] = float(np.mean(scorer.score(rep, texts)))
+            proxy_by[name] = np.asarray(scorer.score(rep, texts), dtype=float)
+            r["proxy_reward"] = float(proxy_by[name].mean())
         r["samples"] = [{"prompt": p, "response": t} for p, t in list(zip(rep, texts))[:: cfg.samples][:6]]
         results["policies"][name] = r
 
@@ -171,6 +173,9 @@ def run(cfg: EvalConfig) -> dict:
             a = _per_prompt(_gold(rep, texts), cfg.samples)
             b = _per_prompt(_gold(rep, base_texts), cfg.samples)
             entry["gold_paired"] = stats.paired_bootstrap(a, b, n_boot=cfg.bootstrap, seed=cfg.seed)
+        if scorer is not None:  # the reward model's view: what PPO-style training optimises
+            a, b = (_per_prompt(proxy_by[n], cfg.samples) for n in (name, base_name))
+            entry["proxy_paired"] = stats.paired_bootstrap(a, b, n_boot=cfg.bootstrap, seed=cfg.seed)
         results["policies"][name]["vs_baseline"] = entry
 
     # ---- over-optimisation: along training, and best-of-N
