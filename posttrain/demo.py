@@ -20,7 +20,7 @@ SPEC = Path(__file__).parent / "pipelines" / "demo.yaml"
 
 @dataclass
 class DemoConfig:
-    quick: bool = opt(False, "Smaller stages (CI): ~3-4 minutes instead of ~8 on 2 cores.")
+    quick: bool = opt(False, "Smaller stages (CI): ~2 minutes instead of ~2.5 on 2 cores.")
     output_dir: str = opt("runs/demo", "Run directory ('-quick' is appended in quick mode).")
     force: list[str] = opt([], "Re-run these stages even if finished.")
 
