@@ -136,6 +136,7 @@ def run(cfg: EvalConfig) -> dict:
     results: dict = {"policies": {}, "baseline": base_name, "judge": cfg.judge, "n_prompts": len(prompts),
                      "samples": cfg.samples}
     texts_by: dict[str, list[str]] = {}
+    gold_by: dict[str, np.ndarray] = {}  # per-sample scores, computed once per policy
     proxy_by: dict[str, np.ndarray] = {}
     for name, path in cfg.policies.items():
         rolls, texts = _sample(models, tokenizer, path, prompts, cfg.samples, cfg, cfg.seed + 1)
@@ -145,8 +146,10 @@ def run(cfg: EvalConfig) -> dict:
         r["length_mean"], r["length_std"] = float(lengths.mean()), float(lengths.std())
         r["truncated_frac"] = float(np.mean([x.finish_reason == "length" for x in rolls]))
         r["kl"], r["kl_se"] = _kl(models, path, ref_path, rolls) if path != ref_path else (0.0, 0.0)
+        if is_task or cfg.judge == "gold":
+            gold_by[name] = _gold(rep, texts)
         if is_task:
-            gold = _gold(rep, texts)
+            gold = gold_by[name]
             r["gold_reward"] = float(gold.mean())
             r["gold_ci"] = list(stats.bootstrap_ci(_per_prompt(gold, cfg.samples), n_boot=cfg.bootstrap, seed=cfg.seed)[1:])
             r["accuracy"] = float(np.mean([builtin.is_correct(p, t) for p, t in zip(rep, texts)]))
@@ -161,7 +164,8 @@ def run(cfg: EvalConfig) -> dict:
     for name, texts in texts_by.items():
         if name == base_name:
             continue
-        outcomes = _judge(cfg, scorer, rep, texts, base_texts)
+        cached = {"gold": gold_by, "rm": proxy_by}.get(cfg.judge)
+        outcomes = _judge(cfg, rep, texts, base_texts, *((cached[name], cached[base_name]) if cached else ()))
         per_prompt = _per_prompt(np.asarray(outcomes, dtype=float), cfg.samples)
         wr = stats.win_rate(outcomes)
         point, lo, hi = stats.bootstrap_ci(per_prompt, n_boot=cfg.bootstrap, seed=cfg.seed)
@@ -170,8 +174,7 @@ def run(cfg: EvalConfig) -> dict:
         entry = {"win_rate": wr["win_rate"], "ci": [lo, hi], "wins": wr["wins"], "ties": wr["ties"],
                  "losses": wr["losses"], "lc_win_rate": lc["lc_win_rate"]}
         if is_task:
-            a = _per_prompt(_gold(rep, texts), cfg.samples)
-            b = _per_prompt(_gold(rep, base_texts), cfg.samples)
+            a, b = (_per_prompt(gold_by[n], cfg.samples) for n in (name, base_name))
             entry["gold_paired"] = stats.paired_bootstrap(a, b, n_boot=cfg.bootstrap, seed=cfg.seed)
         if scorer is not None:  # the reward model's view: what PPO-style training optimises
             a, b = (_per_prompt(proxy_by[n], cfg.samples) for n in (name, base_name))
@@ -201,19 +204,16 @@ def _json(o):
     raise TypeError(type(o))
 
 
-def _judge(cfg, scorer, prompts, texts, base_texts) -> list[float]:
-    """1 / 0.5 / 0 for each (policy, baseline) response pair."""
-    if cfg.judge == "gold":
-        a, b = _gold(prompts, texts), _gold(prompts, base_texts)
-    elif cfg.judge == "rm":
-        a, b = np.array(scorer.score(prompts, texts)), np.array(scorer.score(prompts, base_texts))
-    else:
+def _judge(cfg, prompts, texts, base_texts, a=None, b=None) -> list[float]:
+    """1 / 0.5 / 0 for each (policy, baseline) response pair. The gold and rm judges compare the
+    per-sample scores ``a``, ``b`` (already computed for the policy results); others judge the texts."""
+    if cfg.judge not in ("gold", "rm"):
         from posttrain.judges.backends import backend_from_spec
         from posttrain.judges.pairwise import Pair, judge_pairs
 
         # both orders; a disagreement is a tie; an unparseable verdict also counts as a tie here
         judged = judge_pairs(backend_from_spec(cfg.judge.split(":", 1)[1]),
-                             [Pair(p, a, b) for p, a, b in zip(prompts, texts, base_texts)])
+                             [Pair(p, x, y) for p, x, y in zip(prompts, texts, base_texts)])
         return [{"a": 1.0, "b": 0.0}.get(j.winner, 0.5) for j in judged]
     return list(np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5)))
 
