@@ -7,6 +7,8 @@ module runs the same maths with plain tensor ops over weights read from the HF m
 - a static, preallocated KV cache ``[layers, B, kv_heads, T, head_dim]`` (no per-step concatenation);
 - single-token steps use matmul attention over the whole cache with an additive mask, grouped by KV
   head so GQA needs no ``repeat_kv`` copy;
+- the prefill runs projections and MLP on the real prompt tokens only (packed), attention on the
+  padded layout;
 - left padding: pad slots are masked out of every key set, and position ids count only real tokens
   (the convention ``generate`` uses), so a left-padded row decodes exactly like the row alone;
 - optional ``torch.compile`` of the decode step (weights, cache and masks are arguments, so swapping
@@ -150,28 +152,35 @@ class FastDecoder:
         H, Hkv, D, L = self.n_heads, self.n_kv, self.head_dim, len(self.model.model.layers)
         mask = mask.bool()
         pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)  # [U, P], as generate computes it
+        # Projections and MLP run on the N real tokens only ("packed"); attention runs on the padded
+        # [U, P] layout, where pad slots hold zeros. Mixed prompt lengths leave a third of a padded
+        # batch as padding, and the projections are most of the prefill's time.
+        real = mask.flatten().nonzero().squeeze(1)  # [N] indices into U*P
+        last = mask.sum(1).cumsum(0) - 1  # [U] packed index of each row's last token (left padding)
         cos_t, sin_t = self._rope_table(total_len)
-        cos, sin = cos_t[pos][:, :, None], sin_t[pos][:, :, None]  # [U, P, 1, D]
+        cos, sin = cos_t[pos.flatten()[real]][:, None], sin_t[pos.flatten()[real]][:, None]  # [N, 1, D]
         # [U, 1, P, P]: causal, real keys only; the diagonal stays on so pad queries never see an
         # all-masked row (which would put NaN into the cache)
         causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
         attn = ((causal & mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device))[:, None]
-        x = F.embedding(ids, self._weights[0])  # [U, P, hidden]
+        x = F.embedding(ids.flatten()[real], self._weights[0])  # [N, hidden]
         ks, vs = [], []
         for li in range(L):
             lw = self._layer(li)
             h = _rms_norm(x, lw[0], self.eps)
-            qkv = F.linear(h, lw[1], lw[2]).view(U, P, H + 2 * Hkv, D)
-            qk = _rope(qkv[:, :, :H + Hkv], cos, sin)
-            q, k, v = (t.transpose(1, 2) for t in (qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]))
+            qkv = F.linear(h, lw[1], lw[2]).view(-1, H + 2 * Hkv, D)
+            qkv[:, :H + Hkv] = _rope(qkv[:, :H + Hkv], cos, sin)
+            qkv = qkv.new_zeros(U * P, H + 2 * Hkv, D).index_copy_(0, real, qkv).view(U, P, H + 2 * Hkv, D)
+            q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]))
             ks.append(k)  # [U, Hkv, P, D]
             vs.append(v)
             # K/V repeated per query group, as HF's sdpa path does
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
                                                attn_mask=attn, scale=D ** -0.5)
-            x = x + F.linear(o.transpose(1, 2).reshape(U, P, H * D), lw[3], lw[4])
+            o = o.transpose(1, 2).reshape(U * P, H * D).index_select(0, real)  # [N, H*D]
+            x = x + F.linear(o, lw[3], lw[4])
             x = x + self._mlp(_rms_norm(x, lw[5], self.eps), lw)
-        logits = F.linear(_rms_norm(x[:, -1], self._weights[1], self.eps), self._weights[2]).float()  # [U, V]
+        logits = F.linear(_rms_norm(x[last], self._weights[1], self.eps), self._weights[2]).float()  # [U, V]
 
         B = U * repeat
         # one [B, Hkv, T, D] tensor per layer: a compiled step then mutates graph inputs directly
