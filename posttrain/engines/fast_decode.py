@@ -4,7 +4,8 @@ Hugging Face ``generate`` spends most of a small model's decode step in Python (
 builders, logits processors): ~6 ms per step where the arithmetic needs a fraction of that. This
 module runs the same maths with plain tensor ops over weights read from the HF model:
 
-- a static, preallocated KV cache ``[layers, B, kv_heads, T, head_dim]`` (no per-step concatenation);
+- a static, preallocated KV cache, one ``[B, kv_heads, T, head_dim]`` tensor per layer (no per-step
+  concatenation);
 - single-token steps use matmul attention over the whole cache with an additive mask, grouped by KV
   head so GQA needs no ``repeat_kv`` copy;
 - the prefill runs projections and MLP on the real prompt tokens only (packed), attention on the
@@ -84,6 +85,7 @@ class FastDecoder:
         self._cos = self._sin = None
         self._compiled = None  # one torch.compile wrapper; dynamo keeps one graph per shape
         self.reduce_attention = compile and self.dtype != torch.float32
+        self.keys_transposed = False  # the layout of the current cache, set by prefill
         self.refresh()
 
     # ------------------------------------------------------------------ weights
@@ -184,13 +186,17 @@ class FastDecoder:
 
         B = U * repeat
         # one [B, Hkv, T, D] tensor per layer: a compiled step then mutates graph inputs directly
-        # (a slice of one big cache tensor makes inductor copy the whole slice every step)
+        # (a slice of one big cache tensor makes inductor copy the whole slice every step). The
+        # reduce form keeps keys as [B, Hkv, D, T] (see _attend)
         shape = (B, Hkv, total_len, D)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=ids.device) for _ in range(L)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=ids.device) for _ in range(L)]
         for li in range(L):
             self.k_cache[li][:, :, :P] = ks[li].repeat_interleave(repeat, dim=0)
             self.v_cache[li][:, :, :P] = vs[li].repeat_interleave(repeat, dim=0)
+        self.keys_transposed = self.reduce_attention
+        if self.keys_transposed:
+            self.k_cache = [k.transpose(2, 3).contiguous() for k in self.k_cache]
         # valid[b, t]: slot t holds a real token of row b (future slots open as they are written)
         self.valid = torch.zeros(B, total_len, dtype=torch.bool, device=ids.device)
         self.valid[:, :P] = mask.repeat_interleave(repeat, dim=0)
@@ -229,7 +235,10 @@ class FastDecoder:
             qkv = F.linear(h, lw[1], lw[2]).view(B, H + 2 * Hkv, D)
             qk = _rope(qkv[:, :H + Hkv], cos, sin)
             q = qk[:, :H].reshape(B, Hkv, H // Hkv, D)  # query head h = kv_head * G + g, as repeat_kv orders them
-            kc[li].index_copy_(2, slot, qk[:, H:, None])  # [B, Hkv, 1, D] into slot t
+            if self.keys_transposed:
+                kc[li].index_copy_(3, slot, qk[:, H:, :, None])  # [B, Hkv, D, 1] into slot t
+            else:
+                kc[li].index_copy_(2, slot, qk[:, H:, None])  # [B, Hkv, 1, D] into slot t
             vc[li].index_copy_(2, slot, qkv[:, H + Hkv:, None])
             o = self._attend(q, kc[li], vc[li], bias).reshape(B, H * D)  # [B, Hkv, G, D] -> [B, H*D]
             x = x + F.linear(o, lw[3], lw[4])
@@ -237,14 +246,17 @@ class FastDecoder:
         return F.linear(_rms_norm(x, w[1], self.eps), w[2]).float()
 
     def _attend(self, q, k, v, bias):
-        # q [B, Hkv, G, D], k/v [B, Hkv, T, D], bias [B, 1, 1, T] -> [B, Hkv, G, D]
+        # q [B, Hkv, G, D], v [B, Hkv, T, D], k the same or [B, Hkv, D, T] (keys_transposed),
+        # bias [B, 1, 1, T] -> [B, Hkv, G, D]
         D = q.shape[-1]
-        if not self.reduce_attention:
+        if not self.keys_transposed:
             s = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5 + bias  # [B, Hkv, G, T]
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
             return torch.matmul(p, v)
         # The same sums as broadcast products: inductor fuses each into one loop in fp32, where a
-        # batched matmul of [G, D] x [D, T] pieces costs ~50 us of call overhead in bf16 on CPU
-        s = (q[:, :, :, None].float() * k[:, :, None].float()).sum(-1) * D ** -0.5 + bias
+        # batched matmul of [G, D] x [D, T] pieces costs ~50 us of call overhead in bf16 on CPU. Keys
+        # as [D, T] let the q.k loop run along T in vector lanes, accumulating over D, instead of one
+        # horizontal sum of D lanes per score (attention 30-40% faster at 64 rows)
+        s = (q[..., None].float() * k[:, :, None].float()).sum(-2) * D ** -0.5 + bias  # [B, Hkv, G, T]
         p = torch.softmax(s, dim=-1)
         return (p[..., None] * v[:, :, None].float()).sum(-2).to(q.dtype)
