@@ -307,8 +307,8 @@ def collate_shared(prompts: list[list[int]], completions: list[list[int]]) -> di
     completion, where a completion token attends to the prompt and to its own earlier tokens only
     (``batching.pack_shared``: positions continue from the prompt's length, so every completion sees
     exactly what it would alone). A rollout whose prompt differs from its predecessor's starts a new
-    tree. With G completions of C tokens after a P-token prompt, a group costs P + G·C tokens
-    instead of G·(P + C).
+    tree. With G completions of C tokens after a P-token prompt, a group costs P + G·(C − 1) tokens
+    instead of G·(P + C): the last completion token is only a target, never an input.
 
     Returns input_ids, position_ids [1, T], attn_layout, and per completion token k (flat, ordered by
     rollout then position): ``pred_row``/``pred_col`` (the position whose logits predict it: the
@@ -323,7 +323,8 @@ def collate_shared(prompts: list[list[int]], completions: list[list[int]]) -> di
             trees[-1][1].append(i)
         else:
             trees.append((p, [i]))
-    packed = pack_shared([p for p, _ in trees], [[completions[i] for i in members] for _, members in trees])
+    # a completion's last token predicts nothing and no later token attends to it: it is never an input
+    packed = pack_shared([p for p, _ in trees], [[completions[i][:-1] for i in members] for _, members in trees])
     n = len(prompts)
     pred_col, tgt_j = [None] * n, [None] * n
     for t, (p, members) in enumerate(trees):

@@ -229,7 +229,8 @@ def test_packed_completion_logps_match_unpacked(tokenizer, tiny_model):
                         components={}, mask=torch.zeros(3, 5), rollout_logp=torch.zeros(3, 5))
     for temperature in (1.0, 0.7):
         mb = exp.micro_batch([0, 1, 2])
-        assert mb["input_ids"].shape == (1, 4 + 3 + 2 + 1 + 6 + 5 + int(mb["n_pad"]))  # packed in one row
+        # packed in one row; a completion's last token is a target only, never an input
+        assert mb["input_ids"].shape == (1, 4 + 2 + 2 + 0 + 6 + 4 + int(mb["n_pad"]))
         out = rb.token_forward(tiny_model, mb, temperature)
         got = rb.to_layout(out["logp"], out["seq"], out["j"], 3, 5)
         for i in range(3):
@@ -248,8 +249,8 @@ def test_shared_prompt_layout_matches_separate_sequences(tokenizer, tiny_model):
                         valid=torch.ones(5, dtype=torch.bool), components={}, mask=torch.zeros(5, 4),
                         rollout_logp=torch.zeros(5, 4))
     mb = exp.micro_batch([0, 1, 2, 3, 4])
-    # three trees: P + ΣC each (the last rollout starts a new one)
-    assert mb["input_ids"].numel() - int(mb["n_pad"]) == 5 + 8 + 2 + 2 + 5 + 2
+    # three trees: P + Σ(C − 1) each (the last rollout starts a new one)
+    assert mb["input_ids"].numel() - int(mb["n_pad"]) == 5 + 5 + 2 + 1 + 5 + 1
     out = rb.token_forward(tiny_model, mb, want_hidden=True)
     got = rb.to_layout(out["logp"], out["seq"], out["j"], 5, 4)
     for i in range(5):
