@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=24)
     ap.add_argument("--model", default=None, help="model path (default: the offline tiny model)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per trainer; the fastest counts")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per trainer; the fastest counts (3: one slow run each no longer decides the ratio)")
     ap.add_argument("--compile", action="store_true", help="posttrain: rollout.compile=true (compiled in the warm-up steps)")
     ap.add_argument("--engine-dtype", default="auto", choices=["auto", "model", "bfloat16"],
                     help="posttrain's rollout.engine_dtype (default auto: bf16 decoding on CPUs with native bf16, "
