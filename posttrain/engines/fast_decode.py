@@ -85,7 +85,6 @@ class FastDecoder:
         self._cos = self._sin = None
         self._compiled = None  # one torch.compile wrapper; dynamo keeps one graph per shape
         self.reduce_attention = compile and self.dtype != torch.float32
-        self.keys_transposed = False  # the layout of the current cache, set by prefill
         self.refresh()
 
     # ------------------------------------------------------------------ weights
@@ -187,14 +186,16 @@ class FastDecoder:
         # (a slice of one big cache tensor makes inductor copy the whole slice every step). The
         # reduce form keeps keys as [B, Hkv, D, T] (see _attend)
         shape = (B, Hkv, total_len, D)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=ids.device) for _ in range(L)]
+        kshape = (B, Hkv, D, total_len) if self.reduce_attention else shape
+        self.k_cache = [torch.zeros(kshape, dtype=self.dtype, device=ids.device) for _ in range(L)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=ids.device) for _ in range(L)]
         for li in range(L):
-            self.k_cache[li][:, :, :P] = ks[li].repeat_interleave(repeat, dim=0)
+            k = ks[li].repeat_interleave(repeat, dim=0)
+            if self.reduce_attention:
+                self.k_cache[li][..., :P] = k.transpose(2, 3)
+            else:
+                self.k_cache[li][:, :, :P] = k
             self.v_cache[li][:, :, :P] = vs[li].repeat_interleave(repeat, dim=0)
-        self.keys_transposed = self.reduce_attention
-        if self.keys_transposed:
-            self.k_cache = [k.transpose(2, 3).contiguous() for k in self.k_cache]
         # valid[b, t]: slot t holds a real token of row b (future slots open as they are written)
         self.valid = torch.zeros(B, total_len, dtype=torch.bool, device=ids.device)
         self.valid[:, :P] = mask.repeat_interleave(repeat, dim=0)
@@ -233,7 +234,7 @@ class FastDecoder:
             qkv = F.linear(h, lw[1], lw[2]).view(B, H + 2 * Hkv, D)
             qk = _rope(qkv[:, :H + Hkv], cos, sin)
             q = qk[:, :H].reshape(B, Hkv, H // Hkv, D)  # query head h = kv_head * G + g, as repeat_kv orders them
-            if self.keys_transposed:
+            if self.reduce_attention:
                 kc[li].index_copy_(3, slot, qk[:, H:, :, None])  # [B, Hkv, D, 1] into slot t
             else:
                 kc[li].index_copy_(2, slot, qk[:, H:, None])  # [B, Hkv, 1, D] into slot t
@@ -259,10 +260,10 @@ class FastDecoder:
         return torch.matmul(p, v).view(U, H, P, D)
 
     def _attend(self, q, k, v, bias):
-        # q [B, Hkv, G, D], v [B, Hkv, T, D], k the same or [B, Hkv, D, T] (keys_transposed),
+        # q [B, Hkv, G, D], v [B, Hkv, T, D], k the same or [B, Hkv, D, T] (reduce_attention),
         # bias [B, 1, 1, T] -> [B, Hkv, G, D]
         D = q.shape[-1]
-        if not self.keys_transposed:
+        if not self.reduce_attention:
             s = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5 + bias  # [B, Hkv, G, T]
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
             return torch.matmul(p, v)
