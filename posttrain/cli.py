@@ -71,6 +71,7 @@ COMMANDS: dict[str, Command] = {
 # sub-command groups (e.g. `posttrain label serve`): name -> (module with a COMMANDS dict, help)
 GROUPS: dict[str, tuple[str, str]] = {
     "label": ("posttrain.feedback.commands", "Human-feedback labeling app: serve, import, export, generate, users."),
+    "data": ("posttrain.data.commands", "Check a data file the way the commands read it: posttrain data inspect FILE."),
 }
 
 
@@ -157,7 +158,10 @@ class LazyGroup(click.Group):
             return _make_command(name, self._lazy[name], self._prefix + name)
         if name in self._groups:
             module, help_text = self._groups[name]
-            sub = importlib.import_module(module).COMMANDS
+            mod = importlib.import_module(module)
+            if isinstance(getattr(mod, "group", None), click.Group):  # a group with its own options
+                return mod.group
+            sub = mod.COMMANDS
             return LazyGroup(name=name, help=help_text, commands=sub, groups={}, prefix=f"{name} ")
         return None
 

@@ -72,17 +72,47 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = opt("builtin:sft", "Training data: a .jsonl/.json/.parquet/.csv file, a datasets "
-                     "name or path, or 'builtin:<kind>' for the built-in task.")
-    eval: str | None = opt("builtin:eval", "Held-out data in the same forms; null for none.")
-    split: str = opt("train", "Split to read from a datasets name/path.")
+    train: str = opt("builtin:sft", "Training data: a .jsonl/.json/.parquet/.csv file, a save_to_disk folder, a "
+                     "datasets name, or 'builtin:<kind>' for the built-in task (layouts: docs/data.md).")
+    eval: str | None = opt("auto", "Held-out data in the same forms; null for none. 'auto': the built-in "
+                           "task's held-out set when data.train is built-in, otherwise none (or "
+                           "data.eval_fraction of the training records).")
+    eval_fraction: float = opt(0.0, "With no data.eval, hold out this fraction of the training records (the "
+                               "last ones) for evaluation; 0 = none.")
+    split: str = opt("train", "Split to read from a datasets name or save_to_disk folder.")
     columns: dict[str, str] = opt({}, "Column mapping from your names to ours, e.g. "
                                   "{question: prompt, response: completion}.")
-    max_length: int = opt(256, "Token budget per example (prompt + response). Longer examples are "
-                          "truncated: the prompt loses tokens from its start (keeps the latest "
-                          "turns), then the response loses tokens from its end.")
+    format: Literal["auto", "hh", "plain"] = opt(
+        "auto", "How strings are read: auto detects Anthropic HH transcripts ('\\n\\nHuman: ...\\n\\nAssistant: "
+        "...'); hh requires them; plain reads every string as it is.")
+    prompt_from: Literal["auto", "shared", "column"] = opt(
+        "auto", "Where a preference record's prompt comes from when chosen/rejected are conversations sharing "
+        "leading turns: those shared turns (auto/shared), or the prompt column with the conversations as whole "
+        "responses (column).")
+    scores_as_margin: bool = opt(False, "Use score_chosen - score_rejected as each pair's margin (otherwise "
+                                 "the scores are kept as metadata).")
+    max_length: int = opt(256, "Token budget per example (prompt + response). Longer examples lose whole "
+                          "earliest turns first (system messages and the final turn are kept), then prompt "
+                          "tokens from the start, then response tokens from the end.")
     max_rows: int | None = opt(None, "Use only the first N rows (quick experiments).")
     max_errors: int = opt(20, "How many bad rows to list before stopping validation.")
+
+    def read_options(self, prefix: str = "data."):
+        from posttrain.data.records import ReadOptions
+
+        return ReadOptions(format=self.format, prompt_from=self.prompt_from,
+                           scores_as_margin=self.scores_as_margin, prefix=prefix)
+
+    def eval_source(self) -> str | None:
+        """data.eval with 'auto' resolved."""
+        if self.eval == "auto":
+            return "builtin:eval" if self.train.startswith("builtin:") else None
+        return self.eval
+
+    def validate(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}",
+                              where="data.eval_fraction", fix="use e.g. data.eval_fraction=0.05")
 
 
 @dataclass

@@ -64,10 +64,11 @@ def _write(path: Path, rows: list[dict]) -> None:
 def run(cfg: CollectConfig) -> dict:
     from posttrain.algorithms import common
     from posttrain.data.formats import load_records
+    from posttrain.data.records import ReadOptions
     from posttrain.engines.train import seed_everything
     from posttrain.tasks import annotators, builtin
 
-    rows = load_records(cfg.prompts, "prompt")[: cfg.n_prompts]
+    rows = load_records(cfg.prompts, "prompt", options=ReadOptions(prefix=None))[: cfg.n_prompts]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)

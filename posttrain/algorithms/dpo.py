@@ -250,10 +250,11 @@ def run(cfg: DPOConfig) -> dict:
         batch_records,
         count_records,
         encode_pair,
+        truncation_counts,
         micro_batches_of,
     )
     from posttrain.algorithms.reference import LiveReference
-    from posttrain.algorithms.reward import load_split
+    from posttrain.data.formats import load_train_eval
     from posttrain.data.batching import StepSampler, shard
     from posttrain.engines.train import (
         MetricsLogger,
@@ -263,7 +264,7 @@ def run(cfg: DPOConfig) -> dict:
     )
 
     # ---- data first: bad rows stop the run before any model loads
-    train_rows, eval_rows = load_split(cfg, rankings=False)
+    train_rows, eval_rows = load_train_eval(cfg.data, "preference", eval_holdout=cfg.eval_holdout)
     ties = sum(bool(r.get("tie")) for r in train_rows)
     train_rows = [r for r in train_rows if not r.get("tie")]
     eval_rows = [r for r in eval_rows if not r.get("tie")]
@@ -318,7 +319,7 @@ def run(cfg: DPOConfig) -> dict:
     # ---- loop
     progress = Progress(total, cfg.loss, cfg.train.progress)
     clock = common.Throughput()
-    summary: dict = {"loss": cfg.loss, "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
+    summary: dict = {**truncation_counts(train_enc), "loss": cfg.loss, "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
                      "train_pairs": len(train_enc), "eval_pairs": len(eval_enc), "ties_skipped": ties,
                      "world_size": engine.world_size, "total_steps": total}
     if engine.step_count == 0 and engine.is_main:

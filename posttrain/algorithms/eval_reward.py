@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -37,6 +38,11 @@ class EvalRewardConfig:
                     "file, datasets name, or builtin:...), or K-wise rankings.")
     split: str = opt("train", "Split of a datasets name/path.")
     columns: dict[str, str] = opt({}, "Column mapping from your names to ours.")
+    format: Literal["auto", "hh", "plain"] = opt("auto", "How strings are read: auto detects Anthropic HH "
+                                                 "transcripts; hh requires them; plain reads them as they are.")
+    prompt_from: Literal["auto", "shared", "column"] = opt(
+        "auto", "A pair's prompt when chosen/rejected are conversations sharing leading turns: those turns "
+        "(auto/shared), or the prompt column with the conversations as whole responses (column).")
     max_rows: int | None = opt(None, "Evaluate only the first N records.")
     max_length: int = opt(1024, "Token budget per (prompt, response); longer ones are truncated like "
                           "training (prompt from the left first).")
@@ -174,13 +180,18 @@ def run(cfg: EvalRewardConfig) -> dict:
     )
     from posttrain.rewards.reward_model import RewardModelScorer
 
-    rows = load_preference_rows(cfg.data, columns=cfg.columns, split=cfg.split, max_rows=cfg.max_rows)
-    out = Path(cfg.output_dir.format(command="eval-reward", time=time.strftime("%Y%m%d-%H%M%S")))
-    out.mkdir(parents=True, exist_ok=True)
+    from posttrain.data.records import ReadOptions
+
+    opts = ReadOptions(format=cfg.format, prompt_from=cfg.prompt_from, prefix="",
+                       keys=("format", "prompt_from"))
+    rows = load_preference_rows(cfg.data, columns=cfg.columns, split=cfg.split, max_rows=cfg.max_rows, options=opts)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # refuses a model without a trained head (e.g. a causal LM) before the run directory exists
     scorer = RewardModelScorer(cfg.model.name_or_path, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
-                               dtype=cfg.model.dtype)
+                               dtype=cfg.model.dtype, where="model.name_or_path")
+    out = Path(cfg.output_dir.format(command="eval-reward", time=time.strftime("%Y%m%d-%H%M%S")))
+    out.mkdir(parents=True, exist_ok=True)
     enc = encode_ranking if is_ranking(rows) else encode_pair
     encs = [enc(scorer.tokenizer, r, cfg.max_length) for r in rows]
     t0 = time.perf_counter()

@@ -89,26 +89,27 @@ def mismatched(encs: list, seed: int) -> list:
 
 def load_unpaired(cfg: KTOConfig) -> tuple[list[dict], list[dict]]:
     """(unpaired training rows, held-out pairs)."""
-    from posttrain.algorithms.pairs import is_paired, load_preference_rows, unpair
-    from posttrain.data.formats import load_records, read_rows
+    from posttrain.algorithms.pairs import unpair
+    from posttrain.data.formats import load_records, load_train_eval
+    from posttrain.data.sources import read_source
 
     d = cfg.data
-    first, _ = read_rows(d.train, d.split)
-    held: list[dict] = []
-    if first and is_paired([{d.columns.get(k, k): v for k, v in first[0].items()}]):
-        pairs = load_preference_rows(d.train, columns=d.columns, split=d.split, max_rows=d.max_rows,
-                                     max_errors=d.max_errors, allow_rankings=False)
-        if not d.eval and cfg.eval_holdout:
-            pairs, held = pairs[:-cfg.eval_holdout], pairs[-cfg.eval_holdout:]
+    first = next((r.value for r in read_source(d.train, d.split).rows if isinstance(r.value, dict)), {})
+    first = {d.columns.get(k, k): v for k, v in first.items()}
+    if "chosen" in first and "rejected" in first:
+        pairs, held = load_train_eval(d, "preference", eval_holdout=cfg.eval_holdout)
         rows = unpair(pairs)
     else:
-        if cfg.eval_holdout and not d.eval:
-            raise ConfigError("eval_holdout needs paired data (held-out pairs)", where="eval_holdout",
+        if (cfg.eval_holdout or d.eval_fraction) and not d.eval_source():
+            raise ConfigError("holding out evaluation records needs paired data (held-out pairs)",
+                              where="eval_holdout" if cfg.eval_holdout else "data.eval_fraction",
                               fix="give data.eval=<pairs file> instead")
+        opts = d.read_options()
         rows = load_records(d.train, "unpaired", columns=d.columns, split=d.split, max_rows=d.max_rows,
-                            max_errors=d.max_errors)
-    if d.eval:
-        held = load_preference_rows(d.eval, columns=d.columns, max_errors=d.max_errors, allow_rankings=False)
+                            max_errors=d.max_errors, options=opts)
+        source = d.eval_source()
+        held = (load_records(source, "preference", columns=d.columns, max_errors=d.max_errors, options=opts)
+                if source else [])
     if len({bool(r["label"]) for r in rows}) < 2:
         raise DataError("the training data has only one label; KTO needs desirable and undesirable examples",
                         where=d.train, fix="add records with the other label")
@@ -154,6 +155,7 @@ def run(cfg: KTOConfig) -> dict:
         encode_pair,
         encode_unpaired,
         micro_batches_of,
+        truncation_counts,
     )
     from posttrain.algorithms.reference import LiveReference
     from posttrain.data.batching import StepSampler, collate, shard
@@ -223,7 +225,7 @@ def run(cfg: KTOConfig) -> dict:
 
     progress = Progress(total, "kto", cfg.train.progress)
     clock = common.Throughput()
-    summary: dict = {"beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
+    summary: dict = {**truncation_counts(train_enc), "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
                      "train_examples": len(train_enc), "desirable": n_d, "undesirable": len(train_enc) - n_d,
                      "weighted_balance": balance, "eval_pairs": len(eval_enc), "world_size": engine.world_size,
                      "total_steps": total}

@@ -36,6 +36,8 @@ class Encoded:
     prompt: object = None  # original prompt (text or messages), for gold rewards / length baselines
     texts: list = field(default_factory=list)  # original responses
     subset: str | None = None
+    truncated: bool = False  # tokens were cut to fit max_length
+    dropped_turns: int = 0   # whole earliest prompt turns left out to fit max_length
 
     def example(self, k: int) -> Example:
         ids = self.responses[k]
@@ -51,8 +53,8 @@ def split_record(record: dict) -> tuple[object, object, object]:
 
 
 def _fit(prompt_ids: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
-    """Truncation: drop prompt tokens from the start first (keeps the latest turns), leaving at least
-    one prompt token when possible, then cut responses from the end."""
+    """Token-level truncation: drop prompt tokens from the start first, leaving at least one prompt
+    token when possible, then cut responses from the end."""
     longest = max(len(r) for r in responses)
     over = len(prompt_ids) + longest - max_length
     if over > 0:
@@ -63,7 +65,7 @@ def _fit(prompt_ids: list[int], responses: list[list[int]], max_length: int) -> 
     return prompt_ids, responses
 
 
-def encode_responses(tokenizer, prompt, responses: list, max_length: int) -> tuple[list[int], list[list[int]]]:
+def _encode_all(tokenizer, prompt, responses: list) -> tuple[list[int], list[list[int]]]:
     p_ids, outs = None, []
     for resp in responses:
         p, r = encode_response(tokenizer, prompt, resp)
@@ -75,49 +77,66 @@ def encode_responses(tokenizer, prompt, responses: list, max_length: int) -> tup
         if not r:
             raise DataError("a response encodes to no tokens", where="data")
         outs.append(r)
-    return _fit(p_ids, outs, max_length)
+    return p_ids, outs
+
+
+def encode_responses(tokenizer, prompt, responses: list, max_length: int, stats: dict | None = None
+                     ) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids and response ids within ``max_length``. A conversation prompt first loses whole
+    earliest turns (system messages and the latest turn stay), then ``_fit`` cuts tokens.
+    ``stats`` receives ``truncated`` / ``dropped_turns``."""
+    from posttrain.data.chat import drop_early_turns
+
+    p_ids, outs = _encode_all(tokenizer, prompt, responses)
+    longest = max(len(r) for r in outs)
+    dropped = 0
+    if len(p_ids) + longest > max_length and isinstance(prompt, list):
+        prompt, dropped = drop_early_turns(
+            prompt, lambda m: len(_encode_all(tokenizer, m, responses[:1])[0]) + longest <= max_length)
+        if dropped:
+            p_ids, outs = _encode_all(tokenizer, prompt, responses)
+    fitted = _fit(p_ids, outs, max_length)
+    if stats is not None:
+        stats["dropped_turns"] = dropped
+        stats["truncated"] = bool(dropped) or len(fitted[0]) < len(p_ids) or any(
+            len(a) < len(b) for a, b in zip(fitted[1], outs))
+    return fitted
 
 
 def encode_pair(tokenizer, record: dict, max_length: int,
                 margin_key: tuple[str, ...] = ("margin", "strength")) -> Encoded:
     prompt, chosen, rejected = split_record(record)
-    p_ids, (c_ids, r_ids) = encode_responses(tokenizer, prompt, [chosen, rejected], max_length)
+    st: dict = {}
+    p_ids, (c_ids, r_ids) = encode_responses(tokenizer, prompt, [chosen, rejected], max_length, st)
     margin = next((float(record[k]) for k in margin_key if record.get(k) is not None), 0.0)
     tie = bool(record.get("tie", False))
     return Encoded(p_ids, [c_ids, r_ids], ranks=[0.0, 0.0] if tie else [0.0, 1.0], margin=margin, tie=tie,
-                   prompt=prompt, texts=[chosen, rejected], subset=record.get("subset"))
+                   prompt=prompt, texts=[chosen, rejected], subset=record.get("subset"), **st)
 
 
 def encode_ranking(tokenizer, record: dict, max_length: int) -> Encoded:
-    p_ids, outs = encode_responses(tokenizer, record["prompt"], list(record["responses"]), max_length)
+    st: dict = {}
+    p_ids, outs = encode_responses(tokenizer, record["prompt"], list(record["responses"]), max_length, st)
     return Encoded(p_ids, outs, ranks=[float(r) for r in record["ranking"]], prompt=record["prompt"],
-                   texts=list(record["responses"]), subset=record.get("subset"))
+                   texts=list(record["responses"]), subset=record.get("subset"), **st)
 
 
 def encode_unpaired(tokenizer, record: dict, max_length: int) -> Encoded:
-    p_ids, (c_ids,) = encode_responses(tokenizer, record["prompt"], [record["completion"]], max_length)
+    st: dict = {}
+    p_ids, (c_ids,) = encode_responses(tokenizer, record["prompt"], [record["completion"]], max_length, st)
     return Encoded(p_ids, [c_ids], label=bool(record["label"]), prompt=record["prompt"],
-                   texts=[record["completion"]])
+                   texts=[record["completion"]], **st)
+
+
+def truncation_counts(encs: list[Encoded]) -> dict[str, int]:
+    return {"truncated_records": sum(e.truncated for e in encs), "dropped_turns": sum(e.dropped_turns for e in encs)}
 
 
 def check_ranking_row(row: dict) -> str | None:
     """'field: problem' for a K-wise ranking record {"prompt", "responses": [...], "ranking": [...]}."""
-    if not isinstance(row, dict):
-        return "record: expected an object"
-    if not isinstance(row.get("prompt"), (str, list)) or not row.get("prompt"):
-        return "prompt: missing"
-    resp, rank = row.get("responses"), row.get("ranking")
-    if not isinstance(resp, list) or len(resp) < 2:
-        return "responses: expected a list of at least 2 responses"
-    if not all(isinstance(r, (str, list)) for r in resp):
-        return "responses: every response must be a string or a message list"
-    if not isinstance(rank, list) or len(rank) != len(resp):
-        return f"ranking: expected one rank per response ({len(resp)}), got {rank!r}"
-    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rank):
-        return "ranking: ranks must be numbers (1 = best; equal ranks are ties)"
-    if len(set(rank)) == 1:
-        return "ranking: all responses share one rank, so the record carries no preference"
-    return None
+    from posttrain.data.formats import check_row
+
+    return check_row(row, "ranking")
 
 
 def unpair(records: list[dict]) -> list[dict]:
@@ -188,37 +207,15 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_preference_rows(source: str, *, columns: dict[str, str] | None = None, split: str = "train",
-                         max_rows: int | None = None, max_errors: int = 20,
-                         allow_rankings: bool = True) -> list[dict]:
-    """Read and validate preference pairs ({"prompt", "chosen", "rejected"} with optional margin,
-    tie, subset) or K-wise rankings ({"prompt", "responses", "ranking"}); the first row decides
-    which. Bad rows raise one DataError naming file:row: field."""
-    from posttrain.data.formats import check_row, read_rows, rename_columns
+                         max_rows: int | None = None, max_errors: int = 20, allow_rankings: bool = True,
+                         options=None) -> list[dict]:
+    """Preference pairs ({"prompt", "chosen", "rejected"} in any layout docs/data.md lists, with optional
+    margin, tie, subset) or K-wise rankings ({"prompt", "responses", "ranking"}); the first record
+    decides which. Bad rows raise one DataError naming file:line: field."""
+    from posttrain.data.formats import load_records
 
-    rows, name = read_rows(source, split)
-    rows = rename_columns(rows, columns or {})
-    if max_rows is not None:
-        rows = rows[:max_rows]
-    if not rows:
-        raise DataError("no records found", where=name, fix="check the file or the split")
-    ranking = is_ranking(rows)
-    if ranking and not allow_rankings:
-        raise DataError("K-wise ranking records are only used by `posttrain reward`", where=name,
-                        fix="give {prompt, chosen, rejected} pairs")
-    problems = []
-    for i, row in enumerate(rows, 1):
-        problem = check_ranking_row(row) if ranking else check_row(row, "preference")
-        if problem is None and not ranking and "tie" in row and not isinstance(row["tie"], (bool, type(None))):
-            problem = f"tie: expected true/false, got {row['tie']!r}"
-        if problem:
-            problems.append(f"{name}:{i}: {problem}")
-            if len(problems) >= max_errors:
-                break
-    if problems:
-        kind = "ranking" if ranking else "preference"
-        raise DataError(f"{len(problems)} bad {kind} record(s):\n  " + "\n  ".join(problems), where=name,
-                        fix="correct these rows, or map your column names with data.columns={yours: ours}")
-    return rows
+    return load_records(source, "preference", columns=columns, split=split, max_rows=max_rows,
+                        max_errors=max_errors, options=options, allow_rankings=allow_rankings)
 
 
 def collate_responses(encs: list[Encoded], *, packing: bool, pad_id: int) -> dict:

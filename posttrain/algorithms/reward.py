@@ -123,22 +123,10 @@ def make_loss_fn(cfg: RewardConfig, pad_id: int):
 
 
 def load_split(cfg, rankings: bool = True) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows) from cfg.data (train/eval) and cfg.eval_holdout."""
-    from posttrain.algorithms.pairs import load_preference_rows
+    """(train rows, held-out rows) from cfg.data (train/eval/eval_fraction) and cfg.eval_holdout."""
+    from posttrain.data.formats import load_train_eval
 
-    d = cfg.data
-    train = load_preference_rows(d.train, columns=d.columns, split=d.split, max_rows=d.max_rows,
-                                 max_errors=d.max_errors, allow_rankings=rankings)
-    if d.eval:
-        held = load_preference_rows(d.eval, columns=d.columns, max_errors=d.max_errors, allow_rankings=rankings)
-    elif cfg.eval_holdout:
-        if cfg.eval_holdout >= len(train):
-            raise DataError(f"eval_holdout={cfg.eval_holdout} leaves no training records (have {len(train)})",
-                            where="eval_holdout", fix=f"use fewer than {len(train)}")
-        train, held = train[:-cfg.eval_holdout], train[-cfg.eval_holdout:]
-    else:
-        held = []
-    return train, held
+    return load_train_eval(cfg.data, "preference", eval_holdout=cfg.eval_holdout, allow_rankings=rankings)
 
 
 def run(cfg: RewardConfig) -> dict:
@@ -150,6 +138,7 @@ def run(cfg: RewardConfig) -> dict:
         encode_pair,
         encode_ranking,
         is_ranking,
+        truncation_counts,
     )
     from posttrain.data.batching import StepSampler, shard
     from posttrain.engines.train import (
@@ -219,6 +208,7 @@ def run(cfg: RewardConfig) -> dict:
     progress = Progress(total, "reward", cfg.train.progress)
     clock = common.Throughput()
     summary: dict = {"train_records": len(train_enc), "eval_records": len(eval_enc), "ties": n_ties,
+                     **truncation_counts(train_enc),
                      "tied_rankings": tied_rankings, "records_with_margin": n_margin, "loss": cfg.loss,
                      "world_size": engine.world_size, "total_steps": total}
     if n_ties and engine.is_main:

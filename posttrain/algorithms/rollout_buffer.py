@@ -43,6 +43,9 @@ class RolloutConfig:
                        "reward functions): a file, a datasets name, or builtin:prompts.")
     columns: dict[str, str] = opt({}, "Column mapping from your names to ours, e.g. {question: prompt}.")
     split: str = opt("train", "Split to read from a datasets name/path.")
+    format: Literal["auto", "hh", "plain"] = opt("auto", "How prompt strings are read: auto detects Anthropic HH "
+                                                 "transcripts ('\\n\\nHuman: ...\\n\\nAssistant:'); hh requires "
+                                                 "them; plain reads every string as it is.")
     max_prompts: int | None = opt(None, "Use only the first N prompts.")
     eval_prompts: str | None = opt(None, "Held-out prompts scored with the same reward at eval steps "
                                    "(the built-in task is evaluated with its own held-out set anyway).")
@@ -252,7 +255,7 @@ def load_rewards(specs: list[str], weights: list[float]) -> list[tuple[str, Call
         elif spec.startswith("rm:"):
             from posttrain.rewards.reward_model import RewardModelScorer
 
-            fn = RewardModelScorer(spec[3:])
+            fn = RewardModelScorer(spec[3:], where="reward")
         else:
             from posttrain.rewards import resolve_reward
 
@@ -694,8 +697,10 @@ def minibatches(n: int, n_minibatches: int, epochs: int, micro: int, seed: int, 
 
 def load_prompt_records(cfg: RolloutConfig) -> list[dict]:
     from posttrain.data.formats import load_records
+    from posttrain.data.records import ReadOptions
 
-    return load_records(cfg.prompts, "prompt", columns=cfg.columns, split=cfg.split, max_rows=cfg.max_prompts)
+    return load_records(cfg.prompts, "prompt", columns=cfg.columns, split=cfg.split, max_rows=cfg.max_prompts,
+                        options=ReadOptions(format=cfg.format, prefix="rollout.", keys=("format",)))
 
 
 def make_engine(model, tokenizer, cfg: RolloutConfig):
@@ -792,8 +797,10 @@ def task_eval(model, tokenizer, engine, prompts_source: str, n_prompts: int, n_s
 
 def load_eval_records(cfg: RolloutConfig) -> list[dict]:
     from posttrain.data.formats import load_records
+    from posttrain.data.records import ReadOptions
 
-    return load_records(cfg.eval_prompts, "prompt", columns=cfg.columns) if cfg.eval_prompts else []
+    opts = ReadOptions(format=cfg.format, prefix="rollout.", keys=("format",))
+    return load_records(cfg.eval_prompts, "prompt", columns=cfg.columns, options=opts) if cfg.eval_prompts else []
 
 
 def kl_controller(cfg: KLConfig):

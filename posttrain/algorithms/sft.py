@@ -11,6 +11,7 @@ row, each attending to itself only (no compute on padding; ``data.batching``).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -65,21 +66,28 @@ def count_tokens(batch: dict) -> torch.Tensor:
 def run(cfg: SFTConfig) -> dict:
     from posttrain.algorithms import common
     from posttrain.data.batching import StepSampler, collate, shard
-    from posttrain.data.chat import encode_sft
-    from posttrain.data.formats import load_records
+    from posttrain.data.chat import encode_sft, truncation_counts
+    from posttrain.data.formats import holdout, load_records
     from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
 
     # ---- data first: bad rows stop the run before any model loads
-    train_rows = load_records(cfg.data.train, "sft", columns=cfg.data.columns, split=cfg.data.split,
-                              max_rows=cfg.data.max_rows, max_errors=cfg.data.max_errors)
-    eval_rows = (load_records(cfg.data.eval, "sft", columns=cfg.data.columns, max_errors=cfg.data.max_errors)
-                 if cfg.data.eval else [])
+    d = cfg.data
+    opts = d.read_options()
+    train_rows = load_records(d.train, "sft", columns=d.columns, split=d.split, max_rows=d.max_rows,
+                              max_errors=d.max_errors, options=opts)
+    eval_source = d.eval_source()
+    eval_rows = (load_records(eval_source, "sft", columns=d.columns, max_errors=d.max_errors, options=opts)
+                 if eval_source else [])
+    train_rows, eval_rows = holdout(train_rows, eval_rows, fraction=d.eval_fraction)
+    if not eval_rows:
+        print("sft: no held-out data, so no evaluation loss (set data.eval=FILE or data.eval_fraction=0.05)",
+              file=sys.stderr)
     run_dir = make_run_dir(cfg.train, "sft", cfg)
     tokenizer = common.load_tokenizer(cfg.model)
-    train_ex = [encode_sft(tokenizer, r, cfg.data.max_length) for r in train_rows]
-    dropped = sum(e.n_trained == 0 for e in train_ex)
+    train_ex = [encode_sft(tokenizer, r, d.max_length) for r in train_rows]
+    counts = truncation_counts(train_ex)
     train_ex = [e for e in train_ex if e.n_trained > 0]
-    eval_ex = [e for e in (encode_sft(tokenizer, r, cfg.data.max_length) for r in eval_rows) if e.n_trained]
+    eval_ex = [e for e in (encode_sft(tokenizer, r, d.max_length) for r in eval_rows) if e.n_trained]
 
     # ---- model and runtime
     model = common.load_policy(cfg.model, cfg.lora)
@@ -108,7 +116,7 @@ def run(cfg: SFTConfig) -> dict:
     # ---- loop
     progress = Progress(total, "sft", cfg.train.progress)
     clock = common.Throughput()
-    summary: dict = {"dropped_examples": dropped, "train_examples": len(train_ex),
+    summary: dict = {**counts, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
                      "world_size": engine.world_size, "total_steps": total}
     if engine.step_count == 0 and engine.is_main:
         summary["initial"] = evaluate()

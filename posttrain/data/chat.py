@@ -19,8 +19,12 @@ from typing import Literal
 from posttrain.errors import DataError
 
 DEFAULT_TEMPLATE = (
+    "{% if tools %}{{ '<|tools|>\n' + (tools | tojson) + '\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{{ '<|' + message['role'] + '|>\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '</tool_call>' }}{% endfor %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
@@ -33,6 +37,8 @@ class Example:
 
     input_ids: list[int]
     loss_mask: list[int]
+    truncated: bool = False   # tokens were cut (after any whole turns were dropped)
+    dropped_turns: int = 0    # whole earliest turns left out to fit max_length
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -53,30 +59,32 @@ def as_messages(value, role: str) -> list[dict]:
 
 def record_messages(record: dict) -> tuple[list[dict] | None, str | None]:
     """SFT record -> (messages, None) or (None, text) for raw-text records."""
-    if "messages" in record:
+    if record.get("messages") is not None:
         return record["messages"], None
     if "prompt" in record:
         return as_messages(record["prompt"], "user") + as_messages(record["completion"], "assistant"), None
     return None, record["text"]
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+def _render(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
+    kw = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt, **kw)
 
 
 def encode_chat(tokenizer, messages: list[dict],
-                train: Literal["all_assistant", "last_assistant"] = "all_assistant") -> Example:
-    """Tokenize a conversation; train every assistant turn (or only the last one)."""
+                train: Literal["all_assistant", "last_assistant"] = "all_assistant", tools=None) -> Example:
+    """Tokenize a conversation; train every assistant turn (or only the last one). ``tools`` (function
+    schemas) go to the chat template; an assistant turn's tool calls are trained like its text."""
     ensure_template(tokenizer)
-    full = _render(tokenizer, messages)
+    full = _render(tokenizer, messages, tools=tools)
     spans = []
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train == "last_assistant":
         turns = turns[-1:]
     for i in turns:
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-        upto = _render(tokenizer, messages[: i + 1])
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
+        upto = _render(tokenizer, messages[: i + 1], tools=tools)
         if not full.startswith(upto) or not upto.startswith(full[:start]):
             raise DataError("the chat template renders earlier turns differently once later turns "
                             "are added, so assistant tokens cannot be located",
@@ -123,19 +131,60 @@ def split_implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[lis
     return chosen[:-1], chosen[-1], rejected[-1]
 
 
+def turns(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """(leading system messages, turns): a turn starts at a user message and runs to the next one."""
+    k = 0
+    while k < len(messages) and messages[k]["role"] == "system":
+        k += 1
+    out: list[list[dict]] = []
+    for m in messages[k:]:
+        if m["role"] == "user" or not out:
+            out.append([])
+        out[-1].append(m)
+    return messages[:k], out
+
+
+def drop_early_turns(messages: list[dict], fits) -> tuple[list[dict], int]:
+    """Leave out whole earliest turns until ``fits(messages)``; system messages and the last turn stay."""
+    system, ts = turns(messages)
+    dropped = 0
+    while len(ts) > 1 and not fits(system + [m for t in ts for m in t]):
+        ts = ts[1:]
+        dropped += 1
+    return system + [m for t in ts for m in t], dropped
+
+
 def truncate(ex: Example, max_length: int) -> Example:
-    """Truncation policy: drop prompt tokens from the start (keeps the latest turns) before any
-    trained token, then drop tokens from the end."""
+    """Token-level truncation: drop prompt tokens from the start (before the first trained token),
+    then tokens from the end."""
     over = len(ex) - max_length
     if over <= 0:
         return ex
     first = ex.loss_mask.index(1) if 1 in ex.loss_mask else len(ex)
     cut = min(over, first)
     ids, mask = ex.input_ids[cut:][:max_length], ex.loss_mask[cut:][:max_length]
-    return Example(ids, mask)
+    return Example(ids, mask, truncated=True, dropped_turns=ex.dropped_turns)
 
 
 def encode_sft(tokenizer, record: dict, max_length: int) -> Example:
+    """An SFT record as trained tokens within ``max_length``: a conversation first loses whole
+    earliest turns (system messages and the final turn are kept), then :func:`truncate` applies."""
     messages, text = record_messages(record)
-    ex = encode_text(tokenizer, text) if messages is None else encode_chat(tokenizer, messages)
+    if messages is None:
+        return truncate(encode_text(tokenizer, text), max_length)
+    tools = record.get("tools")
+    ex = encode_chat(tokenizer, messages, tools=tools)
+    if len(ex) > max_length:
+        messages, dropped = drop_early_turns(
+            messages, lambda m: len(encode_chat(tokenizer, m, tools=tools)) <= max_length)
+        if dropped:
+            ex = encode_chat(tokenizer, messages, tools=tools)
+            ex.dropped_turns, ex.truncated = dropped, True
     return truncate(ex, max_length)
+
+
+def truncation_counts(examples: list[Example]) -> dict[str, int]:
+    """What truncation did, for summary.json."""
+    return {"truncated_examples": sum(e.truncated for e in examples),
+            "dropped_turns": sum(e.dropped_turns for e in examples),
+            "dropped_examples": sum(e.n_trained == 0 for e in examples)}

@@ -1,217 +1,185 @@
-"""Record formats and loading, with validation that names the file, row and field.
+"""Loading records for a command: read the source, map columns, read each record, report every bad row.
 
-Formats (the Hugging Face ecosystem's, unchanged):
+This is the one reader every command (and ``posttrain data inspect`` and ``posttrain label import``)
+uses. Kinds and the layouts accepted for each are in :mod:`posttrain.data.records` and
+docs/data.md; sources in :mod:`posttrain.data.sources`.
 
-=============  ==============================================================================
-kind           accepted records
-=============  ==============================================================================
-sft            ``{"messages": [{"role", "content"}, ...]}`` | ``{"prompt", "completion"}`` | ``{"text"}``
-preference     ``{"prompt", "chosen", "rejected"}`` (strings or message lists; the implicit-prompt
-               form has whole conversations in chosen/rejected and no prompt); optional
-               ``margin``/``strength``, ``tie``, ``annotator``, ``source``, ``subset``
-unpaired       ``{"prompt", "completion", "label": bool}``
-prompt         ``{"prompt"}`` plus any extra columns (passed to reward functions)
-=============  ==============================================================================
-
-Sources: ``.jsonl``/``.json``/``.parquet``/``.csv`` files, a ``datasets`` name or saved path, or
-``builtin:<name>`` (the built-in task). Validation stops the run before any model is loaded.
+Every row is read before any model loads. The problems of all bad rows (a line that is not JSON, a
+missing field, a wrong type, ...) are collected in one pass and reported together, each as
+``file:line: field: problem`` with the line number the user's editor shows; the run then stops. A
+reading that could be ambiguous (Anthropic HH strings, a prompt column beside conversations that
+already hold it, decoded CSV cells) is stated in one line, with the key that overrides it.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Iterable
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
 
+from posttrain.data.records import ReadOptions, RowProblem, note_text, read_record
+from posttrain.data.sources import Source, read_source
 from posttrain.errors import DataError
 
 KINDS = ("sft", "preference", "unpaired", "prompt")
-ROLES = {"system", "user", "assistant", "tool"}
 
 
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- loading
 
 
-def read_rows(source: str, split: str = "train") -> tuple[list[dict], str]:
-    """Rows of ``source`` as dicts, and the name used in error messages."""
-    if source.startswith("builtin:"):
-        from posttrain.tasks.builtin import BUILTIN_SOURCES
-
-        name = source.split(":", 1)[1]
-        if name not in BUILTIN_SOURCES:
-            raise DataError(f"unknown built-in dataset '{name}'", where=source,
-                            fix=f"use one of: {', '.join('builtin:' + k for k in BUILTIN_SOURCES)}")
-        return BUILTIN_SOURCES[name](), source
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".parquet", ".csv"):
-        if not path.exists():
-            raise DataError(f"data file {path} does not exist", where=str(path),
-                            fix="check the path (relative paths start at the current directory)")
-        return _read_file(path, suffix), str(path)
-    return _read_datasets(source, split), f"{source}[{split}]"
+@dataclass
+class BadRow:
+    line: int
+    field: str
+    problem: str
 
 
-def _read_file(path: Path, suffix: str) -> list[dict]:
-    if suffix == ".jsonl":
-        rows = []
-        with path.open() as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"line is not valid JSON ({e.msg})", where=f"{path}:{i}",
-                                    fix="each line of a .jsonl file must be one JSON object") from None
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON ({e.msg} at line {e.lineno})", where=str(path)) from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError("a .json data file must hold a list of records", where=str(path),
-                            fix="write [ {...}, {...} ] or use .jsonl")
-        return data
-    import pandas as pd
+@dataclass
+class Loaded:
+    """Every readable record of a source (canonical form), where each came from, and every bad row."""
 
-    df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
-    return [_plain(r) for r in df.to_dict(orient="records")]
+    source: Source
+    kind: str
+    records: list[dict] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    layouts: Counter = field(default_factory=Counter)
+    notes: set[str] = field(default_factory=set)
+    bad: list[BadRow] = field(default_factory=list)
 
+    @property
+    def name(self) -> str:
+        return self.source.name
 
-def _plain(row: dict) -> dict:
-    """Parquet/CSV cells -> plain Python (numpy arrays of message structs -> lists of dicts)."""
-    import numpy as np
+    def where(self, line: int) -> str:
+        return f"{self.name}:{line}" if self.source.by_line else f"{self.name}:row {line}"
 
-    def conv(v):
-        if isinstance(v, np.ndarray):
-            return [conv(x) for x in v.tolist()]
-        if isinstance(v, list):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        if isinstance(v, np.generic):
-            return v.item()
-        return v
+    def layout_text(self) -> str:
+        return ", ".join(f"{n} {k}" for k, n in self.layouts.most_common())
 
-    return {k: conv(v) for k, v in row.items()}
+    def readings(self, opts: ReadOptions) -> list[str]:
+        """One line per reading the user should know about (empty when the layout is unambiguous)."""
+        return [f"{self.name} ({self.layout_text()}): {note_text(n, opts)}" for n in sorted(self.notes)]
 
-
-def _read_datasets(source: str, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        if Path(source).is_dir() and (Path(source) / "dataset_info.json").exists():
-            ds = datasets.load_from_disk(source)
-        else:
-            ds = datasets.load_dataset(source, split=split)
-    except Exception as e:  # datasets raises many types; the message is what matters
-        raise DataError(f"cannot load dataset '{source}': {e}", where=source,
-                        fix="give a .jsonl/.json/.parquet/.csv file, a dataset saved with "
-                            "save_to_disk, or a hub dataset available offline") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"split '{split}' not found (have {list(ds)})", where=source,
-                            fix=f"set data.split to one of {list(ds)}")
-        ds = ds[split]
-    return [dict(r) for r in ds]
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_messages(value: Any, field: str, need_assistant: bool) -> str | None:
-    if not isinstance(value, list) or not value:
-        return f"{field}: expected a non-empty list of {{role, content}} messages"
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"{field}[{j}]: expected an object with 'role' and 'content'"
-        if m["role"] not in ROLES:
-            return f"{field}[{j}].role: '{m['role']}' is not one of {sorted(ROLES)}"
-        if not isinstance(m["content"], str):
-            return f"{field}[{j}].content: expected a string, got {type(m['content']).__name__}"
-    if need_assistant and not any(m["role"] == "assistant" for m in value):
-        return f"{field}: no assistant message, so nothing would be trained"
-    return None
-
-
-def _check_text(row: dict, field: str, allow_messages: bool = True) -> str | None:
-    if field not in row or row[field] is None:
-        return f"{field}: missing"
-    v = row[field]
-    if isinstance(v, str):
-        return None if v.strip() or field != "prompt" else f"{field}: empty string"
-    if allow_messages and isinstance(v, list):
-        return _check_messages(v, field, need_assistant=False)
-    return f"{field}: expected a string{' or a message list' if allow_messages else ''}, got {type(v).__name__}"
-
-
-def check_row(row: Any, kind: str) -> str | None:
-    """The first problem with ``row`` as a ``kind`` record, as 'field: problem', or None."""
-    if not isinstance(row, dict):
-        return f"record: expected an object, got {type(row).__name__}"
-    if kind == "sft":
-        if "messages" in row:
-            return _check_messages(row["messages"], "messages", need_assistant=True)
-        if "prompt" in row or "completion" in row:
-            return _check_text(row, "prompt") or _check_text(row, "completion")
-        if "text" in row:
-            return None if isinstance(row["text"], str) and row["text"] else "text: expected a non-empty string"
-        return "record: needs 'messages', 'prompt'+'completion', or 'text' (set data.columns to map yours)"
-    if kind == "preference":
-        problem = _check_text(row, "chosen") or _check_text(row, "rejected")
-        if problem:
-            return problem
-        if "prompt" in row and row["prompt"] is not None:
-            problem = _check_text(row, "prompt")
-        elif not (isinstance(row["chosen"], list) and isinstance(row["rejected"], list)):
-            return "prompt: missing (only allowed when chosen/rejected are whole conversations)"
-        for key in ("margin", "strength"):
-            if key in row and row[key] is not None and not isinstance(row[key], (int, float)):
-                return f"{key}: expected a number, got {row[key]!r}"
-        return problem
-    if kind == "unpaired":
-        problem = _check_text(row, "prompt") or _check_text(row, "completion")
-        if problem:
-            return problem
-        if not isinstance(row.get("label"), bool):
-            return f"label: expected true/false, got {row.get('label')!r}"
-        return None
-    if kind == "prompt":
-        return _check_text(row, "prompt")
-    raise ValueError(f"unknown record kind {kind}")
+    def raise_if_bad(self, opts: ReadOptions, max_errors: int = 20) -> None:
+        if not self.bad:
+            return
+        shown = [f"{self.where(b.line)}: {b.field}: {b.problem}" if b.field else f"{self.where(b.line)}: {b.problem}"
+                 for b in self.bad[:max_errors]]
+        more = f" (the first {max_errors} listed)" if len(self.bad) > max_errors else ""
+        raise DataError(f"{len(self.bad)} bad {self.kind} record(s){more}:\n  " + "\n  ".join(shown),
+                        where=self.name, fix=f"correct these rows (no model was loaded), or {opts.columns_hint()}")
 
 
 def rename_columns(rows: Iterable[dict], columns: dict[str, str]) -> list[dict]:
     if not columns:
         return list(rows)
-    return [{columns.get(k, k): v for k, v in r.items()} for r in rows]
+    return [{columns.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r for r in rows]
 
 
-def load_records(source: str, kind: str, *, columns: dict[str, str] | None = None,
-                 split: str = "train", max_rows: int | None = None, max_errors: int = 20) -> list[dict]:
-    """Read, rename and validate every row; raise one DataError listing up to ``max_errors`` bad rows."""
+def load_data(source: str, kind: str, *, columns: dict[str, str] | None = None, split: str = "train",
+              max_rows: int | None = None, options: ReadOptions | None = None,
+              allow_rankings: bool = False) -> Loaded:
+    """Read every row of ``source`` as a ``kind`` record, collecting (not raising) row problems.
+
+    ``kind`` "preference" with ``allow_rankings`` reads K-wise ranking records when the first record
+    has ``responses`` and ``ranking``."""
+    opts = options or ReadOptions()
+    src = read_source(source, split, split_key=f"{opts.prefix or ''}split")
+    rows = src.rows[:max_rows] if max_rows is not None else src.rows
+    if not rows:
+        raise DataError("no records found", where=src.name,
+                        fix="check the file" + (f" or {opts.prefix}split" if opts.prefix is not None else ""))
+    columns = columns or {}
+    values = rename_columns([r.value for r in rows], columns)
+    if columns:
+        present = {k for r in rows if isinstance(r.value, dict) for k in r.value}
+        missing = [k for k in columns if k not in present]
+        if missing:
+            raise DataError(f"the column mapping names {', '.join(map(repr, missing))} but no record has that "
+                            f"column (columns: {', '.join(sorted(map(str, present))) or 'none'})",
+                            where=f"{opts.prefix or ''}columns", fix="map the column names your file has")
+    task = kind
+    if kind == "preference":
+        first = next((v for r, v in zip(rows, values) if r.problem is None and isinstance(v, dict)), {})
+        if "responses" in first and "ranking" in first:
+            if not allow_rankings:
+                raise DataError("K-wise ranking records are only used by `posttrain reward`", where=src.name,
+                                fix="give {prompt, chosen, rejected} pairs")
+            task = "ranking"
+    out = Loaded(src, task)
+    for row, value in zip(rows, values):
+        if row.problem is not None:
+            out.bad.append(BadRow(row.line, "", row.problem))
+            continue
+        try:
+            reading = read_record(value, task, opts)
+        except RowProblem as e:
+            fld, _, problem = str(e).partition(": ")
+            out.bad.append(BadRow(row.line, fld, problem))
+            continue
+        out.records.append(reading.record)
+        out.lines.append(row.line)
+        out.layouts[reading.layout] += 1
+        out.notes |= reading.notes
+    return out
+
+
+def load_records(source: str, kind: str, *, columns: dict[str, str] | None = None, split: str = "train",
+                 max_rows: int | None = None, max_errors: int = 20, options: ReadOptions | None = None,
+                 allow_rankings: bool = False, quiet: bool = False) -> list[dict]:
+    """Canonical records of ``source``; one DataError lists the bad rows (up to ``max_errors``).
+    Readings worth knowing are printed as one line each on stderr."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    rows, name = read_rows(source, split)
-    rows = rename_columns(rows, columns or {})
-    if max_rows is not None:
-        rows = rows[:max_rows]
-    if not rows:
-        raise DataError("no records found", where=name, fix="check the file or the split")
-    problems = []
-    for i, row in enumerate(rows, 1):
-        problem = check_row(row, kind)
-        if problem:
-            problems.append(f"{name}:{i}: {problem}")
-            if len(problems) >= max_errors:
-                break
-    if problems:
-        more = " (stopped listing)" if len(problems) >= max_errors else ""
-        raise DataError(f"{len(problems)} bad {kind} record(s){more}:\n  " + "\n  ".join(problems),
-                        where=name, fix="correct these rows, or map your column names with "
-                                        "data.columns={yours: ours}")
-    return rows
+    opts = options or ReadOptions()
+    loaded = load_data(source, kind, columns=columns, split=split, max_rows=max_rows, options=opts,
+                       allow_rankings=allow_rankings)
+    loaded.raise_if_bad(opts, max_errors)
+    if not quiet:
+        for line in loaded.readings(opts):
+            print(f"data: {line}", file=sys.stderr)
+    return loaded.records
+
+
+def read_rows(source: str, split: str = "train") -> tuple[list[dict], str]:
+    """Raw rows (no reading) and the source's name; a line that is not JSON is an error here."""
+    src = read_source(source, split)
+    bad = [r for r in src.rows if r.problem is not None]
+    if bad:
+        raise DataError(f"{src.where(bad[0])}: {bad[0].problem}", where=src.name)
+    return [r.value for r in src.rows], src.name
+
+
+def check_row(row, kind: str) -> str | None:
+    """The first problem with ``row`` as a ``kind`` record, as 'field: problem', or None."""
+    try:
+        read_record(row, kind)
+    except RowProblem as e:
+        return str(e)
+    return None
+
+
+def holdout(rows: list, eval_rows: list, n: int = 0, fraction: float = 0.0, where: str = "data.eval_fraction"
+            ) -> tuple[list, list]:
+    """(train, held-out): ``eval_rows`` when given, else the last ``n`` rows or ``fraction`` of them."""
+    if eval_rows or not (n or fraction):
+        return rows, eval_rows
+    k = n or max(1, round(fraction * len(rows)))
+    if k >= len(rows):
+        raise DataError(f"holding out {k} of {len(rows)} records leaves none to train on", where=where,
+                        fix=f"hold out fewer than {len(rows)}")
+    return rows[:-k], rows[-k:]
+
+
+def load_train_eval(d, kind: str, *, eval_holdout: int = 0, allow_rankings: bool = False,
+                    prefix: str = "data.") -> tuple[list[dict], list[dict]]:
+    """(train records, held-out records) of a DataConfig ``d``: data.eval when given (or resolved by
+    'auto'), else the last ``eval_holdout`` records or ``d.eval_fraction`` of them, else none."""
+    opts = d.read_options(prefix)
+    kw = dict(columns=d.columns, max_errors=d.max_errors, options=opts, allow_rankings=allow_rankings)
+    train = load_records(d.train, kind, split=d.split, max_rows=d.max_rows, **kw)
+    source = d.eval_source()
+    held = load_records(source, kind, **kw) if source else []
+    where = "eval_holdout" if eval_holdout else f"{prefix}eval_fraction"
+    return holdout(train, held, n=eval_holdout, fraction=d.eval_fraction, where=where)

@@ -112,6 +112,7 @@ def _per_prompt(x: np.ndarray, n: int) -> np.ndarray:
 def run(cfg: EvalConfig) -> dict:
     from posttrain.algorithms.common import load_tokenizer, write_summary
     from posttrain.data.formats import load_records
+    from posttrain.data.records import ReadOptions
     from posttrain.engines.train import seed_everything
     from posttrain.evaluation import stats
     from posttrain.tasks import builtin
@@ -119,7 +120,7 @@ def run(cfg: EvalConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    rows = load_records(cfg.prompts, "prompt")[: cfg.n_prompts]
+    rows = load_records(cfg.prompts, "prompt", options=ReadOptions(prefix=None))[: cfg.n_prompts]
     prompts = [r["prompt"] for r in rows]
     rep = [p for p in prompts for _ in range(cfg.samples)]
     is_task = cfg.prompts.startswith("builtin:")
@@ -131,7 +132,7 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.reward_model:
         from posttrain.rewards.reward_model import RewardModelScorer
 
-        scorer = RewardModelScorer(cfg.reward_model)
+        scorer = RewardModelScorer(cfg.reward_model, where="reward_model")
 
     results: dict = {"policies": {}, "baseline": base_name, "judge": cfg.judge, "n_prompts": len(prompts),
                      "samples": cfg.samples}

@@ -265,10 +265,11 @@ class LabelGenerateConfig:
 
 def run_generate(cfg: LabelGenerateConfig) -> dict:
     from posttrain.data.formats import load_records
+    from posttrain.data.records import ReadOptions
     from posttrain.feedback.export import write_records
     from posttrain.feedback.generate import sample_candidates
 
-    rows = load_records(cfg.prompts, "prompt", max_rows=cfg.max_prompts)
+    rows = load_records(cfg.prompts, "prompt", max_rows=cfg.max_prompts, options=ReadOptions(prefix=None))
     records = sample_candidates(cfg.model, [r["prompt"] for r in rows], k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
                                 seed=cfg.seed)

@@ -1,4 +1,4 @@
-"""Import labeling tasks from JSONL / JSON / Parquet (the files ``posttrain collect`` and
+"""Import labeling tasks from JSONL / JSON / CSV / Parquet (the files ``posttrain collect`` and
 ``posttrain label generate`` write, and plain preference datasets).
 
 Accepted records::
@@ -8,8 +8,9 @@ Accepted records::
      "gold": 0,                 # optional: index of the better response (annotator QC)
      "id": "...", ...}          # optional external id; other keys are kept as task metadata
 
-    {"prompt", "chosen", "rejected"}   # a preference pair -> 2 candidates (chosen first); the
-                                       # implicit-prompt form (whole conversations) works too
+    {"prompt", "chosen", "rejected"}   # a preference pair -> 2 candidates (chosen first), in every
+                                       # layout the trainers read (docs/data.md): implicit prompt,
+                                       # UltraFeedback-style conversations, Anthropic HH strings, CSV
 
 The order in the file does not leak to annotators: every assignment shows the candidates in its own
 random order. Importing the same file twice adds nothing (tasks are unique by content).
@@ -91,13 +92,15 @@ def _from_responses(row: dict) -> tuple[list[tuple[str, str | None]], int | None
 
 
 def _from_pair(row: dict, gold_from_chosen: bool) -> tuple[Any, list[tuple[str, str | None]], int | None]:
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    if prompt is None:  # implicit prompt: two whole conversations sharing all but the last turn
-        if not (isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected
-                and chosen[:-1] == rejected[:-1]):
-            raise _Bad("prompt: missing (only allowed when chosen/rejected are whole conversations "
-                       "sharing every turn but the last)")
-        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    """A preference pair in any layout the trainers read (docs/data.md: explicit or implicit prompt,
+    conversations that repeat the prompt column, Anthropic HH transcripts, CSV-encoded lists)."""
+    from posttrain.data.records import ReadOptions, RowProblem, read_record
+
+    try:
+        rec = read_record(row, "preference", ReadOptions(prefix=None)).record
+    except RowProblem as e:
+        raise _Bad(str(e)) from None
+    prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
     source = row.get("source")
     cands = [(_response_text(chosen, "chosen"), row.get("chosen_model", source)),
              (_response_text(rejected, "rejected"), row.get("rejected_model", source))]
@@ -111,7 +114,16 @@ def parse_record(row: Any, *, gold_from_chosen: bool = False) -> TaskSpec | None
     if not isinstance(row, dict):
         raise _Bad(f"record: expected an object, got {type(row).__name__}")
     if "responses" in row:
+        from posttrain.data.records import RowProblem, decode_cell
+
+        try:  # CSV cells hold the text of lists
+            row = {**row, "prompt": decode_cell(row.get("prompt"), "prompt", False, set()),
+                   "responses": decode_cell(row["responses"], "responses", True, set())}
+        except RowProblem as e:
+            raise _Bad(str(e)) from None
         prompt, (cands, gold) = row.get("prompt"), _from_responses(row)
+    elif "chosen" in row and "rejected" in row and row["chosen"] == row["rejected"]:
+        return None  # identical candidates: nothing to compare
     elif "chosen" in row and "rejected" in row:
         prompt, cands, gold = _from_pair(row, gold_from_chosen)
     else:
@@ -139,11 +151,12 @@ def _jsonable(value: Any) -> bool:
         return False
 
 
-def parse_records(rows: list, name: str, *, gold_from_chosen: bool = False,
-                  max_errors: int = 20) -> tuple[list[TaskSpec], int]:
-    """(task specs, records skipped for identical candidates); one DataError lists the bad rows."""
+def parse_records(rows: list, name: str, *, gold_from_chosen: bool = False, max_errors: int = 20,
+                  lines: list[int] | None = None) -> tuple[list[TaskSpec], int]:
+    """(task specs, records skipped for identical candidates); one DataError lists the bad rows
+    (``lines``: each row's line in the file, else its position)."""
     specs, identical, problems = [], 0, []
-    for i, row in enumerate(rows, 1):
+    for i, row in zip(lines or range(1, len(rows) + 1), rows):
         try:
             spec = parse_record(row, gold_from_chosen=gold_from_chosen)
         except _Bad as e:
@@ -166,13 +179,17 @@ def parse_records(rows: list, name: str, *, gold_from_chosen: bool = False,
 
 def read_tasks(path: str, *, gold_from_chosen: bool = False, max_records: int | None = None
                ) -> tuple[list[TaskSpec], int]:
-    """Task specs from a .jsonl/.json/.parquet file (the project's one reader of data files)."""
-    from posttrain.data.formats import read_rows
+    """Task specs from a .jsonl/.json/.csv/.parquet file or a save_to_disk folder (the trainers' reader)."""
+    from posttrain.data.sources import read_source
 
-    if not path.lower().endswith((".jsonl", ".json", ".parquet")):
-        raise DataError("task files must be .jsonl, .json or .parquet", where=path)
-    rows, name = read_rows(path)
-    return parse_records(rows[:max_records] if max_records else rows, name, gold_from_chosen=gold_from_chosen)
+    src = read_source(path)
+    rows = src.rows[:max_records] if max_records else src.rows
+    bad = [f"{src.where(r)}: {r.problem}" for r in rows if r.problem is not None]
+    if bad:
+        raise DataError(f"{len(bad)} unreadable line(s):\n  " + "\n  ".join(bad[:20]), where=src.name,
+                        fix="each line of a .jsonl file must be one JSON object")
+    return parse_records([r.value for r in rows], src.name, gold_from_chosen=gold_from_chosen,
+                         lines=[r.line for r in rows])
 
 
 def add_tasks(db: Session, project: Project, specs: list[TaskSpec]) -> dict[str, int]:

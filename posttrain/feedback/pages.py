@@ -273,7 +273,7 @@ def admin_import(project_id: int, fields: dict = Depends(form_fields), p: Princi
         project = get_project(db, p.user, project_id)
         upload = (fields.get("file") or [None])[0]
         if upload is None or isinstance(upload, str) or not upload.filename:
-            raise Invalid("choose a .jsonl, .json or .parquet file")
+            raise Invalid("choose a .jsonl, .json, .csv or .parquet file")
         suffix = Path(upload.filename).suffix.lower()
         with tempfile.TemporaryDirectory() as tmp:  # the shared reader works on paths
             path = Path(tmp) / f"upload{suffix}"

@@ -155,6 +155,7 @@ def load_judge_items(cfg: JudgeConfig) -> tuple[list[_Item], bool]:
     in slot A, the human labels would be nearly all one class and κ would say little."""
     from posttrain.data.chat import split_implicit_prompt
     from posttrain.data.formats import load_records, read_rows
+    from posttrain.data.records import ReadOptions
 
     kind = cfg.input_kind
     if kind == "auto":
@@ -163,7 +164,7 @@ def load_judge_items(cfg: JudgeConfig) -> tuple[list[_Item], bool]:
         kind = "preference" if "chosen" in row and "rejected" in row else "pairs"
     if kind == "pairs":
         return _load_plain_pairs(cfg), False
-    rows = load_records(cfg.input, "preference")
+    rows = load_records(cfg.input, "preference", options=ReadOptions(prefix=None))
     rng = random.Random(cfg.seed)
     items: dict[str, _Item] = {}
     for row in rows:
@@ -307,12 +308,14 @@ class CAIConfig:
 
 def run_cai(cfg: CAIConfig) -> dict:
     from posttrain.data.formats import load_records
+    from posttrain.data.records import ReadOptions
     from posttrain.judges.cai import ai_preference_pairs, critique_revision_chains
     from posttrain.judges.constitution import load_constitution
     from posttrain.judges.pairwise import summarize
 
     principles = load_constitution(cfg.constitution)
-    rows = load_records(cfg.prompts, "prompt", columns=cfg.columns, max_rows=cfg.max_prompts)
+    rows = load_records(cfg.prompts, "prompt", columns=cfg.columns, max_rows=cfg.max_prompts,
+                        options=ReadOptions(prefix="", keys=()))
     run_dir = _run_dir(cfg.output_dir, "cai", cfg)
     rng = random.Random(cfg.seed)
     policy = _make_backend(cfg.policy, cfg.backend, cfg.seed)

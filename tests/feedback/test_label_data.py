@@ -144,5 +144,10 @@ def test_import_files_twice_adds_nothing(tmp_path):
         assert importing.add_tasks(db, project, specs) == {"added": 5, "duplicates": 0}
         specs, _ = importing.read_tasks(str(tmp_path / "t.parquet"))  # same content from Parquet
         assert importing.add_tasks(db, project, specs) == {"added": 0, "duplicates": 5}
-    with pytest.raises(DataError, match="must be .jsonl"):
-        importing.read_tasks(str(tmp_path / "t.csv"))
+        import pandas as pd  # a CSV written by pandas holds the lists as Python literals: same tasks
+
+        pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+        specs, _ = importing.read_tasks(str(tmp_path / "t.csv"))
+        assert importing.add_tasks(db, project, specs) == {"added": 0, "duplicates": 5}
+    with pytest.raises(DataError, match="does not exist"):
+        importing.read_tasks(str(tmp_path / "missing.csv"))
