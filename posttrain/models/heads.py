@@ -24,11 +24,15 @@ from posttrain.errors import ModelError
 
 
 def load_reward_model(cfg: ModelConfig, name_or_path: str | None = None, pad_token_id: int | None = None,
-                      lora: LoraConfig | None = None):
+                      lora: LoraConfig | None = None, *, require_trained_head: bool = False,
+                      where: str | None = "model.name_or_path"):
     """A ``*ForSequenceClassification`` with one output, from a causal LM or a saved reward model.
 
     ``pad_token_id`` is written into the config (the HF class needs it to find the last token); the
     head of a fresh model is initialised by ``from_pretrained`` from the torch seed.
+    ``require_trained_head``: raise :class:`ModelError` unless the head's weights come from the
+    checkpoint (set wherever the model *scores*: a random head would give confident nonsense; leave
+    it off where a fresh head is created to be trained). ``where`` names the config key in errors.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -38,22 +42,47 @@ def load_reward_model(cfg: ModelConfig, name_or_path: str | None = None, pad_tok
     quiet_transformers()
     path = resolve(name_or_path or cfg.name_or_path)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=_dtype(cfg.dtype), attn_implementation=attn_implementation(cfg),
-            revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+            revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load '{path}' as a sequence-classification reward model: {e}",
-                         where="model.name_or_path",
+                         where=where,
                          fix="give a causal LM whose architecture has a ForSequenceClassification class "
                              "(Llama, Qwen2, Mistral, Gemma, ...), a saved reward model, or 'tiny'") from None
+    if require_trained_head:
+        _check_trained_head(model, info, path, where)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:
         raise ModelError("the reward model has no pad_token_id, so its last token cannot be found",
-                         where="model.name_or_path", fix="use a tokenizer with a pad token")
+                         where=where, fix="use a tokenizer with a pad token")
     if lora is not None and lora.enabled:
         model = apply_reward_lora(model, lora)
     return model
+
+
+def _check_trained_head(model, info: dict, path, where: str | None) -> None:
+    """Raise unless the scalar head's weights were read from the checkpoint at ``path``.
+
+    ``from_pretrained`` initialises a head it does not find (a causal LM has none) and lists it in
+    ``missing_keys``. A PEFT adapter directory loads through transformers' integration, whose loading
+    info covers the adapter only: there the head counts as trained when the adapter saved it
+    (``modules_to_save``, which wraps the module)."""
+    name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+    if name is None:
+        head_name(model)  # raises the no-head error
+    head = getattr(model, name)
+    if hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper: the adapter saved the trained head
+        return
+    missing = {str(k) for k in info.get("missing_keys", ())}
+    if hasattr(model, "peft_config") or any(k == name or k.startswith(name + ".") for k in missing):
+        raise ModelError(
+            f"the model at {path} has no trained scalar reward head: its `{name}` weights are not in the "
+            f"checkpoint, so every score would come from a randomly initialised head",
+            where=where,
+            fix="train one with `posttrain reward` and give its final/ directory, or a hub "
+                "sequence-classification reward model with one label")
 
 
 def apply_reward_lora(model, cfg: LoraConfig):
@@ -79,9 +108,12 @@ def _base(model):
     return model
 
 
+HEAD_NAMES = ("score", "classifier", "v_head")
+
+
 def head_name(model) -> str:
     base = _base(model)
-    for name in ("score", "classifier", "v_head"):
+    for name in HEAD_NAMES:
         if isinstance(getattr(base, name, None), torch.nn.Module):
             return name
     raise ModelError(f"{type(base).__name__} has no scalar head named score/classifier",

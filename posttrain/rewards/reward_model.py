@@ -21,12 +21,15 @@ import torch
 class RewardModelScorer:
     """Scores (prompt, response) pairs with a scalar-head reward model.
 
-    ``model``: a path / hub id / ``tiny`` name, or an already loaded sequence-classification model
+    ``model``: a path / hub id, or an already loaded sequence-classification model
     (then pass ``tokenizer``). ``max_length`` truncates like training (prompt from the left first).
-    ``batch_tokens`` bounds the tokens of one forward pass."""
+    ``batch_tokens`` bounds the tokens of one forward pass. A model given by path must hold a trained
+    scalar head (a causal LM's would be random): else :class:`~posttrain.errors.ModelError`, naming
+    ``where`` (the config key that gave the path)."""
 
     def __init__(self, model, tokenizer=None, *, max_length: int = 1024, batch_tokens: int = 8192,
-                 dtype: str = "float32", packing: bool = True, device: str | None = None):
+                 dtype: str = "float32", packing: bool = True, device: str | None = None,
+                 where: str | None = None):
         from posttrain.config import ModelConfig
         from posttrain.models.heads import load_reward_model
         from posttrain.models.loading import load_tokenizer
@@ -34,7 +37,8 @@ class RewardModelScorer:
         if isinstance(model, (str, Path)):
             tokenizer = tokenizer or load_tokenizer(str(model))
             model = load_reward_model(ModelConfig(name_or_path=str(model), dtype=dtype),
-                                      pad_token_id=tokenizer.pad_token_id)
+                                      pad_token_id=tokenizer.pad_token_id, require_trained_head=True,
+                                      where=where)
         if tokenizer is None:
             raise ValueError("pass the tokenizer when giving a loaded model")
         self.model, self.tokenizer = model, tokenizer

@@ -241,6 +241,28 @@ def test_eval_reward_reports_subsets_and_baselines(trained_rm, tmp_path):
         load_config(EvalRewardConfig, None, ["model.name_or_path=x"])
 
 
+def test_eval_reward_refuses_a_model_without_a_trained_head(tiny_path, tmp_path):
+    """A causal LM has no reward head: from_pretrained would initialise one at random and eval-reward
+    would print a confident table of noise. It stops with one paragraph instead, before the run dir."""
+    from pt_helpers import run_cli
+
+    from posttrain.algorithms.eval_reward import EvalRewardConfig
+    from posttrain.algorithms.eval_reward import run as eval_run
+    from posttrain.errors import ModelError
+
+    data = write_jsonl(tmp_path / "bench.jsonl", builtin.gold_preference_records(4, seed=1))
+    args = [f"model.name_or_path={tiny_path}", f"data={data}", f"output_dir={tmp_path / 'ev'}"]
+    with pytest.raises(ModelError, match=r"no trained scalar reward head: its `score` weights") as e:
+        eval_run(load_config(EvalRewardConfig, None, args))
+    assert e.value.where == "model.name_or_path" and "posttrain reward" in e.value.fix
+    assert not (tmp_path / "ev").exists()
+    out = run_cli("eval-reward", *args, env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"error: model.name_or_path: the model at {tiny_path} has no trained scalar")
+    assert "final/" in out.stderr and out.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "ev").exists()
+
+
 def test_lora_reward_model_saves_merged_classifier(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
