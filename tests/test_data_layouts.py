@@ -351,3 +351,67 @@ def test_sft_with_user_data_never_evaluates_on_the_builtin_task(tmp_path, capsys
     s = run(load_config(SFTConfig, None, base + [f"train.output_dir={tmp_path / 'b'}", "data.eval_fraction=0.25"]))
     assert s["eval_examples"] == 2 and s["train_examples"] == 6
     assert "loss" in s["final"] and "gold_reward" not in s["final"]
+
+
+# ----------------------------------------------------------------------------- posttrain data inspect
+
+
+def _inspect(*args):
+    from click.testing import CliRunner
+
+    from posttrain.cli import main
+
+    res = CliRunner().invoke(main, ["data", "inspect", *args])
+    return res.exit_code, res.output
+
+
+def test_data_inspect_shows_format_bad_rows_and_trained_tokens(tmp_path):
+    hh = jsonl(tmp_path / "hh.jsonl", [HH_MULTI])
+    code, out = _inspect(hh, "--task", "dpo")
+    assert code == 0 and "format: anthropic-hh" in out and "0 bad row(s)" in out
+    assert "[chosen]\n⟦It is 4.<|im_end|>⟧" in out and "[rejected]\n⟦No idea.<|im_end|>⟧" in out
+    assert "reading:" in out and "Anthropic HH" in out
+    code, out = _inspect(hh, "--task", "dpo", "--json")
+    rep = json.loads(out.strip().splitlines()[-1])
+    assert rep["format"] == "anthropic-hh" and rep["records"] == 1 and rep["bad_rows"] == []
+    (ex,) = rep["examples"][:1]
+    assert ex["chosen"] == "It is 4.<|im_end|>" and ex["rejected"] == "No idea.<|im_end|>"
+    assert ex["prompt"].endswith(USER.format("What is 2+2?") + ASSISTANT)
+    assert ex["trained_tokens"] > 0
+
+    uf = jsonl(tmp_path / "uf.jsonl", [ULTRAFEEDBACK])
+    rep = json.loads(_inspect(uf, "--task", "reward", "--json")[1].strip().splitlines()[-1])
+    assert rep["format"] == "prompt + conversations"
+    assert rep["examples"][0]["prompt"] == USER.format("Name a primary color.") + ASSISTANT
+    rep = json.loads(_inspect(uf, "--task", "sft", "--json")[1].strip().splitlines()[-1])
+    assert rep["format"] == "messages" and rep["examples"][0]["completion"] == "Red is a primary color.<|im_end|>"
+    rep = json.loads(_inspect(uf, "--task", "kto", "--json")[1].strip().splitlines()[-1])
+    assert rep["unpaired_examples"] == 2 and [e["label"] for e in rep["examples"][:2]] == [True, False]
+    assert rep["examples"][1]["completion"] == "Purple.<|im_end|>"
+
+
+def test_data_inspect_lists_every_bad_row_and_truncation(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": \n{"prompt": "x"}\n{"prompt": 5, "completion": "y"}\n')
+    code, out = _inspect(str(p), "--json")
+    assert code == 1
+    rep = json.loads(out.strip().splitlines()[-1])
+    assert [(b["line"], b["field"]) for b in rep["bad_rows"]] == [(3, ""), (4, "completion"), (5, "prompt")]
+    assert rep["records"] == 1 and rep["examples"][0]["completion"] == "b<|im_end|>"
+    long = jsonl(tmp_path / "long.jsonl", [{"messages": msgs(("system", "S"), ("user", "u " * 40), ("assistant", "a " * 40),
+                                                              ("user", "last"), ("assistant", "end"))}])
+    rep = json.loads(_inspect(long, "--max-length", "40", "--json")[1].strip().splitlines()[-1])
+    assert rep["truncated"] == 1 and rep["dropped"] == 0 and rep["token_lengths"]["max"] > 40
+    assert rep["examples"][0]["dropped_turns"] == 1 and rep["examples"][0]["completion"] == "end<|im_end|>"
+
+
+def test_label_import_reads_the_trainers_layouts(tmp_path):
+    from posttrain.feedback import importing
+
+    hh = jsonl(tmp_path / "hh.jsonl", [HH_MULTI])
+    (spec,), _ = importing.read_tasks(hh)
+    assert spec.prompt[-1] == {"role": "user", "content": "What is 2+2?"} and len(spec.prompt) == 3
+    assert [c for c, _ in spec.candidates] == ["It is 4.", "No idea."]
+    (spec,), _ = importing.read_tasks(jsonl(tmp_path / "uf.jsonl", [ULTRAFEEDBACK]))
+    assert spec.prompt == msgs(("user", "Name a primary color."))
+    assert [c for c, _ in spec.candidates] == ["Red is a primary color.", "Purple."]
