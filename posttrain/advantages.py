@@ -89,7 +89,7 @@ def _groups(rewards: torch.Tensor, group_size: int, need: int = 1) -> torch.Tens
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Group-relative advantages.
 
     GRPO (Shao et al. 2024, "DeepSeekMath", §4.1.2):   A_i = (r_i − mean(r_{1..G})) / (std(r_{1..G}) + eps)
@@ -97,14 +97,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
                                                        A_i = r_i − mean(r_{1..G})
 
     std is the *sample* standard deviation (Bessel, divisor G − 1), as TRL's GRPOTrainer computes it
-    with ``Tensor.std``; the paper does not say. A group whose rewards are all equal gets A = 0.
-    Shapes: rewards [N] (N = prompts × G, groups contiguous); returns [N].
+    with ``Tensor.std``; the paper does not say. A group whose rewards are all equal gets A = 0
+    exactly (:func:`zero_variance_groups`, over the ``valid`` members when given): the statistics are
+    computed in fp64, and such groups are zeroed, because an fp32 mean of equal values can be one
+    rounding step off and ``/ (std + eps)`` would turn that into a same-sign advantage for the group.
+    Shapes: rewards [N] (N = prompts × G, groups contiguous), valid [N] bool or None; returns [N] in
+    the rewards' dtype.
     """
-    g = _groups(rewards, group_size, need=2 if scale_by_std else 1)
+    g = _groups(rewards, group_size, need=2 if scale_by_std else 1).double()
     centred = g - g.mean(dim=1, keepdim=True)
     if scale_by_std:
         centred = centred / (g.std(dim=1, keepdim=True) + eps)
-    return centred.reshape(-1)
+    flat = zero_variance_groups(rewards, group_size, valid)
+    centred = centred.masked_fill(flat[:, None], 0.0)
+    return centred.reshape(-1).to(rewards.dtype)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -113,11 +119,12 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
         A_i = r_i − 1/(G−1) Σ_{j≠i} r_j    ( = G/(G−1) · (r_i − mean r), the Dr. GRPO advantage rescaled)
 
-    Shapes: rewards [N] (groups of ``group_size`` ≥ 2, contiguous); returns [N].
+    Shapes: rewards [N] (groups of ``group_size`` ≥ 2, contiguous); returns [N] (computed in fp64, so
+    equal rewards give exactly 0).
     """
-    g = _groups(rewards, group_size, need=2)
+    g = _groups(rewards, group_size, need=2).double()
     others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
-    return (g - others).reshape(-1)
+    return (g - others).reshape(-1).to(rewards.dtype)
 
 
 def reinforce_advantages(rewards: torch.Tensor, baseline: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -126,12 +133,20 @@ def reinforce_advantages(rewards: torch.Tensor, baseline: torch.Tensor | float =
     return rewards - baseline
 
 
-def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N / G] bool: groups whose rewards are all equal, so every group-relative advantage is 0 and the
-    group adds no policy gradient. DAPO's dynamic sampling (Yu et al. 2025, §3.2) drops them.
+def zero_variance_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[N / G] bool: groups whose rewards are all equal (max == min, exactly), so every group-relative
+    advantage is 0 and the group adds no policy gradient. DAPO's dynamic sampling (Yu et al. 2025,
+    §3.2) drops them. With ``valid`` [N] bool only the valid members count (a group with fewer than
+    two valid members is constant). This is the one definition every caller uses.
     Shapes: rewards [N]; returns [N / group_size]."""
     g = _groups(rewards, group_size)
-    return g.amax(dim=1) == g.amin(dim=1)
+    if valid is None:
+        return g.amax(dim=1) == g.amin(dim=1)
+    v = valid.view(-1, group_size).bool()
+    inf = torch.tensor(float("inf"), dtype=g.dtype, device=g.device)
+    hi = torch.where(v, g, -inf).amax(dim=1)
+    lo = torch.where(v, g, inf).amin(dim=1)
+    return (hi == lo) | (v.sum(dim=1) < 2)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from posttrain.algorithms.rollout_buffer import (KLConfig, RLTrainConfig, Rollou
 from posttrain.config import LoraConfig, ModelConfig, opt
 from posttrain.errors import ConfigError
 
-Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"]
 
 # variant -> defaults for every field it decides (None fields of the config are filled from here)
 VARIANTS: dict[str, dict] = {
@@ -47,15 +47,16 @@ VARIANTS: dict[str, dict] = {
                  clip_high=4e-4, beta=0.0, placement="loss", dynamic_sampling=False, overlong=0.0),
     "cispo": dict(policy_loss="cispo", advantage="group_std", aggregation="token_mean", clip_low=1.0,
                   clip_high=4.0, beta=0.0, placement="loss", dynamic_sampling=False, overlong=0.0),
-    "rloo": dict(policy_loss="ppo", advantage="rloo", aggregation="token_mean", clip_low=0.2,
+    "rloo": dict(policy_loss="ppo", advantage="rloo", aggregation="seq_mean_token_sum", clip_low=0.2,
                  clip_high=0.2, beta=0.05, placement="reward", dynamic_sampling=False, overlong=0.0),
-    "reinforce": dict(policy_loss="ppo", advantage="batch_mean", aggregation="token_mean", clip_low=0.2,
+    "reinforce": dict(policy_loss="ppo", advantage="batch_mean", aggregation="seq_mean_token_sum", clip_low=0.2,
                       clip_high=0.2, beta=0.05, placement="reward", dynamic_sampling=False, overlong=0.0),
 }
 VARIANT_SOURCES = ("GRPO: Shao et al. 2024 (β 0.04, ε 0.2); Dr.GRPO: Liu et al. 2025 (β 0); DAPO: Yu et al. "
                    "2025 (ε 0.2/0.28, overlong buffer 4096 of 20480 tokens -> a quarter of the budget); GSPO: "
                    "Zheng et al. 2025 (ε 3e-4/4e-4); CISPO: MiniMax-M1 2025 (no lower clip), TRL docs (ε_max 5); "
-                   "RLOO: TRL RLOOTrainer (β 0.05, KL in the reward)")
+                   "RLOO: Ahmadian et al. 2024 and TRL RLOOTrainer (β 0.05, KL in the reward, sum over tokens "
+                   "and mean over sequences)")
 
 
 def _advantage_registry():
@@ -82,7 +83,8 @@ class PolicyLossConfig:
               "the batch-mean baseline); null = the variant's.")
     aggregation: Aggregation | None = opt(
         None, "How per-token losses become one number: seq_mean_token_mean (GRPO), token_mean (DAPO), "
-              "seq_mean_token_sum_norm (Dr.GRPO: per-sequence sum / max_new_tokens); null = the variant's.",
+              "seq_mean_token_sum_norm (Dr.GRPO: per-sequence sum / max_new_tokens), seq_mean_token_sum "
+              "(RLOO/REINFORCE: per-sequence sum); null = the variant's.",
         "rlhf-book ch. 6 loss aggregation")
     clip_low: float | None = opt(None, "ε_low: ratios below 1 − ε_low are clipped; null = the variant's.")
     clip_high: float | None = opt(None, "ε_high: ratios above 1 + ε_high are clipped; null = the variant's.")

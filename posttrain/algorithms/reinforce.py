@@ -4,7 +4,8 @@
     R = score − β Σ_t KL_t   (KL in the reward, k1 by default)
 
 Each prompt is sampled once by default (group_size 1): the baseline is shared by the whole batch,
-not per prompt as in RLOO/GRPO. One optimizer step per batch, per-token mean.
+not per prompt as in RLOO/GRPO. One optimizer step per batch; token terms summed per sequence and
+averaged over sequences (``seq_mean_token_sum``, the sequence log-probability's gradient).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@ Basics"), the GRPO loop with another advantage estimator:
 
     A_i = r_i − 1/(G−1) Σ_{j≠i} r_j,     r_i = score_i − β Σ_t KL_t   (KL in the reward, k1 by default)
 
-One optimizer step per rollout batch (ratio ≡ 1: the plain policy gradient) and a per-token mean, as
-TRL's RLOOTrainer does by default. Everything else (rollouts, rewards, truncation policy, logging) is
+One optimizer step per rollout batch (ratio ≡ 1: the plain policy gradient); the log-prob terms are
+summed over each sequence's tokens and averaged over sequences (``seq_mean_token_sum``: the gradient of
+the sequence log-probability, as in Ahmadian et al. 2024 and TRL's RLOOTrainer; ``loss.aggregation``
+chooses another). Everything else (rollouts, rewards, truncation policy, logging) is
 ``grpo.run``.
 """
 

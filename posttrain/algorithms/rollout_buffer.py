@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from posttrain.advantages import zero_variance_groups
 from posttrain.config import TrainConfig, opt
 from posttrain.errors import ConfigError, DataError
 
@@ -136,6 +137,11 @@ class KLConfig:
             raise ConfigError("kl.beta must be >= 0", where="kl.beta")
         if self.target <= 0 or self.horizon <= 0:
             raise ConfigError("kl.target and kl.horizon must be positive", where="kl")
+        if self.placement == "loss" and self.estimator == "k1" and (self.beta is None or self.beta > 0):
+            raise ConfigError("k1 in the loss has zero expected gradient (E_π[∇log π] = 0), so it regularises "
+                              "nothing (docs/math.md, KL placement)", where="kl.estimator",
+                              fix="use kl.estimator=k3 (GRPO: forward-KL gradient) or k2 (reverse-KL gradient) "
+                                  "in the loss, or kl.placement=reward with k1 (PPO/RLOO)")
 
 
 @dataclass
@@ -485,12 +491,11 @@ class Experience:
         return batch
 
 
-def group_std_zero_frac(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Share of groups whose rewards are all equal (their group-relative advantage is 0)."""
+def group_std_zero_frac(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Share of groups whose (valid) rewards are all equal: their group-relative advantage is 0."""
     if group_size < 2 or scores.numel() % group_size:
         return torch.tensor(float("nan"))
-    g = scores.view(-1, group_size)
-    return ((g.max(1).values - g.min(1).values).abs() < 1e-8).float().mean()
+    return zero_variance_groups(scores, group_size, valid).float().mean()
 
 
 class ExperienceMaker:
@@ -610,10 +615,9 @@ class ExperienceMaker:
             groups = len(idx)
             seen_groups += groups
             if zero_frac is None:
-                zero_frac = float(group_std_zero_frac(exp.scores, G))
-            if dynamic_sampling:  # DAPO: keep groups whose rewards differ
-                g = exp.scores.view(groups, G)
-                keep = ((g.max(1).values - g.min(1).values).abs() > 1e-8).nonzero().flatten().tolist()
+                zero_frac = float(group_std_zero_frac(exp.scores, G, exp.valid))
+            if dynamic_sampling:  # DAPO: keep groups whose valid rewards differ
+                keep = (~zero_variance_groups(exp.scores, G, exp.valid)).nonzero().flatten().tolist()
                 keep = keep[:want - kept_groups]
                 exp = exp.select([k * G + i for k in keep for i in range(G)])
                 kept_groups += len(keep)
@@ -836,9 +840,10 @@ def fill_invalid(scores: torch.Tensor, valid: torch.Tensor, group_size: int) -> 
     do not move the group baseline (their advantages are never used: their tokens are masked)."""
     if bool(valid.all()) or scores.numel() % group_size:
         return scores
-    g, v = scores.view(-1, group_size), valid.view(-1, group_size).float()
+    # fp64: the mean of equal valid rewards is then exactly that reward, so the group stays constant
+    g, v = scores.view(-1, group_size).double(), valid.view(-1, group_size).double()
     mean = (g * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1)
-    return torch.where(v.bool(), g, mean.expand_as(g)).reshape(-1)
+    return torch.where(v.bool(), g, mean.expand_as(g)).reshape(-1).to(scores.dtype)
 
 
 _FIRST_ONLY = ("logprob_gap", "kl", "kl/per_token")

@@ -12,12 +12,16 @@ Each loss is −(objective), aggregated by ``aggregation`` (see ``aggregate``), 
     ratio_mean / ratio_max / ratio_min   of the importance ratio over valid tokens
     approx_kl   mean k3 estimate of KL(π_old ‖ π_θ) over valid tokens: (ρ − 1) − log ρ
 Masked positions may hold any finite or infinite value: they are selected away before use.
+Every loss computes in fp32 (or fp64 when given fp64), whatever its inputs' dtype: GSPO's 3e-4 clip band
+is finer than bf16 resolves. A log-ratio so large that exp overflows is harmless on tokens whose
+clipped (constant) branch is taken: their log-ratio is capped before exp (:func:`_capped_log_ratio`).
 ``is_weight`` (optional, [B, T], no gradient) multiplies every token's term before aggregation: the
 rollout-mismatch correction of :func:`truncated_is_weight`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -44,6 +48,10 @@ def _token_mean(per_token: torch.Tensor, mask: torch.Tensor, max_len: int | None
     return masked_sum(per_token, mask) / mask.bool().sum().clamp(min=1).to(per_token.dtype)
 
 
+def _seq_mean_token_sum(per_token: torch.Tensor, mask: torch.Tensor, max_len: int | None) -> torch.Tensor:
+    return masked_sum(per_token, mask) / per_token.shape[0]
+
+
 def _seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, max_len: int | None) -> torch.Tensor:
     length = per_token.shape[-1] if max_len is None else max_len
     return masked_sum(per_token, mask) / (per_token.shape[0] * length)
@@ -53,6 +61,7 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], torch
     "seq_mean_token_mean": _seq_mean_token_mean,          # GRPO
     "token_mean": _token_mean,                            # DAPO
     "seq_mean_token_sum_norm": _seq_mean_token_sum_norm,  # Dr. GRPO
+    "seq_mean_token_sum": _seq_mean_token_sum,            # RLOO / REINFORCE
 }
 
 
@@ -62,10 +71,13 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: i
         "seq_mean_token_mean"     1/B Σ_i 1/|a_i| Σ_t ℓ_{i,t}        per sequence (GRPO, Shao et al. 2024)
         "token_mean"              Σ_{i,t} ℓ_{i,t} / Σ_i |a_i|        per token (DAPO, Yu et al. 2025)
         "seq_mean_token_sum_norm" 1/B Σ_i 1/L_max Σ_t ℓ_{i,t}        fixed length (Dr. GRPO, Liu et al. 2025)
+        "seq_mean_token_sum"      1/B Σ_i Σ_t ℓ_{i,t}                sequence log-prob (RLOO, Ahmadian et al. 2024;
+                                                                     REINFORCE; TRL's RLOOTrainer)
 
     |a_i| = valid tokens of row i; L_max = ``max_len`` (the generation budget, constant over training)
-    or T when None. Per sequence gives tokens of short responses more weight; the other two weight
-    every token equally. Normalisers are local to this batch: under gradient accumulation per-token
+    or T when None. Per sequence gives tokens of short responses more weight; token mean and the
+    fixed-length sum weight every token equally; the plain sum is the REINFORCE gradient of the whole
+    sequence's log-probability (its scale grows with response length). Normalisers are local to this batch: under gradient accumulation per-token
     means of micro-batches are not the per-token mean of the step. A row with no valid token counts
     as a sequence with loss 0.
     """
@@ -84,6 +96,31 @@ def _check_clip(clip_low: float, clip_high: float) -> None:
     if not 0.0 <= clip_low <= 1.0 or clip_high < 0.0:
         raise ConfigError(f"need 0 <= clip_low <= 1 and clip_high >= 0, got clip_low={clip_low}, "
                           f"clip_high={clip_high}", where="clip_low/clip_high")
+
+
+def _fp32(*xs: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Half-precision floating inputs -> fp32 (the gradient flows back to the original dtype)."""
+    return [x.float() if x is not None and x.is_floating_point() and x.element_size() < 4 else x for x in xs]
+
+
+def _capped_log_ratio(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float,
+                      dual_clip: float | None = None) -> torch.Tensor:
+    """``log_ratio`` with the tokens whose objective is constant (A = 0; A > 0 above 1 + ε_high; A < 0
+    below 1 − ε_low, or above c with the dual clip) capped just past their clip point, detached.
+
+    Their value is unchanged (the clip returns the same constant) and they carry no gradient either
+    way; without the cap exp(log ρ) overflows to inf above ~88 (fp32) and inf · 0 makes the gradient NaN."""
+    with torch.no_grad():
+        hi = math.log1p(clip_high)
+        const = (advantages == 0) | ((advantages > 0) & (log_ratio > hi))
+        if clip_low < 1.0:
+            const |= (advantages < 0) & (log_ratio < math.log1p(-clip_low))
+        top = hi
+        if dual_clip is not None:
+            const |= (advantages < 0) & (log_ratio > math.log(dual_clip))
+            top = max(top, math.log(dual_clip))
+        capped = log_ratio.detach().clamp(max=top + 1.0)
+    return torch.where(const, capped, log_ratio)
 
 
 def _zero_masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -144,10 +181,11 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     _check_clip(clip_low, clip_high)
     if dual_clip is not None and dual_clip <= 1.0:
         raise ConfigError(f"dual_clip must be > 1, got {dual_clip}", where="dual_clip")
+    logp, old_logp, advantages, is_weight = _fp32(logp, old_logp, advantages, is_weight)
     valid = mask.bool()
     log_ratio = _zero_masked(logp - old_logp, valid)
     advantages = _zero_masked(advantages, valid)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(_capped_log_ratio(log_ratio, advantages, clip_low, clip_high, dual_clip))
     per_token, metrics = _clipped_objective(ratio, advantages, clip_low, clip_high, dual_clip, valid)
     if is_weight is not None:
         per_token = per_token * is_weight.detach()
@@ -172,6 +210,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     Shapes: all inputs [B, T].
     """
     _check_clip(clip_low, clip_high)
+    logp, old_logp, advantages, is_weight = _fp32(logp, old_logp, advantages, is_weight)
     valid = mask.bool()
     log_ratio = _zero_masked(logp - old_logp, valid)
     advantages = _zero_masked(advantages, valid)
@@ -180,7 +219,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     # Value s_i at every token, gradient s_i · ∇ log π_θ(y_{i,t}) (the "sg" construction).
     tok = _zero_masked(logp - logp.detach(), valid)
     log_s = seq_log_ratio.detach()[:, None] + tok
-    ratio = torch.exp(log_s)
+    ratio = torch.exp(_capped_log_ratio(log_s, advantages, clip_low, clip_high))
     per_token, metrics = _clipped_objective(ratio, advantages, clip_low, clip_high, None, valid)
     if is_weight is not None:
         per_token = per_token * is_weight.detach()
@@ -205,6 +244,7 @@ def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
     whose weight was clipped. Shapes: all inputs [B, T].
     """
     _check_clip(clip_low, clip_high)
+    logp, old_logp, advantages, is_weight = _fp32(logp, old_logp, advantages, is_weight)
     valid = mask.bool()
     log_ratio = _zero_masked(logp - old_logp, valid)
     advantages = _zero_masked(advantages, valid)
@@ -236,6 +276,7 @@ def truncated_is_weight(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask
     gradient; metrics ``tis/weight_mean`` and ``tis/capped_frac`` over valid tokens)."""
     if cap <= 0:
         raise ConfigError(f"the TIS cap must be positive, got {cap}", where="rollout.tis_cap")
+    old_logp, rollout_logp = _fp32(old_logp, rollout_logp)
     valid = mask.bool()
     with torch.no_grad():
         log_w = _zero_masked(old_logp - rollout_logp, valid).clamp(-10.0, 10.0)
@@ -251,6 +292,7 @@ def kl_penalty_in_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.T
     """Per-token KL(π_θ ‖ π_ref) estimate to add to the loss as β · aggregate(·) (GRPO, Shao et al.
     2024, uses k3: π_ref/π_θ − log(π_ref/π_θ) − 1). The gradient flows through ``logp`` only
     (for k3: (1 − π_ref/π_θ) ∇log π_θ). Shapes: [B, T] each; returns [B, T], 0 where masked."""
+    logp, ref_logp = _fp32(logp, ref_logp)
     valid = mask.bool()
     est = get_kl_estimator(estimator)
     return _zero_masked(est(_zero_masked(logp, valid), _zero_masked(ref_logp, valid)), valid)
@@ -298,7 +340,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     is the larger (their gradient is 0), "explained_variance" of the current values.
     """
     valid = mask.bool()
-    values, old_values, returns = (_zero_masked(x, valid) for x in (values, old_values, returns))
+    values, old_values, returns = (_zero_masked(x, valid) for x in _fp32(values, old_values, returns))
     err = (values - returns) ** 2
     if clip is None:
         per_token = 0.5 * err

@@ -23,7 +23,8 @@ def test_aggregation_hand_values():
     assert aggregate(x, m, "token_mean").item() == pytest.approx(3.6, abs=1e-12)  # 18/5
     assert aggregate(x, m, "seq_mean_token_sum_norm").item() == pytest.approx(3.0, abs=1e-12)  # 18/(2·3)
     assert aggregate(x, m, "seq_mean_token_sum_norm", max_len=4).item() == pytest.approx(2.25, abs=1e-12)  # 18/8
-    assert set(AGGREGATIONS) == {"seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"}
+    assert aggregate(x, m, "seq_mean_token_sum").item() == pytest.approx(9.0, abs=1e-12)  # 18/2 (RLOO)
+    assert set(AGGREGATIONS) == {"seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"}
     with pytest.raises(ConfigError, match="token_mean"):
         aggregate(x, m, "mean")
 
