@@ -50,7 +50,7 @@ def n_pairs(args) -> int:
 
 
 def our_encs(tok, records):
-    from posttrain.algorithms.pairs import encode_pair
+    from posttrain.data.preference import encode_pair
 
     return [encode_pair(tok, r, 1024) for r in records]
 
@@ -61,12 +61,13 @@ def our_encs(tok, records):
 def worker_ours(args) -> dict:
     import tempfile
 
-    from posttrain.algorithms.dpo import TrainEngineAutocast, make_loss_fn
-    from posttrain.algorithms.pairs import batch_records, count_records
-    from posttrain.algorithms.reference import precompute
     from posttrain.config import ModelConfig, TrainConfig
+    from posttrain.data.preference import batch_records, count_records
+    from posttrain.engines.loop import TrainEngineAutocast
     from posttrain.engines.train import TrainEngine
     from posttrain.models.loading import load_causal_lm, load_tokenizer
+    from posttrain.models.preference import make_loss_fn
+    from posttrain.models.reference import precompute
 
     tok = load_tokenizer(args.model)
     encs = our_encs(tok, preference_records(n_pairs(args)))
@@ -149,11 +150,11 @@ def first_batch(args):
 def worker_check_ours(args) -> dict:
     import torch
 
-    from posttrain.algorithms.dpo import make_loss_fn
-    from posttrain.algorithms.pairs import batch_records
-    from posttrain.algorithms.reference import compute_logps
     from posttrain.config import ModelConfig
+    from posttrain.data.preference import batch_records
     from posttrain.models.loading import load_causal_lm, load_tokenizer
+    from posttrain.models.preference import make_loss_fn
+    from posttrain.models.reference import compute_logps
 
     tok = load_tokenizer(args.model)
     encs = our_encs(tok, first_batch(args))

@@ -44,7 +44,7 @@ def prompt_rows(n: int = 512) -> list[dict]:
 
 def correct_reward(prompts, completions, **kw):
     """The built-in verifier for TRL's calling convention (conversational prompts/completions)."""
-    from posttrain.algorithms.rollout_buffer import builtin_correct
+    from posttrain.rewards.builtin import builtin_correct
 
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
     return builtin_correct(prompts, texts)

@@ -34,7 +34,7 @@ WARMUP = 3
 
 
 def data(args):
-    from posttrain.algorithms.pairs import encode_pair
+    from posttrain.data.preference import encode_pair
     from posttrain.models.loading import load_tokenizer
 
     tok = load_tokenizer(args.model)
@@ -55,9 +55,9 @@ def fresh_rm(args, pad_id):
 def worker_ours(args) -> dict:
     import torch
 
-    from posttrain.algorithms.pairs import batch_records, count_records
     from posttrain.algorithms.reward import RewardConfig, make_loss_fn
     from posttrain.config import TrainConfig
+    from posttrain.data.preference import batch_records, count_records
     from posttrain.engines.train import TrainEngine
 
     tok, encs = data(args)

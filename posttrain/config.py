@@ -97,12 +97,6 @@ class DataConfig:
     max_rows: int | None = opt(None, "Use only the first N rows (quick experiments).")
     max_errors: int = opt(20, "How many bad rows to list before stopping validation.")
 
-    def read_options(self, prefix: str = "data."):
-        from posttrain.data.records import ReadOptions
-
-        return ReadOptions(format=self.format, prompt_from=self.prompt_from,
-                           scores_as_margin=self.scores_as_margin, prefix=prefix)
-
     def eval_source(self) -> str | None:
         """data.eval with 'auto' resolved."""
         if self.eval == "auto":

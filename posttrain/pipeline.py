@@ -86,7 +86,7 @@ def _with_output(cls, tree: dict, out: Path) -> dict:
 
 def load_stages(spec: dict, run_dir: Path, where: str) -> list[tuple[Stage, Any]]:
     """Build and validate every stage's config (nothing runs)."""
-    from posttrain.cli import COMMANDS, _load
+    from posttrain.commands import COMMANDS, load_command
 
     stages_spec = spec.get("stages")
     if not isinstance(stages_spec, list) or not stages_spec:
@@ -104,7 +104,7 @@ def load_stages(spec: dict, run_dir: Path, where: str) -> list[tuple[Stage, Any]
             raise ConfigError(f"two stages are named '{name}'", where=where)
         stage_dir = run_dir / name
         tree = _substitute(s.get("config") or {}, dirs, name, run_dir)
-        cls, _ = _load(COMMANDS[command])
+        cls, _ = load_command(COMMANDS[command])
         tree = _with_output(cls, tree, stage_dir)
         try:
             cfg = build(cls, tree)
@@ -118,7 +118,7 @@ def load_stages(spec: dict, run_dir: Path, where: str) -> list[tuple[Stage, Any]
 
 
 def run_spec(spec: dict, run_dir: Path, where: str, only=(), force=(), on_stage=None) -> dict:
-    from posttrain.cli import COMMANDS, _load
+    from posttrain.commands import COMMANDS, load_command
 
     stages = load_stages(spec, run_dir, where)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def run_spec(spec: dict, run_dir: Path, where: str, only=(), force=(), on_stage=
             cfg.train.resume = True  # an interrupted training stage continues from its checkpoint
         if on_stage:
             on_stage(stage.name, stage.command)
-        _, run = _load(COMMANDS[stage.command])
+        _, run = load_command(COMMANDS[stage.command])
         t0 = time.perf_counter()
         result = run(cfg)
         info = {"stage": stage.name, "command": stage.command, "seconds": round(time.perf_counter() - t0, 1),

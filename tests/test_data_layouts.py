@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from posttrain.algorithms.pairs import encode_pair, encode_unpaired, load_preference_rows
+from posttrain.data.preference import encode_pair, encode_unpaired, load_preference_rows
 from posttrain.data.chat import encode_sft
 from posttrain.data.formats import load_data, load_records
 from posttrain.errors import DataError
@@ -308,7 +308,8 @@ def test_every_data_error_hint_names_a_key_the_command_has(tmp_path, command, ke
 
     from click.testing import CliRunner
 
-    from posttrain.cli import COMMANDS, _load, main
+    from posttrain.cli import main
+    from posttrain.commands import load_command
     from posttrain.config import describe
 
     path = jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "chosen": "a", "label": "yes"}])
@@ -321,7 +322,7 @@ def test_every_data_error_hint_names_a_key_the_command_has(tmp_path, command, ke
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output
     assert "bad" in res.output and str(path) in res.output and "Traceback" not in res.output
-    keys = {k for k, *_ in describe(_load(COMMANDS[command])[0])}
+    keys = {k for k, *_ in describe(load_command(command)[0])}
     named = re.findall(r"with ([\w.]*columns)=", res.output)
     for k in named:
         assert k in keys, (command, k)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.cli import COMMANDS, _load
+from posttrain.commands import COMMANDS, load_command
 from posttrain.config import load_config, read_yaml
 
 RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").rglob("*.yaml")
@@ -19,5 +19,5 @@ def test_there_are_recipes():
 def test_recipe_loads(path):
     command = read_yaml(path)["command"]
     assert command in COMMANDS, f"{path}: unknown command {command}"
-    cls, _ = _load(COMMANDS[command])
+    cls, _ = load_command(COMMANDS[command])
     load_config(cls, path)

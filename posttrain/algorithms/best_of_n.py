@@ -25,9 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from posttrain.algorithms.rollout_buffer import RolloutConfig, check_reward_config, combine_rewards
+from posttrain.advantages import best_of_n_kl
+from posttrain.commands import load_command
 from posttrain.config import DataConfig, ModelConfig, TrainConfig, opt
+from posttrain.engines.loop import write_summary
+from posttrain.engines.rollout import sample_texts
+from posttrain.engines.train import make_run_dir
 from posttrain.errors import ConfigError
+from posttrain.evaluation.stats import best_of_n_expected
+from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.rewards.builtin import _text
+from posttrain.rewards.combine import check_reward_config, combine_rewards, load_rewards
+from posttrain.rollouts.config import RolloutConfig
+from posttrain.rollouts.experience import load_prompt_records, make_engine
+from posttrain.rollouts.task_eval import builtin_task_eval
+from posttrain.tasks import builtin
 
 
 @dataclass
@@ -85,25 +97,19 @@ def select(rewards: list[list[float]], how: str, k: int | None = None) -> list[t
 def run(cfg: BestOfNConfig) -> dict:
     import numpy as np
 
-    from posttrain.advantages import best_of_n_kl
-    from posttrain.algorithms import common
-    from posttrain.algorithms import rollout_buffer as rb
-    from posttrain.engines.train import make_run_dir
-    from posttrain.evaluation.stats import best_of_n_expected
-    from posttrain.tasks import builtin
 
-    records = rb.load_prompt_records(cfg.rollout)
-    rewards = rb.load_rewards(cfg.reward, cfg.reward_weights)
+    records = load_prompt_records(cfg.rollout)
+    rewards = load_rewards(cfg.reward, cfg.reward_weights)
     run_dir = make_run_dir(cfg.train, "best-of-n", cfg)
-    tokenizer = common.load_tokenizer(cfg.model)
-    model = common.load_policy(cfg.model)
-    engine = rb.make_engine(model, tokenizer, cfg.rollout)
+    tokenizer = tokenizer_for(cfg.model)
+    model = load_policy(cfg.model)
+    engine = make_engine(model, tokenizer, cfg.rollout, cfg.model.name_or_path)
     N, B = cfg.rollout.group_size, cfg.rollout.prompts_per_step
 
     texts: list[str] = []
     for s in range(0, len(records), B):  # generation in chunks of prompts_per_step prompts
-        texts += common.sample_texts(model, tokenizer, [r["prompt"] for r in records[s:s + B]], N,
-                                     cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.train.seed + s, engine)
+        texts += sample_texts(model, tokenizer, [r["prompt"] for r in records[s:s + B]], N,
+                              cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.train.seed + s, engine)
     rep = [r for r in records for _ in range(N)]
     prompts = [r["prompt"] for r in rep]
     columns = {k: [r.get(k) for r in rep] for k in records[0] if k != "prompt"}
@@ -111,9 +117,9 @@ def run(cfg: BestOfNConfig) -> dict:
     total, valid = combine_rewards(raw, {name: w for name, _, w in rewards})
     proxy = np.where(valid.numpy(), total.numpy(), np.nan).reshape(len(records), N)
     is_builtin = cfg.rollout.prompts.startswith("builtin:")
-    gold = (np.array([builtin.gold_reward(rb._text(p), t) for p, t in zip(prompts, texts)]).reshape(-1, N)
+    gold = (np.array([builtin.gold_reward(_text(p), t) for p, t in zip(prompts, texts)]).reshape(-1, N)
             if is_builtin else None)
-    correct = (np.array([float(builtin.is_correct(rb._text(p), t)) for p, t in zip(prompts, texts)]).reshape(-1, N)
+    correct = (np.array([float(builtin.is_correct(_text(p), t)) for p, t in zip(prompts, texts)]).reshape(-1, N)
                if is_builtin else None)
 
     # ---- selection -> SFT data
@@ -153,18 +159,16 @@ def run(cfg: BestOfNConfig) -> dict:
         summary["accuracy_selected"] = float(np.mean([correct[i, j] for i, j in chosen])) if chosen else float("nan")
 
     if cfg.finetune and chosen:
-        from posttrain.algorithms.sft import SFTConfig
-        from posttrain.algorithms.sft import run as sft_run
-
         train = TrainConfig(**{**cfg.train.__dict__, "output_dir": str(run_dir / "sft")})
         data = DataConfig(train=str(run_dir / "selected.jsonl"), eval=None, max_length=cfg.rollout.max_prompt_tokens
                           + cfg.rollout.max_new_tokens + 8)
-        res = sft_run(SFTConfig(model=cfg.model, data=data, train=train, task_eval=False))
+        sft_config, sft_run = load_command("sft")  # a second command, through the registry
+        res = sft_run(sft_config(model=cfg.model, data=data, train=train, task_eval=False))
         summary["finetune"] = {"run_dir": res["run_dir"]}
         if is_builtin:  # the built-in task's held-out metrics before and after
-            tuned = common.load_policy(cfg.model, None, name_or_path=str(Path(res["run_dir"]) / "final"))
-            summary["finetune"]["initial"] = common.builtin_task_eval(model, tokenizer, seed=cfg.train.seed)
-            summary["finetune"]["final"] = common.builtin_task_eval(tuned, tokenizer, seed=cfg.train.seed)
-    common.write_summary(run_dir, summary)
+            tuned = load_policy(cfg.model, None, name_or_path=str(Path(res["run_dir"]) / "final"))
+            summary["finetune"]["initial"] = builtin_task_eval(model, tokenizer, seed=cfg.train.seed)
+            summary["finetune"]["final"] = builtin_task_eval(tuned, tokenizer, seed=cfg.train.seed)
+    write_summary(run_dir, summary)
     summary["run_dir"] = str(run_dir)
     return summary

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Literal
 
 from posttrain.config import ModelConfig, opt
+from posttrain.data.formats import load_records
+from posttrain.data.records import ReadOptions
+from posttrain.engines.loop import write_summary
+from posttrain.engines.rollout import sample_texts
+from posttrain.engines.train import seed_everything
 from posttrain.errors import ConfigError
+from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.tasks import annotators, builtin
 
 
 @dataclass
@@ -47,8 +54,6 @@ class CollectConfig:
 
 
 def _sample_pairs(model, tokenizer, prompts: list[str], cfg: CollectConfig, seed: int) -> list[tuple[str, str, str]]:
-    from posttrain.algorithms.common import sample_texts
-
     texts = sample_texts(model, tokenizer, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature, seed)
     pairs = []
     for i, prompt in enumerate(prompts):
@@ -62,18 +67,12 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def run(cfg: CollectConfig) -> dict:
-    from posttrain.algorithms import common
-    from posttrain.data.formats import load_records
-    from posttrain.data.records import ReadOptions
-    from posttrain.engines.train import seed_everything
-    from posttrain.tasks import annotators, builtin
-
     rows = load_records(cfg.prompts, "prompt", options=ReadOptions(prefix=None))[: cfg.n_prompts]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    tokenizer = common.load_tokenizer(cfg.model)
-    model = common.load_policy(cfg.model)
+    tokenizer = tokenizer_for(cfg.model)
+    model = load_policy(cfg.model)
     prompts = [r["prompt"] for r in rows]
     pairs = _sample_pairs(model, tokenizer, prompts, cfg, cfg.seed)
     identical = sum(a == b for _, a, b in pairs)
@@ -100,6 +99,6 @@ def run(cfg: CollectConfig) -> dict:
                                  "source": "gold"})
             _write(out / "heldout.jsonl", gold)
             summary["heldout_pairs"] = len(gold)
-    common.write_summary(out, summary)
+    write_summary(out, summary)
     summary["run_dir"] = str(out)
     return summary

@@ -21,34 +21,32 @@ computed once for both responses (``pairs.collate_shared``).
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
+from posttrain.data.batching import StepSampler, shard
+from posttrain.data.formats import load_train_eval
+from posttrain.data.preference import (
+    batch_records,
+    count_records,
+    encode_pair,
+    micro_batches_of,
+    truncation_counts,
+)
+from posttrain.engines.loop import Throughput, TrainEngineAutocast, between_steps, finish, save_final
+from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
 from posttrain.errors import ConfigError
-
-REFERENCE_FREE = ("simpo", "orpo")
-_STANDARD = {"chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "beta",
-             "chosen_lengths", "rejected_lengths"}
-
-
-def loss_hparams(fn) -> dict[str, object]:
-    """Keyword hyper-parameters a direct loss accepts beyond the standard inputs (name -> default)."""
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
-            if k not in _STANDARD and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-
-
-def check_reference(reference: str, loss: str) -> None:
-    if reference in ("precompute", "live") and loss in REFERENCE_FREE:
-        raise ConfigError(f"loss={loss} uses no reference model, but reference={reference}", where="reference",
-                          fix="set reference=auto (or none)")
-    if reference == "none" and loss not in REFERENCE_FREE:
-        raise ConfigError(f"loss={loss} needs reference log-probs, but reference=none", where="reference",
-                          fix=f"set reference=auto (precompute) or live; reference-free losses: {REFERENCE_FREE}")
+from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.models.preference import make_loss_fn, pair_eval, resolve_reference, validate_direct
+from posttrain.models.reference import (
+    LiveReference,
+    attach_reference,
+    attach_reference_in_order,
+    precompute_tables,
+)
+from posttrain.rollouts.task_eval import task_metrics
 
 
 @dataclass
@@ -104,165 +102,16 @@ class DPOConfig:
             raise ConfigError("eval_holdout must be >= 0", where="eval_holdout")
 
 
-def validate_direct(loss: str, beta: float, loss_args: dict, reference: str) -> None:
-    from posttrain.losses.direct import DIRECT_LOSSES, get_direct_loss
-
-    if loss not in DIRECT_LOSSES:
-        near = difflib.get_close_matches(loss, list(DIRECT_LOSSES), n=1)
-        raise ConfigError(f"unknown loss '{loss}'", where="loss",
-                          fix=(f"did you mean '{near[0]}'? " if near else "") +
-                              f"valid losses: {', '.join(DIRECT_LOSSES)}")
-    if beta <= 0:
-        raise ConfigError(f"beta must be positive, got {beta}", where="beta", fix="use e.g. beta=0.1")
-    accepted = loss_hparams(get_direct_loss(loss))
-    for k in loss_args:
-        if k not in accepted:
-            raise ConfigError(f"loss={loss} takes no hyper-parameter '{k}'", where=f"loss_args.{k}",
-                              fix=f"{loss} accepts: {', '.join(accepted) or 'none besides beta'}")
-    check_reference(reference, loss)
-
-
-def resolve_reference(reference: str, loss: str) -> str:
-    return ("none" if loss in REFERENCE_FREE else "precompute") if reference == "auto" else reference
-
-
 # ----------------------------------------------------------------------------- loss
 
 
-def make_loss_fn(loss: str, beta: float, loss_args: dict, live=None, nll_weight: float = 0.0):
-    """(model, batch, total) -> (sum/total loss, metrics): the registry's loss on one packed forward,
-    plus ``nll_weight`` x mean over pairs of −log π(y_c|x) / |y_c| (RPO) when set."""
-    from posttrain.algorithms.pairs import by_slot, sequence_logps
-    from posttrain.losses.direct import get_direct_loss
-
-    fn = get_direct_loss(loss)
-
-    def loss_fn(model, batch, total):
-        logp, ntok = sequence_logps(model, batch)  # chosen and rejected in one forward
-        pol, lens = by_slot(logp, batch), by_slot(ntok, batch)
-        ref = by_slot(live.batch_logps(batch, model), batch) if live is not None else batch.get("ref")
-        ref_c, ref_r = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
-        out, metrics = fn(pol[:, 0], pol[:, 1], ref_c, ref_r, beta=beta, chosen_lengths=lens[:, 0],
-                          rejected_lengths=lens[:, 1], **loss_args)
-        metrics = {k: v.detach() for k, v in metrics.items()}
-        if nll_weight:
-            nll = (-pol[:, 0] / lens[:, 0].clamp(min=1)).mean()
-            metrics["nll"] = nll.detach()
-            out = out + nll_weight * nll
-        metrics["loss"] = out.detach()
-        with torch.no_grad():
-            metrics["logps/accuracy"] = (pol[:, 0] > pol[:, 1]).float().mean()
-        n = batch["n_records"]
-        return out * (n / total), metrics  # batch mean -> this micro-batch's share of sum/total
-
-    return loss_fn
-
-
-@torch.no_grad()
-def pair_eval(model, batches: list[dict], loss_fn, autocast) -> dict[str, float]:
-    """Held-out pairs: loss and metrics weighted by pairs (implicit-reward accuracy rewards/accuracy,
-    margin, chosen/rejected rewards and log-probs; logps/accuracy = share with log π(y_c) > log π(y_r))."""
-    if not batches:
-        return {}
-    was = model.training
-    model.eval()
-    total = sum(b["n_records"] for b in batches).float()
-    sums: dict[str, float] = {}
-    for b in batches:
-        with autocast():
-            _, m = loss_fn(model, b, total)
-        w = float(b["n_records"]) / float(total)
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * w
-    model.train(was)
-    return sums
-
-
 # ----------------------------------------------------------------------------- shared setup
-
-
-def attach_reference(batch: dict, table: torch.Tensor | None, idx: list[int]) -> dict:
-    """Add the precomputed reference log-probs [N, K] of records ``idx`` to a micro-batch."""
-    if table is not None:
-        batch["ref"] = table[idx]
-    return batch
-
-
-def attach_reference_in_order(batches: list[dict], table: torch.Tensor | None) -> list[dict]:
-    s = 0
-    for b in batches:
-        n = int(b["n_records"])
-        attach_reference(b, table, list(range(s, s + n)))
-        s += n
-    return batches
-
-
-def precompute_tables(encs_by_split: dict[str, list], *, ref_path: str, model_cfg: ModelConfig, policy,
-                      cache_dir, pad_id: int, autocast, extra: dict[str, list] | None = None):
-    """Reference log-probs of every response of every record, one pass for all splits and extras.
-    Returns ({split: [N, K] table}, {name: [M] tensor} for ``extra`` example lists, info)."""
-    from posttrain.algorithms.reference import precompute
-
-    exs, spans = [], {}
-    for name, encs in encs_by_split.items():
-        start = len(exs)
-        exs += [e.example(k) for e in encs for k in range(len(e.responses))]
-        spans[name] = (start, len(exs))
-    for name, more in (extra or {}).items():
-        start = len(exs)
-        exs += more
-        spans[name] = (start, len(exs))
-    logps, info = precompute(exs, ref_path=ref_path, model_cfg=model_cfg, policy=policy, cache_dir=cache_dir,
-                             pad_id=pad_id, autocast=autocast)
-    tables = {}
-    for name, encs in encs_by_split.items():
-        a, _ = spans[name]
-        k = max((len(e.responses) for e in encs), default=1)
-        tables[name] = logps[a:a + len(encs) * k].view(len(encs), k) if encs else None
-    extras = {name: logps[spans[name][0]:spans[name][1]] for name in (extra or {})}
-    return tables, extras, info
-
-
-def task_metrics(cfg, engine, tokenizer, live, ref_path: str, initial: bool) -> dict:
-    """Gold reward / accuracy of samples from the policy, and KL(π‖π_ref) (0 by definition before
-    the first update when the policy is the reference)."""
-    from posttrain.algorithms.reference import reference_logps_for, sampled_eval
-
-    model = engine.unwrapped
-    same = initial and ref_path == cfg.model.name_or_path
-    ref_fn = None if same else (lambda exs: reference_logps_for(
-        exs, policy=model, ref_path=ref_path, model_cfg=cfg.model, live=live, pad_id=tokenizer.pad_token_id,
-        autocast=engine.autocast))
-    out = sampled_eval(model, tokenizer, n_prompts=cfg.task_eval_prompts, n_samples=cfg.task_eval_samples,
-                       seed=cfg.train.seed, ref_logps_fn=ref_fn, pad_id=tokenizer.pad_token_id,
-                       autocast=engine.autocast)
-    if same:
-        out["kl"] = 0.0
-    return out
 
 
 # ----------------------------------------------------------------------------- command
 
 
 def run(cfg: DPOConfig) -> dict:
-    from posttrain.algorithms import common
-    from posttrain.algorithms.pairs import (
-        batch_records,
-        count_records,
-        encode_pair,
-        truncation_counts,
-        micro_batches_of,
-    )
-    from posttrain.algorithms.reference import LiveReference
-    from posttrain.data.formats import load_train_eval
-    from posttrain.data.batching import StepSampler, shard
-    from posttrain.engines.train import (
-        MetricsLogger,
-        Progress,
-        TrainEngine,
-        make_run_dir,
-    )
-
     # ---- data first: bad rows stop the run before any model loads
     train_rows, eval_rows = load_train_eval(cfg.data, "preference", eval_holdout=cfg.eval_holdout)
     ties = sum(bool(r.get("tie")) for r in train_rows)
@@ -272,7 +121,7 @@ def run(cfg: DPOConfig) -> dict:
         print(f"dpo: {ties} tie record(s) carry no preference direction and are not trained (reported as "
               f"ties_skipped)")
     run_dir = make_run_dir(cfg.train, "dpo", cfg)
-    tokenizer = common.load_tokenizer(cfg.model)
+    tokenizer = tokenizer_for(cfg.model)
     pad = tokenizer.pad_token_id
     train_enc = [encode_pair(tokenizer, r, cfg.data.max_length) for r in train_rows]
     eval_enc = [encode_pair(tokenizer, r, cfg.data.max_length) for r in eval_rows]
@@ -286,7 +135,7 @@ def run(cfg: DPOConfig) -> dict:
         tables, _, ref_info = precompute_tables({"train": train_enc, "eval": eval_enc}, ref_path=ref_path,
                                                 model_cfg=cfg.model, policy=None, cache_dir=cfg.ref_cache_dir,
                                                 pad_id=pad, autocast=train_cfg_autocast)
-    model = common.load_policy(cfg.model, cfg.lora)
+    model = load_policy(cfg.model, cfg.lora)
     if reference == "precompute" and cfg.lora.enabled:
         tables, _, ref_info = precompute_tables({"train": train_enc, "eval": eval_enc}, ref_path=ref_path,
                                                 model_cfg=cfg.model, policy=model, cache_dir=cfg.ref_cache_dir,
@@ -318,7 +167,7 @@ def run(cfg: DPOConfig) -> dict:
 
     # ---- loop
     progress = Progress(total, cfg.loss, cfg.train.progress)
-    clock = common.Throughput()
+    clock = Throughput()
     summary: dict = {**truncation_counts(train_enc), "loss": cfg.loss, "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
                      "train_pairs": len(train_enc), "eval_pairs": len(eval_enc), "ties_skipped": ties,
                      "world_size": engine.world_size, "total_steps": total}
@@ -335,24 +184,10 @@ def run(cfg: DPOConfig) -> dict:
             row["pairs_per_s"] = clock.rate()
             logger.log(step, row)
             progress.update(step, f"loss {row['train/loss']:.3f} acc {row.get('train/rewards/accuracy', 0):.2f}")
-        common.between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step})
+        between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step})
     progress.close()
     summary["pairs_per_s"] = clock.rate()
-    return common.finish(engine, logger, run_dir, summary, evaluate, engine.step_count,
-                         save=lambda: common.save_final(engine, tokenizer, run_dir, cfg.lora))
+    return finish(engine, logger, run_dir, summary, evaluate, engine.step_count,
+                  save=lambda: save_final(engine, tokenizer, run_dir, cfg.lora))
 
 
-class TrainEngineAutocast:
-    """The autocast context the engine will use, available before the engine exists (the reference
-    pass runs before the policy is loaded)."""
-
-    def __init__(self, train: TrainConfig):
-        self.mp = train.mixed_precision
-
-    def __call__(self):
-        from contextlib import nullcontext
-
-        if self.mp == "no":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.mp == "bf16" else torch.float16
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=dtype)

@@ -28,10 +28,38 @@ from typing import Literal
 
 import torch
 
-from posttrain.algorithms.rollout_buffer import (KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig,
-                                                 check_reward_config)
+from posttrain.advantages import expand_to_tokens, group_advantages, reinforce_advantages, rloo_advantages
 from posttrain.config import LoraConfig, ModelConfig, opt
+from posttrain.engines.loop import between_steps, finish, save_final
+from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
 from posttrain.errors import ConfigError
+from posttrain.kl import get_kl_estimator
+from posttrain.logprobs import entropy_from_logits
+from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
+from posttrain.models.forward import policy_logp_fn, ref_logp_fn, to_layout, token_forward
+from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.models.reference import frozen_reference
+from posttrain.rewards.combine import check_reward_config, load_rewards
+from posttrain.rollouts.config import (
+    KLConfig,
+    RLTrainConfig,
+    RolloutConfig,
+    ShapingConfig,
+    kl_controller,
+    plan_batches,
+    rl_steps,
+)
+from posttrain.rollouts.experience import (
+    ExperienceMaker,
+    fill_invalid,
+    load_eval_records,
+    load_prompt_records,
+    make_engine,
+    minibatches,
+    rollout_is_weight,
+)
+from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics, reduce_metrics, sequence_kl
+from posttrain.rollouts.task_eval import task_eval
 
 Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"]
 
@@ -60,8 +88,6 @@ VARIANT_SOURCES = ("GRPO: Shao et al. 2024 (β 0.04, ε 0.2); Dr.GRPO: Liu et al
 
 
 def _advantage_registry():
-    from posttrain.advantages import group_advantages, reinforce_advantages, rloo_advantages
-
     return {
         "group_std": lambda r, G: group_advantages(r, G, scale_by_std=True),
         "group_mean": lambda r, G: group_advantages(r, G, scale_by_std=False),
@@ -130,6 +156,10 @@ class GRPOConfig:
 
     def validate(self) -> None:
         check_reward_config(self.reward, self.reward_weights)
+        if self.rollout.engine == "vllm" and self.lora.enabled:
+            raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
+                              "so every rollout would come from the initial model", where="rollout.engine",
+                              fix="use rollout.engine=local with LoRA, or train all weights (lora.enabled=false)")
         if self.loss.advantage in ("group_std", "rloo") and self.rollout.group_size < 2:
             raise ConfigError(f"advantage {self.loss.advantage} needs rollout.group_size >= 2, got "
                               f"{self.rollout.group_size}", where="rollout.group_size",
@@ -175,11 +205,6 @@ def count_tokens(mb: dict) -> torch.Tensor:
 
 def make_loss(cfg: GRPOConfig, kl_coef, max_len: int):
     """loss_fn(model, micro_batch, total) -> (sum / total, metrics) and its count_fn, chosen once."""
-    from posttrain.algorithms.rollout_buffer import rollout_is_weight, to_layout, token_forward
-    from posttrain.kl import get_kl_estimator
-    from posttrain.logprobs import entropy_from_logits
-    from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
-
     policy_loss = get_policy_loss(cfg.loss.policy_loss)
     L = cfg.loss
     count_fn = count_tokens if L.aggregation == "token_mean" else count_sequences
@@ -225,37 +250,32 @@ def make_loss(cfg: GRPOConfig, kl_coef, max_len: int):
 def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
     import time
 
-    from posttrain.advantages import expand_to_tokens
-    from posttrain.algorithms import common
-    from posttrain.algorithms import rollout_buffer as rb
-    from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
-
     # ---- data and rewards first: a bad row or reward spec stops the run before any model loads
-    records = rb.load_prompt_records(cfg.rollout)
-    eval_records = rb.load_eval_records(cfg.rollout)
-    rewards = rb.load_rewards(cfg.reward, cfg.reward_weights)
+    records = load_prompt_records(cfg.rollout)
+    eval_records = load_eval_records(cfg.rollout)
+    rewards = load_rewards(cfg.reward, cfg.reward_weights)
     advantage_fn = _advantage_registry()[cfg.loss.advantage]
     run_dir = make_run_dir(cfg.train, command, cfg)
-    tokenizer = common.load_tokenizer(cfg.model)
+    tokenizer = tokenizer_for(cfg.model)
 
     # ---- models and runtime
-    model = common.load_policy(cfg.model, cfg.lora)
-    n_steps = rb.rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
-    updates = cfg.loss.ppo_epochs * rb.plan_batches(cfg.rollout, cfg.train).minibatches
+    model = load_policy(cfg.model, cfg.lora)
+    n_steps = rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
+    updates = cfg.loss.ppo_epochs * plan_batches(cfg.rollout, cfg.train).minibatches
     engine = TrainEngine(model, cfg.train, n_steps * updates, run_dir)
-    plan = rb.plan_batches(cfg.rollout, cfg.train, engine.world_size)
+    plan = plan_batches(cfg.rollout, cfg.train, engine.world_size)
     if engine.world_size > 1 and cfg.dynamic_sampling:
         raise ConfigError("dynamic sampling keeps a different number of rollouts on each process, which "
                           "DDP cannot step together", where="dynamic_sampling", fix="dynamic_sampling=false")
     policy, G, temp = engine.unwrapped, cfg.rollout.group_size, cfg.rollout.temperature
     need_ref = cfg.kl.beta > 0 or cfg.kl.track
-    ref_model = rb.load_reference(cfg.model, cfg.kl, cfg.lora.enabled) if need_ref else None
-    ref_fn = rb.ref_logp_fn(ref_model, policy, temp) if need_ref else None
-    gen = rb.make_engine(policy, tokenizer, cfg.rollout)
-    maker = rb.ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
-                               rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
-                               rank=engine.rank, world=engine.world_size)
-    kl_ctl = rb.kl_controller(cfg.kl)
+    ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
+    ref_fn = ref_logp_fn(ref_model, policy, temp) if need_ref else None
+    gen = make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path)
+    maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
+                            rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
+                            rank=engine.rank, world=engine.world_size)
+    kl_ctl = kl_controller(cfg.kl)
     kl_in_reward = cfg.kl.placement == "reward" and cfg.kl.beta > 0
     need_old = updates > 1 or kl_in_reward  # π_old differs from π_θ, or the reward needs log π
     loss_fn, count_fn = make_loss(cfg, kl_ctl, cfg.rollout.max_new_tokens)
@@ -266,8 +286,8 @@ def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
         logger.truncate_after(step)
 
     def evaluate() -> dict[str, float]:
-        return rb.task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts,
-                            cfg.task_eval_samples, cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
+        return task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts,
+                         cfg.task_eval_samples, cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
 
     # ---- loop: sample -> score -> advantages -> (epochs x minibatches) optimizer steps
     progress = Progress(n_steps, command, cfg.train.progress)
@@ -281,28 +301,28 @@ def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
     while step < n_steps:
         t0 = time.perf_counter()
         gen.update_weights(policy)
-        exp = maker.make(step, policy=rb.policy_logp_fn(policy, temp), ref=ref_fn, need_old=need_old,
+        exp = maker.make(step, policy=policy_logp_fn(policy, temp), ref=ref_fn, need_old=need_old,
                          dynamic_sampling=cfg.dynamic_sampling, max_rounds=cfg.max_sample_rounds, micro=plan.micro)
         m = exp.metrics
         if len(exp):
             scores = exp.scores
             if exp.old_logp is not None and exp.ref_logp is not None:
-                m.update(rb.kl_metrics(exp, cfg.kl.estimator))
+                m.update(kl_metrics(exp, cfg.kl.estimator))
             if kl_in_reward:  # r − β Σ_t KL_t, before the baseline (RLOO, REINFORCE)
-                scores = scores - kl_ctl.value * rb.sequence_kl(exp, cfg.kl.estimator)
+                scores = scores - kl_ctl.value * sequence_kl(exp, cfg.kl.estimator)
             group = len(exp) if cfg.loss.advantage == "batch_mean" else G  # whose mean stands in
-            adv = advantage_fn(rb.fill_invalid(scores, exp.valid, group), G)
+            adv = advantage_fn(fill_invalid(scores, exp.valid, group), G)
             exp.advantages = expand_to_tokens(adv, exp.mask)
             t1 = time.perf_counter()
             steps = []
-            for _, micro_idx in rb.minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
-                                               seed=cfg.train.seed * 7919 + step, group_size=G):
+            for _, micro_idx in minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
+                                            seed=cfg.train.seed * 7919 + step, group_size=G):
                 mbs = [exp.micro_batch(idx) for idx in micro_idx]
                 steps.append(engine.step(mbs, loss_fn, count_fn))
-            m.update(rb.merge_update_metrics(steps))
+            m.update(merge_update_metrics(steps))
             m["train_s"] = time.perf_counter() - t1
         step += 1
-        m = rb.reduce_metrics(engine, m)
+        m = reduce_metrics(engine, m)
         if "kl" in m:
             kl_ctl.update(m["kl"], len(exp) * engine.world_size)
         m["kl_coef"], m["step_s"] = kl_ctl.value, time.perf_counter() - t0
@@ -310,9 +330,9 @@ def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
         if step % cfg.train.log_every == 0 or step == n_steps:
             logger.log(step, m)
             progress.update(step, f"reward {m.get('reward/mean', float('nan')):.3f}  kl {m.get('kl', 0.0):.3f}")
-        common.between_steps(engine, cfg.train, step, n_steps, evaluate, logger,
-                             {"rl_step": step, "kl_coef": kl_ctl.value})
+        between_steps(engine, cfg.train, step, n_steps, evaluate, logger,
+                      {"rl_step": step, "kl_coef": kl_ctl.value})
     progress.close()
     summary["last_step"] = row
-    return common.finish(engine, logger, run_dir, summary, evaluate, step,
-                         save=lambda: common.save_final(engine, tokenizer, run_dir, cfg.lora))
+    return finish(engine, logger, run_dir, summary, evaluate, step,
+                  save=lambda: save_final(engine, tokenizer, run_dir, cfg.lora))

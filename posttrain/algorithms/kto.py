@@ -25,7 +25,35 @@ from typing import Literal
 import torch
 
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
+from posttrain.data.batching import StepSampler, collate, shard
+from posttrain.data.formats import load_records, load_train_eval, read_options
+from posttrain.data.preference import (
+    Encoded,
+    by_slot,
+    collate_responses,
+    count_records,
+    encode_pair,
+    encode_unpaired,
+    micro_batches_of,
+    truncation_counts,
+    unpair,
+)
+from posttrain.data.sources import read_source
+from posttrain.engines.loop import Throughput, TrainEngineAutocast, between_steps, finish, save_final
+from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
 from posttrain.errors import ConfigError, DataError
+from posttrain.losses.direct import kto_loss
+from posttrain.models.forward import sequence_logps
+from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.models.preference import make_loss_fn as direct_loss_fn
+from posttrain.models.preference import pair_eval
+from posttrain.models.reference import (
+    LiveReference,
+    attach_reference,
+    attach_reference_in_order,
+    precompute_tables,
+)
+from posttrain.rollouts.task_eval import task_metrics
 
 
 @dataclass
@@ -71,8 +99,6 @@ class KTOConfig:
 def mismatched(encs: list, seed: int) -> list:
     """For record i, an Example of i's prompt with the completion of another record (a seeded
     derangement; a neighbour with the same prompt is skipped when possible)."""
-    from posttrain.algorithms.pairs import Encoded
-
     n = len(encs)
     order = list(range(n))
     random.Random(seed + 4242).shuffle(order)
@@ -89,10 +115,6 @@ def mismatched(encs: list, seed: int) -> list:
 
 def load_unpaired(cfg: KTOConfig) -> tuple[list[dict], list[dict]]:
     """(unpaired training rows, held-out pairs)."""
-    from posttrain.algorithms.pairs import unpair
-    from posttrain.data.formats import load_records, load_train_eval
-    from posttrain.data.sources import read_source
-
     d = cfg.data
     first = next((r.value for r in read_source(d.train, d.split).rows if isinstance(r.value, dict)), {})
     first = {d.columns.get(k, k): v for k, v in first.items()}
@@ -104,7 +126,7 @@ def load_unpaired(cfg: KTOConfig) -> tuple[list[dict], list[dict]]:
             raise ConfigError("holding out evaluation records needs paired data (held-out pairs)",
                               where="eval_holdout" if cfg.eval_holdout else "data.eval_fraction",
                               fix="give data.eval=<pairs file> instead")
-        opts = d.read_options()
+        opts = read_options(d)
         rows = load_records(d.train, "unpaired", columns=d.columns, split=d.split, max_rows=d.max_rows,
                             max_errors=d.max_errors, options=opts)
         source = d.eval_source()
@@ -117,9 +139,6 @@ def load_unpaired(cfg: KTOConfig) -> tuple[list[dict], list[dict]]:
 
 
 def make_loss_fn(cfg: KTOConfig, live=None):
-    from posttrain.algorithms.pairs import by_slot, sequence_logps
-    from posttrain.losses.direct import kto_loss
-
     def loss_fn(model, batch, total):
         logp, ntok = sequence_logps(model, batch)
         pol = by_slot(logp, batch)[:, 0]
@@ -147,28 +166,9 @@ def make_loss_fn(cfg: KTOConfig, live=None):
 
 
 def run(cfg: KTOConfig) -> dict:
-    from posttrain.algorithms import common
-    from posttrain.algorithms import dpo as D
-    from posttrain.algorithms.pairs import (
-        collate_responses,
-        count_records,
-        encode_pair,
-        encode_unpaired,
-        micro_batches_of,
-        truncation_counts,
-    )
-    from posttrain.algorithms.reference import LiveReference
-    from posttrain.data.batching import StepSampler, collate, shard
-    from posttrain.engines.train import (
-        MetricsLogger,
-        Progress,
-        TrainEngine,
-        make_run_dir,
-    )
-
     rows, held = load_unpaired(cfg)
     run_dir = make_run_dir(cfg.train, "kto", cfg)
-    tokenizer = common.load_tokenizer(cfg.model)
+    tokenizer = tokenizer_for(cfg.model)
     pad = tokenizer.pad_token_id
     train_enc = [encode_unpaired(tokenizer, r, cfg.data.max_length) for r in rows]
     eval_enc = [encode_pair(tokenizer, r, cfg.data.max_length) for r in held]
@@ -177,19 +177,19 @@ def run(cfg: KTOConfig) -> dict:
     balance = cfg.desirable_weight * n_d / (cfg.undesirable_weight * (len(train_enc) - n_d))
     reference = "precompute" if cfg.reference == "auto" else cfg.reference
     ref_path = cfg.ref_model or cfg.model.name_or_path
-    autocast = D.TrainEngineAutocast(cfg.train)
+    autocast = TrainEngineAutocast(cfg.train)
 
     tables, kl_table, ref_info = {"train": None, "eval": None}, None, {"cache": "none"}
 
     def pre(policy):
-        t, extra, info = D.precompute_tables({"train": train_enc, "eval": eval_enc}, ref_path=ref_path,
-                                             model_cfg=cfg.model, policy=policy, cache_dir=cfg.ref_cache_dir,
-                                             pad_id=pad, autocast=autocast, extra={"kl": kl_exs})
+        t, extra, info = precompute_tables({"train": train_enc, "eval": eval_enc}, ref_path=ref_path,
+                                           model_cfg=cfg.model, policy=policy, cache_dir=cfg.ref_cache_dir,
+                                           pad_id=pad, autocast=autocast, extra={"kl": kl_exs})
         return t, extra["kl"], info
 
     if reference == "precompute" and not cfg.lora.enabled:
         tables, kl_table, ref_info = pre(None)  # before the policy loads: one model in memory at a time
-    model = common.load_policy(cfg.model, cfg.lora)
+    model = load_policy(cfg.model, cfg.lora)
     if reference == "precompute" and cfg.lora.enabled:
         tables, kl_table, ref_info = pre(model)
     live = LiveReference(model, cfg.model, ref_path) if reference == "live" else None
@@ -201,30 +201,30 @@ def run(cfg: KTOConfig) -> dict:
     if engine.maybe_resume() is not None:
         logger.truncate_after(engine.step_count)
     loss_fn = make_loss_fn(cfg, live)
-    eval_fn = D.make_loss_fn("dpo", cfg.beta, {}, live)  # implicit-reward metrics on held-out pairs
+    eval_fn = direct_loss_fn("dpo", cfg.beta, {}, live)  # implicit-reward metrics on held-out pairs
     kw = dict(packing=cfg.packing, pad_id=pad)
 
     def micro_batches(step: int) -> list[dict]:
         out = []
         for p in shard(sampler.batch(step), engine.rank, engine.world_size, cfg.train.micro_batch_size):
-            b = D.attach_reference(collate_responses([train_enc[i] for i in p], **kw), tables["train"], p)
+            b = attach_reference(collate_responses([train_enc[i] for i in p], **kw), tables["train"], p)
             b["kl_batch"] = collate([kl_exs[i] for i in p], **kw)
             if kl_table is not None:
                 b["kl_ref"] = kl_table[p]
             out.append(b)
         return out
 
-    eval_batches = D.attach_reference_in_order(micro_batches_of(eval_enc, cfg.train.micro_batch_size, **kw),
-                                               tables["eval"])
+    eval_batches = attach_reference_in_order(micro_batches_of(eval_enc, cfg.train.micro_batch_size, **kw),
+                                             tables["eval"])
 
     def evaluate(initial: bool = False) -> dict:
-        out = D.pair_eval(engine.unwrapped, eval_batches, eval_fn, engine.autocast)
+        out = pair_eval(engine.unwrapped, eval_batches, eval_fn, engine.autocast)
         if cfg.task_eval and cfg.data.train.startswith("builtin:"):
-            out.update(D.task_metrics(cfg, engine, tokenizer, live, ref_path, initial))
+            out.update(task_metrics(cfg, engine, tokenizer, live, ref_path, initial))
         return out
 
     progress = Progress(total, "kto", cfg.train.progress)
-    clock = common.Throughput()
+    clock = Throughput()
     summary: dict = {**truncation_counts(train_enc), "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
                      "train_examples": len(train_enc), "desirable": n_d, "undesirable": len(train_enc) - n_d,
                      "weighted_balance": balance, "eval_pairs": len(eval_enc), "world_size": engine.world_size,
@@ -245,8 +245,8 @@ def run(cfg: KTOConfig) -> dict:
             row["examples_per_s"] = clock.rate()
             logger.log(step, row)
             progress.update(step, f"loss {row['train/loss']:.3f} kl {row['train/kl']:.3f}")
-        common.between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step})
+        between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step})
     progress.close()
     summary["examples_per_s"] = clock.rate()
-    return common.finish(engine, logger, run_dir, summary, evaluate, engine.step_count,
-                         save=lambda: common.save_final(engine, tokenizer, run_dir, cfg.lora))
+    return finish(engine, logger, run_dir, summary, evaluate, engine.step_count,
+                  save=lambda: save_final(engine, tokenizer, run_dir, cfg.lora))

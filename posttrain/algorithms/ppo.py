@@ -27,10 +27,45 @@ from typing import Literal
 
 import torch
 
-from posttrain.algorithms.rollout_buffer import (KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig,
-                                                 check_reward_config)
+from posttrain.advantages import gae
 from posttrain.config import LoraConfig, ModelConfig, opt
+from posttrain.engines.loop import between_steps, finish
+from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
 from posttrain.errors import ConfigError
+from posttrain.kl import get_kl_estimator
+from posttrain.logprobs import entropy_from_logits
+from posttrain.losses.policy import (
+    aggregate,
+    explained_variance,
+    kl_penalty_in_loss,
+    ppo_clip_loss,
+    value_loss,
+)
+from posttrain.masked import masked_whiten
+from posttrain.models.forward import critic_values, policy_logp_fn, ref_logp_fn, to_layout, token_forward
+from posttrain.models.heads import load_reward_model, save_reward_model
+from posttrain.models.loading import load_policy, save_pretrained, tokenizer_for
+from posttrain.models.reference import frozen_reference
+from posttrain.rewards.combine import check_reward_config, load_rewards
+from posttrain.rollouts.config import (
+    KLConfig,
+    RLTrainConfig,
+    RolloutConfig,
+    ShapingConfig,
+    kl_controller,
+    plan_batches,
+    rl_steps,
+)
+from posttrain.rollouts.experience import (
+    ExperienceMaker,
+    load_eval_records,
+    load_prompt_records,
+    make_engine,
+    minibatches,
+    rollout_is_weight,
+)
+from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics, reduce_metrics
+from posttrain.rollouts.task_eval import task_eval
 
 
 @dataclass
@@ -104,6 +139,10 @@ class PPOConfig:
             self.shaping.overlong_buffer = 0
 
     def validate(self) -> None:
+        if self.rollout.engine == "vllm" and self.lora.enabled:
+            raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
+                              "so every rollout would come from the initial model", where="rollout.engine",
+                              fix="use rollout.engine=local with LoRA, or train all weights (lora.enabled=false)")
         check_reward_config(self.reward, self.reward_weights)
         if self.value.init == "reward_model" and not self.value.path and not any(r.startswith("rm:") for r in self.reward):
             raise ConfigError("value.init=reward_model needs a reward model", where="value.init",
@@ -119,8 +158,6 @@ class ActorCritic(torch.nn.Module):
 
     def values(self, mb: dict, out: dict | None = None) -> torch.Tensor:
         """Flat per-token values [K] (``out`` = the policy's token_forward with hidden states)."""
-        from posttrain.algorithms.rollout_buffer import critic_values, token_forward
-
         if self.v_head is not None:
             if out is None:
                 out = token_forward(self.policy, mb, want_hidden=True)
@@ -130,17 +167,12 @@ class ActorCritic(torch.nn.Module):
     def forward(self, mb: dict, temperature: float = 1.0):
         """(policy token_forward dict with logits, flat values [K]) — one call, so a DDP wrapper
         around this module sees the whole computation."""
-        from posttrain.algorithms.rollout_buffer import token_forward
-
         out = token_forward(self.policy, mb, temperature, want_logits=True, want_hidden=self.v_head is not None)
         return out, self.values(mb, out)
 
 
 def build_actor_critic(cfg: PPOConfig, tokenizer) -> ActorCritic:
-    from posttrain.algorithms import common
-    from posttrain.models.heads import load_reward_model
-
-    policy = common.load_policy(cfg.model, cfg.lora)
+    policy = load_policy(cfg.model, cfg.lora)
     if cfg.value.shared_backbone:
         hidden = policy.config.hidden_size if hasattr(policy.config, "hidden_size") else policy.config.n_embd
         head = torch.nn.Linear(hidden, 1)
@@ -155,10 +187,6 @@ def build_actor_critic(cfg: PPOConfig, tokenizer) -> ActorCritic:
 
 
 def make_loss(cfg: PPOConfig, kl_coef, max_len: int):
-    from posttrain.algorithms.rollout_buffer import rollout_is_weight, to_layout
-    from posttrain.logprobs import entropy_from_logits
-    from posttrain.losses.policy import aggregate, kl_penalty_in_loss, ppo_clip_loss, value_loss
-
     L, V, temp = cfg.loss, cfg.value, cfg.rollout.temperature
     kl_in_loss = cfg.kl.placement == "loss" and cfg.kl.beta > 0
 
@@ -194,9 +222,6 @@ def make_loss(cfg: PPOConfig, kl_coef, max_len: int):
 
 def advantages(exp, cfg: PPOConfig, kl_coef, kl_tok: torch.Tensor | None):
     """Per-token rewards (−β KL_t, + the score on the last token) -> GAE advantages and returns."""
-    from posttrain.advantages import gae
-    from posttrain.masked import masked_whiten
-
     mask = exp.mask
     rewards = torch.zeros_like(mask)
     if kl_tok is not None:
@@ -215,43 +240,37 @@ def advantages(exp, cfg: PPOConfig, kl_coef, kl_tok: torch.Tensor | None):
 def run(cfg: PPOConfig) -> dict:
     import time
 
-    from posttrain.algorithms import common
-    from posttrain.algorithms import rollout_buffer as rb
-    from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
-    from posttrain.kl import get_kl_estimator
-    from posttrain.losses.policy import explained_variance
-    from posttrain.models.loading import save_pretrained
 
-    records = rb.load_prompt_records(cfg.rollout)
-    eval_records = rb.load_eval_records(cfg.rollout)
-    rewards = rb.load_rewards(cfg.reward, cfg.reward_weights)
+    records = load_prompt_records(cfg.rollout)
+    eval_records = load_eval_records(cfg.rollout)
+    rewards = load_rewards(cfg.reward, cfg.reward_weights)
     run_dir = make_run_dir(cfg.train, "ppo", cfg)
-    tokenizer = common.load_tokenizer(cfg.model)
+    tokenizer = tokenizer_for(cfg.model)
 
     model = build_actor_critic(cfg, tokenizer)
-    n_steps = rb.rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
-    updates = cfg.loss.ppo_epochs * rb.plan_batches(cfg.rollout, cfg.train).minibatches
+    n_steps = rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
+    updates = cfg.loss.ppo_epochs * plan_batches(cfg.rollout, cfg.train).minibatches
     engine = TrainEngine(model, cfg.train, n_steps * updates, run_dir)
-    plan = rb.plan_batches(cfg.rollout, cfg.train, engine.world_size)
+    plan = plan_batches(cfg.rollout, cfg.train, engine.world_size)
     ac: ActorCritic = engine.unwrapped
     policy, temp = ac.policy, cfg.rollout.temperature
     need_ref = cfg.kl.beta > 0 or cfg.kl.track
-    ref_model = rb.load_reference(cfg.model, cfg.kl, cfg.lora.enabled) if need_ref else None
-    ref_fn = rb.ref_logp_fn(ref_model, policy, temp) if need_ref else None
+    ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
+    ref_fn = ref_logp_fn(ref_model, policy, temp) if need_ref else None
 
     def critic_fn(mb):
         was = ac.training
         ac.eval()
-        out = rb.token_forward(policy, mb, temp, want_hidden=True) if ac.v_head is not None else None
+        out = token_forward(policy, mb, temp, want_hidden=True) if ac.v_head is not None else None
         v = ac.values(mb, out)
         ac.train(was)
         return v, mb["tgt_seq"], mb["tgt_j"]
 
-    gen = rb.make_engine(policy, tokenizer, cfg.rollout)
-    maker = rb.ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
-                               rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
-                               rank=engine.rank, world=engine.world_size)
-    kl_ctl = rb.kl_controller(cfg.kl)
+    gen = make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path)
+    maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
+                            rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
+                            rank=engine.rank, world=engine.world_size)
+    kl_ctl = kl_controller(cfg.kl)
     estimator = get_kl_estimator(cfg.kl.estimator)
     loss_fn, count_fn = make_loss(cfg, kl_ctl, cfg.rollout.max_new_tokens)
     logger = MetricsLogger(run_dir, enabled=engine.is_main)
@@ -261,8 +280,8 @@ def run(cfg: PPOConfig) -> dict:
         logger.truncate_after(step)
 
     def evaluate() -> dict[str, float]:
-        out = rb.task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts,
-                           cfg.task_eval_samples, cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
+        out = task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts,
+                        cfg.task_eval_samples, cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
         return out
 
     progress = Progress(n_steps, "ppo", cfg.train.progress)
@@ -275,12 +294,12 @@ def run(cfg: PPOConfig) -> dict:
     while step < n_steps:
         t0 = time.perf_counter()
         gen.update_weights(policy)
-        exp = maker.make(step, policy=rb.policy_logp_fn(policy, temp), ref=ref_fn, critic=critic_fn,
+        exp = maker.make(step, policy=policy_logp_fn(policy, temp), ref=ref_fn, critic=critic_fn,
                          need_old=True, micro=plan.micro)
         m = exp.metrics
         kl_tok = None
         if exp.ref_logp is not None:
-            m.update(rb.kl_metrics(exp, cfg.kl.estimator))
+            m.update(kl_metrics(exp, cfg.kl.estimator))
             if cfg.kl.placement == "reward" and cfg.kl.beta > 0:
                 kl_tok = estimator(exp.old_logp, exp.ref_logp)
         exp.advantages, exp.returns = advantages(exp, cfg, kl_ctl.value, kl_tok)
@@ -288,14 +307,14 @@ def run(cfg: PPOConfig) -> dict:
         m["value/mean"] = float((exp.values * exp.mask).sum() / exp.mask.sum().clamp(min=1))
         t1 = time.perf_counter()
         steps = []
-        for _, micro_idx in rb.minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
-                                           seed=cfg.train.seed * 7919 + step):
+        for _, micro_idx in minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
+                                        seed=cfg.train.seed * 7919 + step):
             mbs = [exp.micro_batch(idx) for idx in micro_idx]
             steps.append(engine.step(mbs, loss_fn, count_fn))
-        m.update(rb.merge_update_metrics(steps))
+        m.update(merge_update_metrics(steps))
         m["train_s"] = time.perf_counter() - t1
         step += 1
-        m = rb.reduce_metrics(engine, m)
+        m = reduce_metrics(engine, m)
         if "kl" in m:
             kl_ctl.update(m["kl"], len(exp) * engine.world_size)
         m["kl_coef"], m["step_s"] = kl_ctl.value, time.perf_counter() - t0
@@ -303,8 +322,8 @@ def run(cfg: PPOConfig) -> dict:
         if step % cfg.train.log_every == 0 or step == n_steps:
             logger.log(step, m)
             progress.update(step, f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.3f}")
-        common.between_steps(engine, cfg.train, step, n_steps, evaluate, logger,
-                             {"rl_step": step, "kl_coef": kl_ctl.value})
+        between_steps(engine, cfg.train, step, n_steps, evaluate, logger,
+                      {"rl_step": step, "kl_coef": kl_ctl.value})
     progress.close()
     summary["last_step"] = row
 
@@ -313,14 +332,13 @@ def run(cfg: PPOConfig) -> dict:
         save_pretrained(policy, tokenizer, Path(run_dir) / "final", merge_lora=merge)
         save_value(ac, tokenizer, Path(run_dir) / "value")
 
-    return common.finish(engine, logger, run_dir, summary, evaluate, step, save)
+    return finish(engine, logger, run_dir, summary, evaluate, step, save)
 
 
 def save_value(ac: ActorCritic, tokenizer, out: Path) -> None:
     """The critic: a reward-model-format directory (separate critic) or the head's tensors (shared)."""
     from safetensors.torch import save_file
 
-    from posttrain.models.heads import save_reward_model
 
     if ac.critic is not None:
         save_reward_model(ac.critic, tokenizer, out)

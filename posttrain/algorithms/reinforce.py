@@ -15,8 +15,8 @@ from typing import Literal
 
 from posttrain.algorithms.grpo import GRPOConfig
 from posttrain.algorithms.grpo import run as _run
-from posttrain.algorithms.rollout_buffer import KLConfig, RolloutConfig
 from posttrain.config import opt
+from posttrain.rollouts.config import KLConfig, RolloutConfig
 
 
 @dataclass

@@ -26,7 +26,25 @@ from typing import Literal
 import torch
 
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
-from posttrain.errors import ConfigError, DataError
+from posttrain.data.batching import StepSampler, shard
+from posttrain.data.formats import load_train_eval
+from posttrain.data.preference import (
+    batch_records,
+    by_slot,
+    count_records,
+    encode_pair,
+    encode_ranking,
+    is_ranking,
+    truncation_counts,
+)
+from posttrain.engines.loop import Throughput, between_steps, finish
+from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.errors import ConfigError
+from posttrain.evaluation.eval_reward import evaluate_scores, score_encoded
+from posttrain.losses import reward as L
+from posttrain.models.heads import load_reward_model, save_reward_model, sequence_rewards
+from posttrain.models.loading import tokenizer_for
+from posttrain.rewards.reward_model import RewardModelScorer
 
 LOSSES = ("bradley_terry", "kwise", "plackett_luce")
 
@@ -86,10 +104,6 @@ def ranked_metrics(rewards: torch.Tensor, ranks: torch.Tensor) -> dict[str, torc
 
 def make_loss_fn(cfg: RewardConfig, pad_id: int):
     """The loss picked once from ``cfg.loss``: (model, batch, total) -> (sum/total loss, metrics)."""
-    from posttrain.algorithms.pairs import by_slot
-    from posttrain.losses import reward as L
-    from posttrain.models.heads import sequence_rewards
-
     def loss_fn(model, batch, total):
         r = by_slot(sequence_rewards(model, batch, pad_id), batch)  # [N, K]
         ranks, n = batch["ranks"], batch["n_records"]
@@ -124,32 +138,10 @@ def make_loss_fn(cfg: RewardConfig, pad_id: int):
 
 def load_split(cfg, rankings: bool = True) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows) from cfg.data (train/eval/eval_fraction) and cfg.eval_holdout."""
-    from posttrain.data.formats import load_train_eval
-
     return load_train_eval(cfg.data, "preference", eval_holdout=cfg.eval_holdout, allow_rankings=rankings)
 
 
 def run(cfg: RewardConfig) -> dict:
-    from posttrain.algorithms import common
-    from posttrain.algorithms.eval_reward import evaluate_scores, score_encoded
-    from posttrain.algorithms.pairs import (
-        batch_records,
-        count_records,
-        encode_pair,
-        encode_ranking,
-        is_ranking,
-        truncation_counts,
-    )
-    from posttrain.data.batching import StepSampler, shard
-    from posttrain.engines.train import (
-        MetricsLogger,
-        Progress,
-        TrainEngine,
-        make_run_dir,
-    )
-    from posttrain.models.heads import load_reward_model, save_reward_model
-    from posttrain.rewards.reward_model import RewardModelScorer
-
     # ---- data first: bad rows stop the run before any model loads
     train_rows, eval_rows = load_split(cfg)
     ranking = is_ranking(train_rows)
@@ -157,7 +149,7 @@ def run(cfg: RewardConfig) -> dict:
         raise ConfigError("the data holds K-wise rankings, which the pairwise bradley_terry loss cannot use",
                           where="loss", fix="set loss=kwise (InstructGPT) or loss=plackett_luce")
     run_dir = make_run_dir(cfg.train, "reward", cfg)
-    tokenizer = common.load_tokenizer(cfg.model)
+    tokenizer = tokenizer_for(cfg.model)
     pad = tokenizer.pad_token_id
     enc = encode_ranking if ranking else encode_pair
     train_enc = [enc(tokenizer, r, cfg.data.max_length) for r in train_rows]
@@ -206,7 +198,7 @@ def run(cfg: RewardConfig) -> dict:
 
     # ---- loop
     progress = Progress(total, "reward", cfg.train.progress)
-    clock = common.Throughput()
+    clock = Throughput()
     summary: dict = {"train_records": len(train_enc), "eval_records": len(eval_enc), "ties": n_ties,
                      **truncation_counts(train_enc),
                      "tied_rankings": tied_rankings, "records_with_margin": n_margin, "loss": cfg.loss,
@@ -227,8 +219,8 @@ def run(cfg: RewardConfig) -> dict:
             row["pairs_per_s"] = clock.rate()
             logger.log(step, row)
             progress.update(step, f"loss {row['train/loss']:.3f} acc {row['train/accuracy']:.2f}")
-        common.between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step}, flat)
+        between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step}, flat)
     progress.close()
     summary["pairs_per_s"] = clock.rate()
-    return common.finish(engine, logger, run_dir, summary, evaluate, engine.step_count, flatten=flat,
-                         save=lambda: save_reward_model(engine.unwrapped, tokenizer, run_dir / "final"))
+    return finish(engine, logger, run_dir, summary, evaluate, engine.step_count, flatten=flat,
+                  save=lambda: save_reward_model(engine.unwrapped, tokenizer, run_dir / "final"))

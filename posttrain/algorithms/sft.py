@@ -17,6 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
+from posttrain.data.batching import StepSampler, collate, shard
+from posttrain.data.chat import encode_sft, truncation_counts
+from posttrain.data.formats import holdout, load_records, read_options
+from posttrain.engines.loop import Throughput, between_steps, eval_loss, finish, save_final
+from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.logprobs import token_logps
+from posttrain.losses.sft import nll_loss
+from posttrain.models.attention import model_inputs
+from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.rollouts.task_eval import builtin_task_eval
 
 
 @dataclass
@@ -38,10 +48,6 @@ class SFTConfig:
 
 def sft_loss(model, batch: dict, n_tokens: torch.Tensor):
     """NLL over trained tokens / the step's trained-token count; also token accuracy."""
-    from posttrain.logprobs import token_logps
-    from posttrain.models.attention import model_inputs
-    from posttrain.losses.sft import nll_loss
-
     logits = model(**model_inputs(model, batch)).logits
     mask = target_mask(batch)
     logp = token_logps(logits, batch["input_ids"])
@@ -64,15 +70,9 @@ def count_tokens(batch: dict) -> torch.Tensor:
 
 
 def run(cfg: SFTConfig) -> dict:
-    from posttrain.algorithms import common
-    from posttrain.data.batching import StepSampler, collate, shard
-    from posttrain.data.chat import encode_sft, truncation_counts
-    from posttrain.data.formats import holdout, load_records
-    from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
-
     # ---- data first: bad rows stop the run before any model loads
     d = cfg.data
-    opts = d.read_options()
+    opts = read_options(d)
     train_rows = load_records(d.train, "sft", columns=d.columns, split=d.split, max_rows=d.max_rows,
                               max_errors=d.max_errors, options=opts)
     eval_source = d.eval_source()
@@ -83,14 +83,14 @@ def run(cfg: SFTConfig) -> dict:
         print("sft: no held-out data, so no evaluation loss (set data.eval=FILE or data.eval_fraction=0.05)",
               file=sys.stderr)
     run_dir = make_run_dir(cfg.train, "sft", cfg)
-    tokenizer = common.load_tokenizer(cfg.model)
+    tokenizer = tokenizer_for(cfg.model)
     train_ex = [encode_sft(tokenizer, r, d.max_length) for r in train_rows]
     counts = truncation_counts(train_ex)
     train_ex = [e for e in train_ex if e.n_trained > 0]
     eval_ex = [e for e in (encode_sft(tokenizer, r, d.max_length) for r in eval_rows) if e.n_trained]
 
     # ---- model and runtime
-    model = common.load_policy(cfg.model, cfg.lora)
+    model = load_policy(cfg.model, cfg.lora)
     sampler = StepSampler(len(train_ex), cfg.train.batch_size, cfg.train.seed,
                           lengths=None if cfg.packing else [len(e) for e in train_ex])
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
@@ -106,16 +106,16 @@ def run(cfg: SFTConfig) -> dict:
         return [collate([train_ex[i] for i in p], packing=cfg.packing, pad_id=pad) for p in parts]
 
     def evaluate() -> dict[str, float]:
-        out = common.eval_loss(engine, eval_ex, sft_loss, count_tokens, pad, cfg.packing,
-                               cfg.train.micro_batch_size)
+        out = eval_loss(engine, eval_ex, sft_loss, count_tokens, pad, cfg.packing,
+                        cfg.train.micro_batch_size)
         if cfg.task_eval and cfg.data.train.startswith("builtin:"):
-            out.update(common.builtin_task_eval(engine.unwrapped, tokenizer, cfg.task_eval_prompts,
-                                                cfg.task_eval_samples, seed=cfg.train.seed))
+            out.update(builtin_task_eval(engine.unwrapped, tokenizer, cfg.task_eval_prompts,
+                                         cfg.task_eval_samples, seed=cfg.train.seed))
         return out
 
     # ---- loop
     progress = Progress(total, "sft", cfg.train.progress)
-    clock = common.Throughput()
+    clock = Throughput()
     summary: dict = {**counts, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
                      "world_size": engine.world_size, "total_steps": total}
     if engine.step_count == 0 and engine.is_main:
@@ -133,7 +133,7 @@ def run(cfg: SFTConfig) -> dict:
             row.update({"tokens_per_s": clock.rate(), "padding_frac": n_pad / max(1, n_pad + n_tok / engine.world_size)})
             logger.log(step, row)
             progress.update(step, f"loss {row['train/loss']:.3f}  {row['tokens_per_s']:.0f} tok/s")
-        common.between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step})
+        between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step})
     progress.close()
-    return common.finish(engine, logger, run_dir, summary, evaluate, engine.step_count,
-                         save=lambda: common.save_final(engine, tokenizer, run_dir, cfg.lora))
+    return finish(engine, logger, run_dir, summary, evaluate, engine.step_count,
+                  save=lambda: save_final(engine, tokenizer, run_dir, cfg.lora))

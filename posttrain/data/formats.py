@@ -172,11 +172,16 @@ def holdout(rows: list, eval_rows: list, n: int = 0, fraction: float = 0.0, wher
     return rows[:-k], rows[-k:]
 
 
+def read_options(d, prefix: str = "data.") -> ReadOptions:
+    """The ReadOptions of a DataConfig (its format, prompt_from and scores_as_margin keys)."""
+    return ReadOptions(format=d.format, prompt_from=d.prompt_from, scores_as_margin=d.scores_as_margin, prefix=prefix)
+
+
 def load_train_eval(d, kind: str, *, eval_holdout: int = 0, allow_rankings: bool = False,
                     prefix: str = "data.") -> tuple[list[dict], list[dict]]:
     """(train records, held-out records) of a DataConfig ``d``: data.eval when given (or resolved by
     'auto'), else the last ``eval_holdout`` records or ``d.eval_fraction`` of them, else none."""
-    opts = d.read_options(prefix)
+    opts = read_options(d, prefix)
     kw = dict(columns=d.columns, max_errors=d.max_errors, options=opts, allow_rankings=allow_rankings)
     train = load_records(d.train, kind, split=d.split, max_rows=d.max_rows, **kw)
     source = d.eval_source()

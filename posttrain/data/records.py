@@ -1,6 +1,6 @@
 """One record at a time: which layout it is in, and the canonical record every command encodes.
 
-Canonical records (what the encoders in ``chat.py`` and ``algorithms/pairs.py`` read):
+Canonical records (what the encoders in ``chat.py`` and ``data/preference.py`` read):
 
 - sft: ``{"messages": [...], "tools"?}``, ``{"prompt", "completion"}`` or ``{"text"}``
 - preference: ``{"prompt", "chosen", "rejected", ...}``: ``prompt`` a string or message list, each
@@ -27,11 +27,10 @@ Layouts read (each detected from the record itself; ``data.format`` overrides th
 
 from __future__ import annotations
 
-import ast
-import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from posttrain.data.layouts import RowProblem, _tool_call, decode_cell, is_hh, parse_hh
 
 ROLES = {"system", "user", "assistant", "tool"}
 TASKS = ("sft", "preference", "unpaired", "prompt", "ranking")
@@ -41,10 +40,6 @@ MESSAGES, PROMPT_COMPLETION, TEXT = "messages", "prompt/completion", "text"
 EXPLICIT, IMPLICIT, PROMPT_AND_CONVERSATIONS = "prompt/chosen/rejected", "implicit prompt", "prompt + conversations"
 HH, HH_PROMPT = "anthropic-hh", "anthropic-hh prompt"
 RANKING, UNPAIRED, PROMPT_ONLY = "ranking", "prompt/completion/label", "prompt"
-
-
-class RowProblem(Exception):
-    """'field: problem' for one record."""
 
 
 @dataclass
@@ -92,50 +87,7 @@ def note_text(note: str, opts: ReadOptions) -> str:
 # ----------------------------------------------------------------------------- cells
 
 
-_MESSAGE_TEXT = re.compile(r"""^\s*\[\s*\{\s*['"](role|content)['"]\s*:""")
-_LIST_TEXT = re.compile(r"^\s*\[")
-
-
-def _literal(text: str):
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(text), None
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-            err = e
-    return None, err
-
-
-def decode_cell(value: Any, name: str, must_be_list: bool, notes: set[str]) -> Any:
-    """A string holding the text of a message list (or, for list-only fields, of any list) -> the list."""
-    if not isinstance(value, str):
-        return value
-    if not (_MESSAGE_TEXT.match(value) or (must_be_list and _LIST_TEXT.match(value))):
-        return value
-    out, err = _literal(value)
-    if not isinstance(out, list):
-        raise RowProblem(f"{name}: holds the text of a list ({value[:48]!r}...) that is neither JSON nor a "
-                         f"Python literal ({type(err).__name__ if err else 'not a list'}), so it cannot be "
-                         "read as messages; write the cell as a JSON list")
-    notes.add("decoded")
-    return out
-
-
 # ----------------------------------------------------------------------------- messages
-
-
-def _tool_call(call: Any, where: str) -> dict:
-    """OpenAI-style tool call -> {"type": "function", "function": {"name", "arguments": dict|str}}."""
-    fn = call.get("function", call) if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise RowProblem(f"{where}: expected {{'function': {{'name', 'arguments'}}}}")
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
-        parsed, _ = _literal(args) if args.strip().startswith("{") else (None, None)
-        args = parsed if isinstance(parsed, dict) else args
-    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
-    if "id" in call:
-        out["id"] = call["id"]
-    return out
 
 
 def check_messages(value: Any, name: str, need_assistant: bool) -> list[dict]:
@@ -210,29 +162,6 @@ def strip_repeated_prompt(prompt, conversation: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- Anthropic HH
-
-_HH_MARK = re.compile(r"\n\n(Human|Assistant):[ \t]?")
-
-
-def is_hh(text: Any) -> bool:
-    return (isinstance(text, str) and re.match(r"^(\s*\n\n|\s*)Human:", text) is not None
-            and "\n\nAssistant:" in text)
-
-
-def parse_hh(text: str, name: str) -> list[dict]:
-    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{user: a}, {assistant: b}, ...]; a trailing empty
-    'Assistant:' (a prompt) is left out."""
-    body = "\n\n" + text.lstrip(" \t\r\n")
-    parts = _HH_MARK.split(body)
-    if parts[0].strip():
-        raise RowProblem(f"{name}: text before the first 'Human:' turn")
-    msgs = [{"role": "user" if r == "Human" else "assistant", "content": c.strip()}
-            for r, c in zip(parts[1::2], parts[2::2])]
-    if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
-        msgs.pop()
-    if not msgs:
-        raise RowProblem(f"{name}: an Anthropic HH transcript with no turns")
-    return msgs
 
 
 # ----------------------------------------------------------------------------- per task

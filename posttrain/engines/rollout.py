@@ -336,3 +336,48 @@ class _StopStrings:
             if any(s in text for s in self.strings):
                 found.append(b)
         return found
+
+
+def engine_dtype(choice: str, model) -> torch.dtype | None:
+    """The rollout engine's compute dtype for ``rollout.engine_dtype`` (None = the model's)."""
+    if choice == "model":
+        return None
+    if choice == "bfloat16":
+        return torch.bfloat16
+    from posttrain.engines.fast_decode import unsupported_reason
+
+    p = next(model.parameters())
+    probe = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    native_bf16 = any(f is not None and f() for f in probe)  # private probes: absent means no
+    fast = unsupported_reason(model) is None  # another dtype needs the fast decode path
+    return torch.bfloat16 if p.device.type == "cpu" and p.dtype == torch.float32 and native_bf16 and fast else None
+
+
+def rollout_engine(model, tokenizer):
+    from posttrain.engines.rollout import HFRolloutEngine
+
+    return HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer)
+
+
+def sample_texts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, temperature: float,
+                 seed: int, engine=None) -> list[str]:
+    """``n`` sampled completions per prompt (grouped), decoded without special tokens."""
+    outs = sample_rollouts(model, tokenizer, prompts, n, max_new_tokens, temperature, seed, engine)
+    return [tokenizer.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
+
+
+def sample_rollouts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, temperature: float,
+                    seed: int, engine=None) -> list:
+    """``n`` rollouts per prompt (grouped contiguously) with token ids, for scoring and KL."""
+    from posttrain.data.chat import encode_prompt
+    from posttrain.engines.rollout import SamplingParams
+
+    engine = engine or rollout_engine(model, tokenizer)
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed,
+                            stop_token_ids=[tokenizer.eos_token_id])
+    was_training = model.training
+    model.eval()
+    out = engine.generate(ids, params)
+    model.train(was_training)
+    return out

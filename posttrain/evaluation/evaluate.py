@@ -74,14 +74,14 @@ class _Models:
 
     def policy(self, path: str):
         if path not in self._cache:
-            from posttrain.algorithms.common import load_policy
+            from posttrain.models.loading import load_policy
 
             self._cache[path] = load_policy(ModelConfig(name_or_path=path))
         return self._cache[path]
 
 
 def _sample(models, tokenizer, path, prompts, n, cfg, seed):
-    from posttrain.algorithms.common import sample_rollouts
+    from posttrain.engines.rollout import sample_rollouts
 
     model = models.policy(path)
     rolls = sample_rollouts(model, tokenizer, prompts, n, cfg.max_new_tokens, cfg.temperature, seed)
@@ -91,7 +91,7 @@ def _sample(models, tokenizer, path, prompts, n, cfg, seed):
 
 def _kl(models, path, ref_path, rolls) -> tuple[float, float]:
     """Mean and standard error of log π(y) − log π_ref(y) over samples y ~ π."""
-    from posttrain.algorithms.common import completion_logps
+    from posttrain.models.forward import completion_logps
 
     p = [r.prompt_ids for r in rolls]
     c = [r.completion_ids for r in rolls]
@@ -110,7 +110,8 @@ def _per_prompt(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def run(cfg: EvalConfig) -> dict:
-    from posttrain.algorithms.common import load_tokenizer, write_summary
+    from posttrain.models.loading import tokenizer_for
+    from posttrain.engines.loop import write_summary
     from posttrain.data.formats import load_records
     from posttrain.data.records import ReadOptions
     from posttrain.engines.train import seed_everything
@@ -126,7 +127,7 @@ def run(cfg: EvalConfig) -> dict:
     is_task = cfg.prompts.startswith("builtin:")
     base_name = cfg.baseline or next(iter(cfg.policies))
     ref_path = cfg.reference or cfg.policies[base_name]
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=ref_path))
+    tokenizer = tokenizer_for(ModelConfig(name_or_path=ref_path))
     models = _Models()
     scorer = None
     if cfg.reward_model:
@@ -223,7 +224,7 @@ def _trace_run(cfg, models, tokenizer, run_dir: Path, prompts, ref_path, scorer)
     """Gold and proxy reward against sqrt(KL) at each saved checkpoint of a run."""
     from safetensors.torch import load_file
 
-    from posttrain.algorithms.common import load_policy
+    from posttrain.models.loading import load_policy
 
     points = []
     ckpts = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))

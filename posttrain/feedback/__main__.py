@@ -1,10 +1,11 @@
-"""``python -m posttrain.feedback <sub> [--config FILE] key=value ...``: the ``posttrain label`` commands,
-usable before (and besides) the main CLI's ``label`` group."""
+"""``python -m posttrain.feedback <sub> [--config FILE] key=value ...``: the ``posttrain label`` commands.
 
-from posttrain.cli import LazyGroup
-from posttrain.feedback.commands import COMMANDS
+An entry point, not a dependency: it hands its arguments to the main CLI's ``label`` group.
+"""
 
-main = LazyGroup(name="label", commands=COMMANDS, groups={}, help="Human-feedback labeling app.")
+import runpy
+import sys
 
 if __name__ == "__main__":
-    main()
+    sys.argv[1:1] = ["label"]
+    runpy.run_module("posttrain.cli", run_name="__main__", alter_sys=True)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.cli import Command
+from posttrain.commands import Command
 from posttrain.config import opt
 from posttrain.errors import ConfigError, DataError
 

@@ -114,7 +114,7 @@ def parse_record(row: Any, *, gold_from_chosen: bool = False) -> TaskSpec | None
     if not isinstance(row, dict):
         raise _Bad(f"record: expected an object, got {type(row).__name__}")
     if "responses" in row:
-        from posttrain.data.records import RowProblem, decode_cell
+        from posttrain.data.layouts import RowProblem, decode_cell
 
         try:  # CSV cells hold the text of lists
             row = {**row, "prompt": decode_cell(row.get("prompt"), "prompt", False, set()),

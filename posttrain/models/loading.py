@@ -103,3 +103,16 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, merge_lora: bool = Fa
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def tokenizer_for(cfg: ModelConfig):
+    """The tokenizer of a ModelConfig (its path, revision and remote-code choice)."""
+    return load_tokenizer(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_policy(cfg: ModelConfig, lora: LoraConfig | None = None, name_or_path: str | None = None):
+    """The trainable causal LM (LoRA-wrapped when enabled)."""
+    model = load_causal_lm(cfg, name_or_path)
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, lora)
+    return model

@@ -11,16 +11,24 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
+from posttrain.rewards.builtin import BUILTIN_REWARDS
 from posttrain.rewards.code import CodeTestsReward
 from posttrain.rewards.math import MathVerifier
-from posttrain.rewards.verifiers import (check_batch, exact_match, format_reward, length_penalty, regex_reward,
-                                         reward_name)
+from posttrain.rewards.verifiers import (
+    check_batch,
+    exact_match,
+    format_reward,
+    length_penalty,
+    regex_reward,
+    reward_name,
+)
 
 
 class weighted_sum:  # noqa: N801 - a factory that reads like a function
@@ -221,3 +229,67 @@ def resolve_reward(spec: str | Callable[..., list], **kwargs: Any) -> Callable[.
     raise ConfigError(f"unknown reward {spec!r}",
                       fix=f"{hint}built-ins: {', '.join(REWARD_FUNCTIONS)}; or give package.module:function "
                           "or path/to/file.py:function")
+
+
+def _fn_name(fn, spec: str) -> str:
+    """The name a reward is logged under (``reward/<name>``): rm for a reward model, else the
+    reward's own name (``posttrain.rewards.reward_name``)."""
+    if spec.startswith("rm:"):
+        return "rm"
+    return reward_name(fn)
+
+
+def load_rewards(specs: list[str], weights: list[float]) -> list[tuple[str, Callable, float]]:
+    """(name, callable, weight) for every reward spec: builtin_correct | builtin_gold | rm:<path> |
+    any spec :func:`posttrain.rewards.resolve_reward` knows (exact_match, math, module:function)."""
+    if not specs:
+        raise ConfigError("no reward given", where="reward", fix="e.g. reward=builtin_correct")
+    weights = list(weights) or [1.0] * len(specs)
+    out, seen = [], set()
+    for spec, w in zip(specs, weights):
+        if spec in BUILTIN_REWARDS:
+            fn = BUILTIN_REWARDS[spec]
+        elif spec.startswith("rm:"):
+            fn = _reward_model(model=spec[3:], where="reward")
+        else:
+            fn = resolve_reward(spec)
+        name = spec if spec in BUILTIN_REWARDS else _fn_name(fn, spec)
+        while name in seen:
+            name += "_"
+        seen.add(name)
+        out.append((name, fn, float(w)))
+    return out
+
+
+def check_reward_config(specs: list[str], weights: list[float]) -> None:
+    if weights and len(weights) != len(specs):
+        raise ConfigError(f"{len(weights)} reward_weights for {len(specs)} rewards", where="reward_weights",
+                          fix=f"give {len(specs)} weights (or none for all 1.0)")
+    if not specs:
+        raise ConfigError("no reward given", where="reward", fix="e.g. reward=builtin_correct")
+
+
+def combine_rewards(components: dict[str, list], weights: dict[str, float]):
+    """Weighted sum over the functions that apply (None = does not apply), and which samples any
+    function applied to. -> (total [N] fp32 tensor, valid [N] bool tensor)."""
+    import torch  # here, not at the top: importing posttrain.rewards stays cheap (math-verify workers)
+
+    names = list(components)
+    n = len(components[names[0]]) if names else 0
+    total = torch.zeros(n, dtype=torch.float64)
+    valid = torch.zeros(n, dtype=torch.bool)
+    for name in names:
+        vals = components[name]
+        if len(vals) != n:
+            raise DataError(f"reward '{name}' returned {len(vals)} values for {n} completions",
+                            where=f"reward {name}", fix="return one float (or None) per completion")
+        for i, v in enumerate(vals):
+            if v is None:
+                continue
+            v = float(v)
+            if not math.isfinite(v):
+                raise DataError(f"reward '{name}' returned {v} for completion {i}", where=f"reward {name}",
+                                fix="return a finite float, or None where the reward does not apply")
+            total[i] += weights[name] * v
+            valid[i] = True
+    return total.float(), valid

@@ -7,22 +7,24 @@ import json
 import pytest
 import torch
 
-from posttrain.algorithms import reference as R
-from posttrain.algorithms.dpo import DPOConfig, make_loss_fn, run
+from posttrain.algorithms.dpo import DPOConfig, run
 from posttrain.algorithms.kto import KTOConfig, mismatched
 from posttrain.algorithms.kto import run as kto_run
-from posttrain.algorithms.pairs import (
+from posttrain.config import LoraConfig, ModelConfig, load_config
+from posttrain.data.batching import collate
+from posttrain.data.preference import (
     batch_records,
     collate_responses,
     count_records,
     encode_pair,
     encode_unpaired,
-    sequence_logps,
 )
-from posttrain.config import LoraConfig, ModelConfig, load_config
-from posttrain.data.batching import collate
 from posttrain.errors import ConfigError, DataError
+from posttrain.models import reference as R
+from posttrain.models.forward import sequence_logps
 from posttrain.models.loading import apply_lora, load_causal_lm
+from posttrain.models.preference import make_loss_fn
+from posttrain.models.reference import adapters_disabled, compute_logps, precompute
 from posttrain.tasks import builtin
 
 FAST = ["train.progress=false", "train.threads=1", "task_eval=false", "data.max_rows=48", "train.batch_size=8",
@@ -55,7 +57,7 @@ def test_packed_and_padded_sequence_logps_agree(tiny_model, tokenizer, encs):
 def test_shared_prompt_layout_equals_separate_sequences(tiny_path, tiny_model, tokenizer, encs):
     """The prompt computed once for both responses gives the same log-probs and reward-head scores as
     chosen and rejected run as separate sequences (and fewer tokens)."""
-    from posttrain.algorithms.pairs import collate_shared
+    from posttrain.data.preference import collate_shared
     from posttrain.models.heads import load_reward_model, sequence_rewards
 
     pad = tokenizer.pad_token_id
@@ -130,13 +132,13 @@ def test_lora_reference_is_the_base_model(tiny_path, tokenizer, encs, tmp_path):
                 p.normal_(0, 0.5)  # adapters that change the model
     exs = [e.example(k) for e in encs for k in (0, 1)]
     pad = tokenizer.pad_token_id
-    want = R.compute_logps(base, exs, pad_id=pad)
-    with R.adapters_disabled(policy) as ref:
-        got = R.compute_logps(ref, exs, pad_id=pad)
-    adapted = R.compute_logps(policy, exs, pad_id=pad)
+    want = compute_logps(base, exs, pad_id=pad)
+    with adapters_disabled(policy) as ref:
+        got = compute_logps(ref, exs, pad_id=pad)
+    adapted = compute_logps(policy, exs, pad_id=pad)
     assert (got - want).abs().max() <= 1e-5
     assert (adapted - want).abs().max() > 1e-2  # adapters are back on after the context
-    logps, info = R.precompute(exs, ref_path=tiny_path, model_cfg=ModelConfig(name_or_path=tiny_path),
+    logps, info = precompute(exs, ref_path=tiny_path, model_cfg=ModelConfig(name_or_path=tiny_path),
                                policy=policy, cache_dir=tmp_path, pad_id=pad)
     assert not info["loaded_reference"] and (logps - want).abs().max() <= 1e-5
 
@@ -166,7 +168,7 @@ def test_every_paired_loss_trains(tmp_path, loss):
 
 
 def test_kto_unpairs_and_mismatches(tokenizer):
-    from posttrain.algorithms.pairs import unpair
+    from posttrain.data.preference import unpair
 
     pairs = builtin.gold_preference_records(10, seed=1)
     rows = unpair(pairs + [{**pairs[0], "tie": True}])

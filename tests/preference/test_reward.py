@@ -8,15 +8,10 @@ import math
 import pytest
 import torch
 
-from posttrain.algorithms.pairs import (
-    collate_responses,
-    count_records,
-    encode_pair,
-    encode_ranking,
-)
 from posttrain.algorithms.reward import RewardConfig, make_loss_fn, run
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.batching import collate
+from posttrain.data.preference import collate_responses, count_records, encode_pair, encode_ranking
 from posttrain.errors import ConfigError, DataError
 from posttrain.models.heads import load_reward_model, sequence_rewards
 from posttrain.tasks import builtin
@@ -217,8 +212,8 @@ def test_saved_rm_loads_through_auto_class_with_same_scores(trained_rm, tokenize
 
 
 def test_eval_reward_reports_subsets_and_baselines(trained_rm, tmp_path):
-    from posttrain.algorithms.eval_reward import EvalRewardConfig
-    from posttrain.algorithms.eval_reward import run as eval_run
+    from posttrain.evaluation.eval_reward import EvalRewardConfig
+    from posttrain.evaluation.eval_reward import run as eval_run
 
     rows = builtin.gold_preference_records(60, seed=55)
     for i, r in enumerate(rows):
@@ -246,9 +241,9 @@ def test_eval_reward_refuses_a_model_without_a_trained_head(tiny_path, tmp_path)
     would print a confident table of noise. It stops with one paragraph instead, before the run dir."""
     from pt_helpers import run_cli
 
-    from posttrain.algorithms.eval_reward import EvalRewardConfig
-    from posttrain.algorithms.eval_reward import run as eval_run
     from posttrain.errors import ModelError
+    from posttrain.evaluation.eval_reward import EvalRewardConfig
+    from posttrain.evaluation.eval_reward import run as eval_run
 
     data = write_jsonl(tmp_path / "bench.jsonl", builtin.gold_preference_records(4, seed=1))
     args = [f"model.name_or_path={tiny_path}", f"data={data}", f"output_dir={tmp_path / 'ev'}"]

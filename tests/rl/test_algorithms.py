@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from posttrain.algorithms import rollout_buffer as rb
 from posttrain.config import load_config
+from posttrain.rollouts.experience import Experience
 
 
 def _exp(scores, lengths, valid=None):
@@ -16,10 +16,10 @@ def _exp(scores, lengths, valid=None):
     mask = torch.zeros(n, T)
     for i, L in enumerate(lengths):
         mask[i, :L] = 1
-    return rb.Experience(prompts=["p"] * n, prompt_ids=[[1]] * n, completion_ids=[[5] * L for L in lengths],
-                         texts=[""] * n, finish=["stop"] * n, group_size=1, scores=torch.tensor(scores),
-                         valid=torch.tensor(valid or [True] * n), components={}, mask=mask,
-                         rollout_logp=torch.zeros(n, T), values=torch.zeros(n, T))
+    return Experience(prompts=["p"] * n, prompt_ids=[[1]] * n, completion_ids=[[5] * L for L in lengths],
+                      texts=[""] * n, finish=["stop"] * n, group_size=1, scores=torch.tensor(scores),
+                      valid=torch.tensor(valid or [True] * n), components={}, mask=mask,
+                      rollout_logp=torch.zeros(n, T), values=torch.zeros(n, T))
 
 
 def test_ppo_rewards_score_on_last_token_and_kl_per_token():

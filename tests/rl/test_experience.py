@@ -6,11 +6,16 @@ import math
 import pytest
 import torch
 
-from posttrain.algorithms import rollout_buffer as rb
 from posttrain.config import load_config
-from posttrain.engines.rollout import Rollout
+from posttrain.engines.rollout import Rollout, engine_dtype
 from posttrain.errors import ConfigError, DataError
-
+from posttrain.models import forward as model_forward
+from posttrain.models.forward import to_layout, token_forward
+from posttrain.rewards.builtin import builtin_correct, builtin_gold
+from posttrain.rewards.combine import check_reward_config, combine_rewards
+from posttrain.rollouts.config import RLTrainConfig, RolloutConfig, ShapingConfig, plan_batches
+from posttrain.rollouts.experience import Experience, ExperienceMaker, fill_invalid, minibatches
+from posttrain.rollouts.metrics import group_std_zero_frac
 
 # ----------------------------------------------------------------------------- fakes
 
@@ -36,12 +41,12 @@ class ScriptedEngine:
 
 
 def make_maker(tokenizer, engine, rewards, *, G=2, P=3, shaping=None, records=None, max_new=8):
-    ro = rb.RolloutConfig(prompts_per_step=P, group_size=G, max_new_tokens=max_new)
+    ro = RolloutConfig(prompts_per_step=P, group_size=G, max_new_tokens=max_new)
     records = records or [{"prompt": f"Sort the numbers {i} 1 2.", "answer": str(i)} for i in range(12)]
-    plan = rb.plan_batches(ro, rb.RLTrainConfig())
-    return rb.ExperienceMaker(tokenizer=tokenizer, engine=engine, rollout=ro,
-                              shaping=shaping or rb.ShapingConfig(overlong_buffer=0), rewards=rewards,
-                              records=records, seed=0, plan=plan)
+    plan = plan_batches(ro, RLTrainConfig())
+    return ExperienceMaker(tokenizer=tokenizer, engine=engine, rollout=ro,
+                           shaping=shaping or ShapingConfig(overlong_buffer=0), rewards=rewards,
+                           records=records, seed=0, plan=plan)
 
 
 # ----------------------------------------------------------------------------- batch sizes
@@ -50,60 +55,60 @@ def make_maker(tokenizer, engine, rewards, *, G=2, P=3, shaping=None, records=No
 def test_engine_dtype_choice(tiny_model):
     """auto: bf16 for an fp32 model on a CPU with native bf16 matmuls, else the model's dtype."""
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert rb.engine_dtype("auto", tiny_model) == (torch.bfloat16 if native else None)
-    assert rb.engine_dtype("model", tiny_model) is None
-    assert rb.engine_dtype("bfloat16", tiny_model) is torch.bfloat16
+    assert engine_dtype("auto", tiny_model) == (torch.bfloat16 if native else None)
+    assert engine_dtype("model", tiny_model) is None
+    assert engine_dtype("bfloat16", tiny_model) is torch.bfloat16
     with pytest.raises(ConfigError, match="tis_cap"):
-        load_config(rb.RolloutConfig, None, ["tis_cap=0"])
+        load_config(RolloutConfig, None, ["tis_cap=0"])
 
 
 def test_plan_batches_derives_sizes():
-    ro = rb.RolloutConfig(prompts_per_step=8, group_size=4)
-    p = rb.plan_batches(ro, rb.RLTrainConfig())
+    ro = RolloutConfig(prompts_per_step=8, group_size=4)
+    p = plan_batches(ro, RLTrainConfig())
     assert (p.rollouts, p.minibatches, p.micro) == (32, 1, 32)
-    p = rb.plan_batches(ro, rb.RLTrainConfig(batch_size=8, micro_batch_size=4))
+    p = plan_batches(ro, RLTrainConfig(batch_size=8, micro_batch_size=4))
     assert (p.rollouts, p.minibatches, p.micro) == (32, 4, 4)
-    p = rb.plan_batches(ro, rb.RLTrainConfig(batch_size=16), world=2)
+    p = plan_batches(ro, RLTrainConfig(batch_size=16), world=2)
     assert (p.prompts_per_process, p.rollouts, p.minibatches, p.micro) == (4, 16, 2, 8)
 
 
 def test_plan_batches_errors_name_values_that_work():
-    ro = rb.RolloutConfig(prompts_per_step=3, group_size=4)
+    ro = RolloutConfig(prompts_per_step=3, group_size=4)
     with pytest.raises(ConfigError) as e:
-        rb.plan_batches(ro, rb.RLTrainConfig(batch_size=5))
+        plan_batches(ro, RLTrainConfig(batch_size=5))
     assert "[1, 2, 3, 4, 6, 12]" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        rb.plan_batches(ro, rb.RLTrainConfig(batch_size=6, micro_batch_size=4))
+        plan_batches(ro, RLTrainConfig(batch_size=6, micro_batch_size=4))
     assert "[1, 2, 3, 6]" in str(e.value)
     with pytest.raises(ConfigError, match="multiple of 2"):
-        rb.plan_batches(ro, rb.RLTrainConfig(), world=2)
+        plan_batches(ro, RLTrainConfig(), world=2)
 
 
 # ----------------------------------------------------------------------------- rewards
 
 
 def test_combine_rewards_none_means_does_not_apply():
-    total, valid = rb.combine_rewards({"a": [1.0, None, None], "b": [0.5, 2.0, None]}, {"a": 2.0, "b": 1.0})
+    total, valid = combine_rewards({"a": [1.0, None, None], "b": [0.5, 2.0, None]}, {"a": 2.0, "b": 1.0})
     assert total.tolist() == [2.5, 2.0, 0.0]
     assert valid.tolist() == [True, True, False]
     with pytest.raises(DataError, match="returned nan"):
-        rb.combine_rewards({"a": [float("nan")]}, {"a": 1.0})
+        combine_rewards({"a": [float("nan")]}, {"a": 1.0})
     with pytest.raises(DataError, match="returned 1 values for 2"):
-        rb.combine_rewards({"a": [1.0, 2.0], "b": [1.0]}, {"a": 1.0, "b": 1.0})
+        combine_rewards({"a": [1.0, 2.0], "b": [1.0]}, {"a": 1.0, "b": 1.0})
 
 
 def test_builtin_rewards():
     p = ["Sort the numbers 3 1 2."] * 3
-    assert rb.builtin_correct(p, ["1 2 3", "Sure! 1 2 3", "3 1 2"]) == [1.0, 1.0, 0.0]
-    gold = rb.builtin_gold(p, ["1 2 3", "Sure! 1 2 3", "3 1 2"])
+    assert builtin_correct(p, ["1 2 3", "Sure! 1 2 3", "3 1 2"]) == [1.0, 1.0, 0.0]
+    gold = builtin_gold(p, ["1 2 3", "Sure! 1 2 3", "3 1 2"])
     assert gold[0] == 1.0 and abs(gold[1] - 0.7) < 1e-9 and gold[2] < 0.5
     msgs = [[{"role": "user", "content": "Reverse the numbers 1 2."}]]
-    assert rb.builtin_correct(msgs, ["2 1"]) == [1.0]
+    assert builtin_correct(msgs, ["2 1"]) == [1.0]
 
 
 def test_reward_weights_must_match():
     with pytest.raises(ConfigError, match="2 reward_weights for 1 rewards"):
-        rb.check_reward_config(["builtin_correct"], [1.0, 2.0])
+        check_reward_config(["builtin_correct"], [1.0, 2.0])
 
 
 # ----------------------------------------------------------------------------- experience
@@ -123,7 +128,7 @@ def test_truncation_policies(tokenizer):
     for policy, scores, valid in [("score", [1.0, 1.0], [True, True]),
                                   ("penalize", [1.0, -0.5], [True, True]),
                                   ("mask", [1.0, 1.0], [True, False])]:
-        shaping = rb.ShapingConfig(truncated=policy, truncation_penalty=-0.5, overlong_buffer=0)
+        shaping = ShapingConfig(truncated=policy, truncation_penalty=-0.5, overlong_buffer=0)
         maker = make_maker(tokenizer, ScriptedEngine(script), [("ones", ones, 1.0)], shaping=shaping)
         exp = maker.make(0, need_old=False)
         assert exp.scores.view(-1, 2)[0].tolist() == scores, policy
@@ -142,7 +147,7 @@ def test_none_reward_leaves_sample_out_of_loss(tokenizer):
     assert math.isnan(exp.components["half"][1])
     assert exp.metrics["response/invalid_frac"] == 0.5
     # the filled reward does not move the group baseline
-    filled = rb.fill_invalid(torch.tensor([1.0, 0.0, 3.0, 0.0]), torch.tensor([True, False, True, True]), 2)
+    filled = fill_invalid(torch.tensor([1.0, 0.0, 3.0, 0.0]), torch.tensor([True, False, True, True]), 2)
     assert filled.tolist() == [1.0, 1.0, 3.0, 0.0]
 
 
@@ -155,7 +160,7 @@ def test_reward_columns_and_overlong_penalty(tokenizer):
 
     lengths = {0: 2, 1: 8}
     script = lambda p, k: ([5] * (lengths[k] - 1) + [tokenizer.eos_token_id], "stop")  # noqa: E731
-    shaping = rb.ShapingConfig(overlong_buffer=4, overlong_penalty=0.5)
+    shaping = ShapingConfig(overlong_buffer=4, overlong_penalty=0.5)
     exp = make_maker(tokenizer, ScriptedEngine(script), [("r", reward, 1.0)], shaping=shaping).make(0, need_old=False)
     assert len(seen["answer"]) == 6 and seen["answer"][0] == seen["answer"][1]  # repeated per group
     # length 2 <= 8 - 4: no penalty; length 8 = L_max: the ramp's end, -1 x 0.5
@@ -190,7 +195,7 @@ def test_dynamic_sampling_drops_and_refills(tokenizer):
 
 def test_group_std_zero_frac():
     s = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0])
-    assert rb.group_std_zero_frac(s, 2).item() == pytest.approx(2 / 3)
+    assert group_std_zero_frac(s, 2).item() == pytest.approx(2 / 3)
 
 
 def test_prompt_batches_are_a_function_of_step(tokenizer):
@@ -204,10 +209,10 @@ def test_prompt_batches_are_a_function_of_step(tokenizer):
 
 def test_prompt_too_long_is_an_error(tokenizer):
     with pytest.raises(DataError, match="max_prompt_tokens"):
-        ro = rb.RolloutConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=4)
-        rb.ExperienceMaker(tokenizer=tokenizer, engine=None, rollout=ro, shaping=rb.ShapingConfig(),
+        ro = RolloutConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=4)
+        ExperienceMaker(tokenizer=tokenizer, engine=None, rollout=ro, shaping=ShapingConfig(),
                            rewards=[], records=[{"prompt": "Sort the numbers 1 2 3."}], seed=0,
-                           plan=rb.plan_batches(ro, rb.RLTrainConfig()))
+                           plan=plan_batches(ro, RLTrainConfig()))
 
 
 # ----------------------------------------------------------------------------- packed forwards
@@ -224,15 +229,15 @@ def _reference_logps(model, prompt, completion, temperature=1.0):
 def test_packed_completion_logps_match_unpacked(tokenizer, tiny_model):
     prompts = [[1, 5, 9, 12], [1, 7], [3, 4, 5, 6, 7, 8]]
     comps = [[20, 21, 22], [30], [40, 41, 42, 43, 44]]
-    exp = rb.Experience(prompts=["p"] * 3, prompt_ids=prompts, completion_ids=comps, texts=[""] * 3,
-                        finish=["stop"] * 3, group_size=1, scores=torch.zeros(3), valid=torch.ones(3, dtype=torch.bool),
-                        components={}, mask=torch.zeros(3, 5), rollout_logp=torch.zeros(3, 5))
+    exp = Experience(prompts=["p"] * 3, prompt_ids=prompts, completion_ids=comps, texts=[""] * 3,
+                     finish=["stop"] * 3, group_size=1, scores=torch.zeros(3), valid=torch.ones(3, dtype=torch.bool),
+                     components={}, mask=torch.zeros(3, 5), rollout_logp=torch.zeros(3, 5))
     for temperature in (1.0, 0.7):
         mb = exp.micro_batch([0, 1, 2])
         # packed in one row; a completion's last token is a target only, never an input
         assert mb["input_ids"].shape == (1, 4 + 2 + 2 + 0 + 6 + 4 + int(mb["n_pad"]))
-        out = rb.token_forward(tiny_model, mb, temperature)
-        got = rb.to_layout(out["logp"], out["seq"], out["j"], 3, 5)
+        out = token_forward(tiny_model, mb, temperature)
+        got = to_layout(out["logp"], out["seq"], out["j"], 3, 5)
         for i in range(3):
             ref = _reference_logps(tiny_model, prompts[i], comps[i], temperature)
             assert torch.allclose(got[i, :len(comps[i])], ref, atol=1e-5)
@@ -244,29 +249,29 @@ def test_shared_prompt_layout_matches_separate_sequences(tokenizer, tiny_model):
     rollout alone, and the batch holds fewer tokens."""
     prompts = [[1, 5, 9, 12, 13]] * 3 + [[3, 4]] + [[1, 5, 9, 12, 13]]
     comps = [[20, 21, 22], [30], [40, 41, 42, 43], [50, 51], [60, 61]]
-    exp = rb.Experience(prompts=["p"] * 5, prompt_ids=prompts, completion_ids=comps, texts=[""] * 5,
-                        finish=["stop"] * 5, group_size=1, scores=torch.zeros(5),
-                        valid=torch.ones(5, dtype=torch.bool), components={}, mask=torch.zeros(5, 4),
-                        rollout_logp=torch.zeros(5, 4))
+    exp = Experience(prompts=["p"] * 5, prompt_ids=prompts, completion_ids=comps, texts=[""] * 5,
+                     finish=["stop"] * 5, group_size=1, scores=torch.zeros(5),
+                     valid=torch.ones(5, dtype=torch.bool), components={}, mask=torch.zeros(5, 4),
+                     rollout_logp=torch.zeros(5, 4))
     mb = exp.micro_batch([0, 1, 2, 3, 4])
     # three trees: P + Σ(C − 1) each (the last rollout starts a new one)
     assert mb["input_ids"].numel() - int(mb["n_pad"]) == 5 + 5 + 2 + 1 + 5 + 1
-    out = rb.token_forward(tiny_model, mb, want_hidden=True)
-    got = rb.to_layout(out["logp"], out["seq"], out["j"], 5, 4)
+    out = token_forward(tiny_model, mb, want_hidden=True)
+    got = to_layout(out["logp"], out["seq"], out["j"], 5, 4)
     for i in range(5):
         ref = _reference_logps(tiny_model, prompts[i], comps[i])
         assert torch.allclose(got[i, :len(comps[i])], ref, atol=1e-5), i
 
 
 def test_head_slice_matches_full_forward(tokenizer, tiny_model, monkeypatch):
-    exp = rb.Experience(prompts=["p"] * 2, prompt_ids=[[1, 2, 3], [4, 5]], completion_ids=[[6, 7], [8, 9, 10]],
-                        texts=[""] * 2, finish=["stop"] * 2, group_size=1, scores=torch.zeros(2),
-                        valid=torch.ones(2, dtype=torch.bool), components={}, mask=torch.zeros(2, 3),
-                        rollout_logp=torch.zeros(2, 3))
+    exp = Experience(prompts=["p"] * 2, prompt_ids=[[1, 2, 3], [4, 5]], completion_ids=[[6, 7], [8, 9, 10]],
+                     texts=[""] * 2, finish=["stop"] * 2, group_size=1, scores=torch.zeros(2),
+                     valid=torch.ones(2, dtype=torch.bool), components={}, mask=torch.zeros(2, 3),
+                     rollout_logp=torch.zeros(2, 3))
     mb = exp.micro_batch([0, 1])
-    fast = rb.token_forward(tiny_model, mb, want_hidden=True)
-    monkeypatch.setattr(rb, "_HEAD_SLICE_ARCHS", ())
-    slow = rb.token_forward(tiny_model, mb, want_hidden=True)
+    fast = token_forward(tiny_model, mb, want_hidden=True)
+    monkeypatch.setattr(model_forward, "_HEAD_SLICE_ARCHS", ())
+    slow = token_forward(tiny_model, mb, want_hidden=True)
     assert torch.allclose(fast["logp"], slow["logp"], atol=1e-5)
     assert torch.allclose(fast["hidden"], slow["hidden"], atol=1e-5)
 
@@ -275,16 +280,16 @@ def test_head_slice_matches_full_forward(tokenizer, tiny_model, monkeypatch):
 
 
 def test_minibatches_cover_each_rollout_once_per_epoch():
-    steps = list(rb.minibatches(10, 3, 2, micro=2, seed=0))
+    steps = list(minibatches(10, 3, 2, micro=2, seed=0))
     assert len(steps) == 6
     for epoch in (0, 1):
         idx = sorted(i for e, mbs in steps if e == epoch for mb in mbs for i in mb)
         assert idx == list(range(10))
     assert all(len(m) <= 2 for _, mbs in steps for m in mbs)
     # one update per batch: no shuffle, one minibatch
-    assert list(rb.minibatches(4, 1, 1, micro=4, seed=0)) == [(0, [[0, 1, 2, 3]])]
+    assert list(minibatches(4, 1, 1, micro=4, seed=0)) == [(0, [[0, 1, 2, 3]])]
     # groups move as units, so a group's shared prompt stays together
-    for _, mbs in rb.minibatches(12, 3, 2, micro=4, seed=1, group_size=4):
+    for _, mbs in minibatches(12, 3, 2, micro=4, seed=1, group_size=4):
         for mb in mbs:
             assert mb[0] % 4 == 0 and mb == list(range(mb[0], mb[0] + 4))
 
@@ -304,10 +309,10 @@ def _fake_experience(n=8, seed=0):
     for i, c in enumerate(comps):
         mask[i, :len(c)] = 1
     adv = torch.randn(n, generator=g)
-    return rb.Experience(prompts=["p"] * n, prompt_ids=prompts, completion_ids=comps, texts=[""] * n,
-                         finish=["stop"] * n, group_size=2, scores=adv, valid=torch.ones(n, dtype=torch.bool),
-                         components={}, mask=mask, rollout_logp=torch.zeros(n, T),
-                         ref_logp=-torch.rand(n, T, generator=g) * 3, advantages=adv[:, None] * mask)
+    return Experience(prompts=["p"] * n, prompt_ids=prompts, completion_ids=comps, texts=[""] * n,
+                      finish=["stop"] * n, group_size=2, scores=adv, valid=torch.ones(n, dtype=torch.bool),
+                      components={}, mask=mask, rollout_logp=torch.zeros(n, T),
+                      ref_logp=-torch.rand(n, T, generator=g) * 3, advantages=adv[:, None] * mask)
 
 
 @pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo", "gspo", "cispo"])
@@ -349,8 +354,8 @@ def test_policy_gradient_raises_logp_of_positive_advantage(tiny_model):
 
     def seq_logp():
         with torch.no_grad():
-            out = rb.token_forward(tiny_model, mb)
-            return (rb.to_layout(out["logp"], out["seq"], out["j"], 8, exp.mask.shape[1]) * exp.mask).sum(1)
+            out = token_forward(tiny_model, mb)
+            return (to_layout(out["logp"], out["seq"], out["j"], 8, exp.mask.shape[1]) * exp.mask).sum(1)
 
     before = seq_logp()
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.02)

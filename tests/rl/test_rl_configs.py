@@ -69,3 +69,32 @@ def test_best_of_n_refuses_training_only_rollout_options():
     with pytest.raises(ConfigError, match="rollout.correction"):
         load_config(_cls("best-of-n"), None, ["rollout.correction=none"])
     assert load_config(_cls("best-of-n"), None, ["rollout.engine_dtype=model"]).rollout.engine_dtype == "model"
+
+
+def test_the_rollout_engine_is_chosen_in_one_place():
+    """rollout.engine selects vLLM (GPU only); what cannot work is refused at start-up, not ignored."""
+    import torch
+
+    from posttrain.errors import ConfigError
+
+    from posttrain.algorithms.grpo import GRPOConfig
+    from posttrain.algorithms.ppo import PPOConfig
+    from posttrain.engines.rollout import HFRolloutEngine
+    from posttrain.rollouts.config import RolloutConfig
+    from posttrain.rollouts.experience import make_engine
+
+    cfg = load_config(GRPOConfig, None, ["rollout.engine=vllm", "rollout.vllm_kwargs={gpu_memory_utilization: 0.3}"])
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm_kwargs == {"gpu_memory_utilization": 0.3}
+    for cls in (GRPOConfig, PPOConfig):
+        with pytest.raises(ConfigError, match="never reach the vLLM engine"):
+            load_config(cls, None, ["rollout.engine=vllm", "lora.enabled=true"])
+    with pytest.raises(ConfigError, match="rollout.engine is local"):
+        load_config(GRPOConfig, None, ["rollout.vllm_kwargs={max_model_len: 512}"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            make_engine(None, None, RolloutConfig(engine="vllm"), "tiny")
+    from posttrain.models.loading import load_policy, tokenizer_for
+    from posttrain.config import ModelConfig
+
+    tok = tokenizer_for(ModelConfig())
+    assert isinstance(make_engine(load_policy(ModelConfig()), tok, RolloutConfig()), HFRolloutEngine)

@@ -97,7 +97,7 @@ def test_request_errors_use_the_openai_error_shape(server, body, status, param):
 
 def test_stop_strings_cut_the_text():
     from posttrain.models.loading import load_tokenizer
-    from posttrain.serving.openai_server import cut_at_stop
+    from posttrain.serving.generation import cut_at_stop
 
     tok = load_tokenizer("tiny")
     ids = tok("Sort the numbers 4 1 7.", add_special_tokens=False)["input_ids"]
@@ -196,7 +196,7 @@ def test_teacher_forced_logprobs_match_one_token_at_a_time():
 
     from posttrain.config import ModelConfig
     from posttrain.models.loading import load_causal_lm
-    from posttrain.serving.openai_server import teacher_forced_logprobs
+    from posttrain.serving.generation import teacher_forced_logprobs
 
     model = load_causal_lm(ModelConfig(name_or_path="tiny")).eval()
     rows = [([5, 17, 42, 9], [100, 7, 300]), ([8, 3], [11, 250, 4, 60, 2]), ([9], [])]

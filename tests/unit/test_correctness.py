@@ -30,7 +30,7 @@ def test_equal_rewards_give_exactly_zero_advantage(value):
 
 
 def test_a_masked_member_does_not_make_a_group_look_non_constant():
-    from posttrain.algorithms.rollout_buffer import fill_invalid
+    from posttrain.rollouts.experience import fill_invalid
 
     scores = torch.tensor([0.7, 0.7, 0.7, -5.0, 0.2, 0.9, 0.2, 0.2])
     valid = torch.tensor([True, True, True, False, True, True, True, True])

@@ -1,5 +1,7 @@
 """``posttrain data inspect``: how a command will read a data file, before any training.
 
+An interface module (like ``cli.py``): it uses the data reader, the encoders and a tokenizer.
+
 It reads the file with the commands' own reader and encoders, so what it shows is exactly what the
 command trains on: the detected layout, the number of records and every bad row
 (``file:line: field: problem``), token-length statistics with the number of examples that
@@ -9,8 +11,21 @@ trained tokens marked. ``report()`` returns the JSON object ``--json`` prints (d
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 from dataclasses import dataclass, field
+
+import click
+
+from posttrain.config import ModelConfig
+from posttrain.data.chat import encode_prompt, encode_sft
+from posttrain.data.formats import load_data
+from posttrain.data.preference import encode_pair, encode_ranking, encode_unpaired, unpair
+from posttrain.data.records import ReadOptions
+from posttrain.data.sources import read_source
+from posttrain.errors import PosttrainError
+from posttrain.models.loading import load_tokenizer
 
 TASKS = {"sft": "sft", "dpo": "preference", "reward": "preference", "kto": "unpaired", "prompts": "prompt"}
 
@@ -49,20 +64,12 @@ def _lengths(values: list[int]) -> dict:
 
 def report(file: str, o: InspectOptions) -> dict:
     """The inspection of ``file`` for task ``o.task`` (see the module docstring)."""
-    from posttrain.algorithms.pairs import encode_pair, encode_ranking, encode_unpaired, unpair
-    from posttrain.config import ModelConfig
-    from posttrain.data.chat import encode_prompt, encode_sft
-    from posttrain.data.formats import load_data
-    from posttrain.data.records import ReadOptions
-    from posttrain.models.loading import load_tokenizer
-
     if o.task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}")
     opts = ReadOptions(format=o.format, prompt_from=o.prompt_from, scores_as_margin=o.scores_as_margin,
                        prefix=None)
     kind = TASKS[o.task]
     if o.task == "kto":  # paired data: kto unpairs it (chosen desirable, rejected undesirable)
-        from posttrain.data.sources import read_source
 
         first = next((r.value for r in read_source(file, o.split).rows if isinstance(r.value, dict)), {})
         first = {o.columns.get(k, k): v for k, v in first.items()}
@@ -168,3 +175,51 @@ def public(rep: dict) -> dict:
     out = {k: v for k, v in rep.items() if k != "by_line"}
     out["examples"] = [{k: v for k, v in ex.items() if k not in ("spans", "parts")} for ex in rep["examples"]]
     return out
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@click.group(name="data", help="Check data files before training: posttrain data inspect FILE.")
+def group() -> None:
+    pass
+
+
+@group.command(name="inspect")
+@click.argument("file")
+@click.option("--task", type=click.Choice(["sft", "dpo", "reward", "kto", "prompts"]), default="sft",
+              show_default=True, help="The command the data is for (prompts: grpo, ppo, rloo, reinforce, best-of-n).")
+@click.option("--model", default="tiny", show_default=True, help="Tokenizer and chat template (path or hub id).")
+@click.option("--rows", default=3, show_default=True, help="How many rendered examples to show.")
+@click.option("--max-length", default=256, show_default=True, help="The command's data.max_length.")
+@click.option("--split", default="train", show_default=True, help="Split of a datasets name or folder.")
+@click.option("--column", "columns", multiple=True, metavar="YOURS=OURS", help="Column mapping (repeatable).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "hh", "plain"]), default="auto", show_default=True,
+              help="data.format: how strings are read.")
+@click.option("--prompt-from", type=click.Choice(["auto", "shared", "column"]), default="auto", show_default=True,
+              help="data.prompt_from for conversations that share leading turns.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON object (the last line printed).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def inspect_command(file, task, model, rows, max_length, split, columns, fmt, prompt_from, as_json, debug):
+    """Detected format, bad rows (file:line: field: problem), token lengths and truncation, and rendered
+    examples with the trained tokens marked. Exits 1 when there are bad rows."""
+    mapping = {}
+    for c in columns:
+        yours, sep, ours = c.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected YOURS=OURS, got {c!r}", param_hint="--column")
+        mapping[yours] = ours
+    try:
+        rep = report(file, InspectOptions(task=task, model=model, rows=rows, max_length=max_length, split=split,
+                                          columns=mapping, format=fmt, prompt_from=prompt_from))
+    except PosttrainError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(public(rep), ensure_ascii=False))
+    else:
+        click.echo(format_text(rep, color=sys.stdout.isatty()))
+    if rep["bad_rows"]:
+        sys.exit(1)

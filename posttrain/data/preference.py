@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain.data.batching import collate, pack_shared
 from posttrain.data.chat import (
     Example,
     as_messages,
+    drop_early_turns,
     encode_response,
     split_implicit_prompt,
 )
+from posttrain.data.formats import check_row, load_records
 from posttrain.errors import DataError
 
 
@@ -85,8 +88,6 @@ def encode_responses(tokenizer, prompt, responses: list, max_length: int, stats:
     """Prompt ids and response ids within ``max_length``. A conversation prompt first loses whole
     earliest turns (system messages and the latest turn stay), then ``_fit`` cuts tokens.
     ``stats`` receives ``truncated`` / ``dropped_turns``."""
-    from posttrain.data.chat import drop_early_turns
-
     p_ids, outs = _encode_all(tokenizer, prompt, responses)
     longest = max(len(r) for r in outs)
     dropped = 0
@@ -134,8 +135,6 @@ def truncation_counts(encs: list[Encoded]) -> dict[str, int]:
 
 def check_ranking_row(row: dict) -> str | None:
     """'field: problem' for a K-wise ranking record {"prompt", "responses": [...], "ranking": [...]}."""
-    from posttrain.data.formats import check_row
-
     return check_row(row, "ranking")
 
 
@@ -167,42 +166,6 @@ def response_chars(text) -> int:
 # ----------------------------------------------------------------------------- packed reductions
 
 
-def response_mask(batch: dict) -> torch.Tensor:
-    """[R, L-1] float: position t predicts token t+1, a response token of the same sequence."""
-    same = batch["seq_index"][:, 1:] == batch["seq_index"][:, :-1]
-    return (batch["loss_mask"][:, 1:].bool() & same).float()
-
-
-def per_sequence_sum(values: torch.Tensor, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-    """[n_seqs] sums of ``values`` ([R, L-1], shifted like log-probs) over ``mask``, per sequence."""
-    n = int(batch["n_seqs"])
-    seq = batch["seq_index"][:, 1:]
-    keep = mask.bool()
-    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, seq[keep], values[keep])
-
-
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of response-token log-probs [n_seqs], response token counts [n_seqs]) from one forward.
-
-    Uses the gather-based ``token_logps`` (never a full [B, T, V] log-softmax); a packed batch has no
-    padding compute."""
-    from posttrain.logprobs import token_logps
-    from posttrain.models.attention import model_inputs
-
-    logits = model(**model_inputs(model, batch)).logits
-    if "src" in batch:  # shared-prompt layout: explicit (predicting position, target token) pairs
-        from posttrain.logprobs import selective_log_softmax
-
-        flat = logits.reshape(-1, logits.shape[-1])
-        lp = selective_log_softmax(flat[batch["src"]], batch["input_ids"].reshape(-1)[batch["tgt"]]).float()
-        n, seq = int(batch["n_seqs"]), batch["tgt_seq"]
-        sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
-        return sums, torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, torch.ones_like(lp))
-    logp = token_logps(logits, batch["input_ids"]).float()
-    mask = response_mask(batch)
-    return per_sequence_sum(logp, batch, mask), per_sequence_sum(mask, batch, mask)
-
-
 # ----------------------------------------------------------------------------- loading and batching
 
 
@@ -212,8 +175,6 @@ def load_preference_rows(source: str, *, columns: dict[str, str] | None = None, 
     """Preference pairs ({"prompt", "chosen", "rejected"} in any layout docs/data.md lists, with optional
     margin, tie, subset) or K-wise rankings ({"prompt", "responses", "ranking"}); the first record
     decides which. Bad rows raise one DataError naming file:line: field."""
-    from posttrain.data.formats import load_records
-
     return load_records(source, "preference", columns=columns, split=split, max_rows=max_rows,
                         max_errors=max_errors, options=options, allow_rankings=allow_rankings)
 
@@ -226,8 +187,6 @@ def collate_responses(encs: list[Encoded], *, packing: bool, pad_id: int) -> dic
     [N], ``tie`` [N] bool, ``label`` [N] bool (unpaired records) and ``n_records``. For pairs
     (K = 2) the sequences are ordered chosen_0..chosen_{N-1}, rejected_0..rejected_{N-1}, so
     ``rewards[:N]`` / ``rewards[N:]`` are the chosen / rejected halves."""
-    from posttrain.data.batching import collate
-
     K = max(len(e.responses) for e in encs)
     N = len(encs)
     slot = torch.full((N, K), -1, dtype=torch.long)
@@ -278,8 +237,6 @@ def collate_shared(encs: list[Encoded], *, pad_id: int) -> dict:
     ``src`` (predicting position) / ``tgt`` (target token) flat indices and ``tgt_seq`` (which
     sequence, numbered like ``collate_responses``: slot k of record i is k * N + i), plus ``last_pos``
     (each sequence's last non-pad token, for reward heads)."""
-    from posttrain.data.batching import pack_shared
-
     N, K = len(encs), max(len(e.responses) for e in encs)
     packed = pack_shared([e.prompt_ids for e in encs], [e.responses for e in encs], pad_id)
     T = packed["input_ids"].shape[1]

@@ -20,13 +20,24 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from posttrain.config import ModelConfig, opt
+from posttrain.data.preference import (
+    encode_pair,
+    encode_ranking,
+    is_ranking,
+    load_preference_rows,
+    response_chars,
+)
+from posttrain.data.records import ReadOptions
+from posttrain.engines.loop import write_summary
 from posttrain.errors import ConfigError
+from posttrain.evaluation import stats
+from posttrain.rewards.reward_model import RewardModelScorer
 
 
 @dataclass
@@ -65,7 +76,6 @@ class EvalRewardConfig:
 
 def _stats():
     try:
-        from posttrain.evaluation import stats
         return stats
     except ImportError:  # pragma: no cover - the evaluation layer ships with the package
         return None
@@ -74,8 +84,6 @@ def _stats():
 def expand_pairs(encs: list, rewards: list[list[float]]) -> dict[str, list]:
     """Per record rewards -> flat pair arrays (chosen better); rankings give every strictly ordered
     pair; ties are kept apart (``tie`` flag)."""
-    from posttrain.algorithms.pairs import response_chars
-
     out: dict[str, list] = {k: [] for k in ("rc", "rr", "tie", "subset", "len_c", "len_r")}
     for e, r in zip(encs, rewards):
         K = len(e.responses)
@@ -171,16 +179,7 @@ def format_table(report: dict, title: str = "reward model") -> str:
 def run(cfg: EvalRewardConfig) -> dict:
     import time
 
-    from posttrain.algorithms import common
-    from posttrain.algorithms.pairs import (
-        encode_pair,
-        encode_ranking,
-        is_ranking,
-        load_preference_rows,
-    )
-    from posttrain.rewards.reward_model import RewardModelScorer
 
-    from posttrain.data.records import ReadOptions
 
     opts = ReadOptions(format=cfg.format, prompt_from=cfg.prompt_from, prefix="",
                        keys=("format", "prompt_from"))
@@ -200,7 +199,7 @@ def run(cfg: EvalRewardConfig) -> dict:
     report.update(model=cfg.model.name_or_path, data=cfg.data, records=len(rows),
                   score_s=time.perf_counter() - t0)
     (out / "eval_reward.json").write_text(json.dumps(report, indent=2))
-    common.write_summary(out, {"eval": report})
+    write_summary(out, {"eval": report})
     print(format_table(report, title=cfg.model.name_or_path))
     report["run_dir"] = str(out)
     return report

@@ -26,6 +26,10 @@ from pathlib import Path
 import torch
 
 from posttrain.config import ModelConfig
+from posttrain.data.batching import collate
+from posttrain.models.forward import sequence_logps
+from posttrain.models.loading import load_causal_lm, load_policy
+from posttrain.models.tiny import resolve
 
 
 def default_cache_dir() -> Path:
@@ -36,8 +40,6 @@ def default_cache_dir() -> Path:
 def model_fingerprint(path: str, dtype: str = "float32") -> str:
     """Path + weight files' names, sizes and mtimes (+ dtype): retraining into the same directory
     changes the key. A hub id without a local directory is keyed by its name."""
-    from posttrain.models.tiny import resolve
-
     p = Path(resolve(path))
     parts = [str(p.resolve()) if p.exists() else path, dtype]
     if p.is_dir():
@@ -64,9 +66,6 @@ def compute_logps(model, examples: list, *, batch_tokens: int = 4096, pad_id: in
                   autocast=None) -> torch.Tensor:
     """[N] summed response log-probs of ``examples`` (``chat.Example``), in order; packed batches of
     about ``batch_tokens`` tokens, longest first."""
-    from posttrain.algorithms.pairs import sequence_logps
-    from posttrain.data.batching import collate
-
     out = torch.zeros(len(examples), dtype=torch.float32)
     if not examples:
         return out
@@ -102,8 +101,6 @@ def adapters_disabled(model):
 
 
 def load_reference(cfg: ModelConfig, path: str):
-    from posttrain.models.loading import load_causal_lm
-
     model = load_causal_lm(cfg, path)
     model.requires_grad_(False)
     if torch.cuda.is_available():  # where the accelerator puts the policy
@@ -161,8 +158,6 @@ class LiveReference:
 
     @torch.no_grad()
     def batch_logps(self, batch: dict, policy=None) -> torch.Tensor:
-        from posttrain.algorithms.pairs import sequence_logps
-
         if self.model is not None:
             if self.model.device != batch["input_ids"].device:
                 self.model.to(batch["input_ids"].device)
@@ -194,31 +189,53 @@ def reference_logps_for(examples: list, *, policy, ref_path: str, model_cfg: Mod
     return out
 
 
-def sampled_eval(policy, tokenizer, *, n_prompts: int, n_samples: int, seed: int, ref_logps_fn=None,
-                 max_new_tokens: int = 24, pad_id: int = 0, autocast=None) -> dict[str, float]:
-    """Built-in task metrics on samples y ~ π (temperature 1) for held-out prompts: mean gold reward,
-    exact accuracy, response length and, with ``ref_logps_fn``, KL(π‖π_ref) = mean over samples of
-    log π(y|x) − log π_ref(y|x) (sequence sums; an unbiased Monte-Carlo estimate)."""
-    from posttrain.algorithms import common
-    from posttrain.data.chat import Example
-    from posttrain.tasks import builtin
+def frozen_reference(model_cfg: ModelConfig, ref_model: str | None, lora_enabled: bool):
+    """The online RL reference: a frozen causal LM (``ref_model``, default the initial policy), or
+    None with LoRA (the policy's adapters are disabled instead)."""
+    if lora_enabled and ref_model is None:
+        return None
+    ref = load_policy(model_cfg, None, name_or_path=ref_model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
 
-    problems = builtin.heldout_problems(n_prompts)
-    prompts = [p.prompt for p in problems]
-    outs = common.sample_rollouts(policy, tokenizer, prompts, n_samples, max_new_tokens, 1.0, seed + 17)
-    rep = [p for p in prompts for _ in range(n_samples)]
-    texts = [tokenizer.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
-    gold = [builtin.gold_reward(p, t) for p, t in zip(rep, texts)]
-    acc = [float(builtin.is_correct(p, t)) for p, t in zip(rep, texts)]
-    result = {"gold_reward": sum(gold) / len(gold), "accuracy": sum(acc) / len(acc),
-              "response_chars": sum(len(t) for t in texts) / len(texts)}
-    if ref_logps_fn is not None:
-        from posttrain.evaluation.stats import kl_from_samples
 
-        exs = [Example(list(o.prompt_ids) + list(o.completion_ids),
-                       [0] * len(o.prompt_ids) + [1] * len(o.completion_ids)) for o in outs if o.completion_ids]
-        pol = compute_logps(policy, exs, pad_id=pad_id, autocast=autocast)
-        ref = ref_logps_fn(exs)
-        kl = kl_from_samples(pol.double().numpy(), ref.double().numpy())
-        result.update(kl=kl["kl"], kl_se=kl["se"])
-    return result
+def precompute_tables(encs_by_split: dict[str, list], *, ref_path: str, model_cfg: ModelConfig, policy,
+                      cache_dir, pad_id: int, autocast, extra: dict[str, list] | None = None):
+    """Reference log-probs of every response of every record, one pass for all splits and extras.
+    Returns ({split: [N, K] table}, {name: [M] tensor} for ``extra`` example lists, info)."""
+    exs, spans = [], {}
+    for name, encs in encs_by_split.items():
+        start = len(exs)
+        exs += [e.example(k) for e in encs for k in range(len(e.responses))]
+        spans[name] = (start, len(exs))
+    for name, more in (extra or {}).items():
+        start = len(exs)
+        exs += more
+        spans[name] = (start, len(exs))
+    logps, info = precompute(exs, ref_path=ref_path, model_cfg=model_cfg, policy=policy, cache_dir=cache_dir,
+                             pad_id=pad_id, autocast=autocast)
+    tables = {}
+    for name, encs in encs_by_split.items():
+        a, _ = spans[name]
+        k = max((len(e.responses) for e in encs), default=1)
+        tables[name] = logps[a:a + len(encs) * k].view(len(encs), k) if encs else None
+    extras = {name: logps[spans[name][0]:spans[name][1]] for name in (extra or {})}
+    return tables, extras, info
+
+
+def attach_reference(batch: dict, table: torch.Tensor | None, idx: list[int]) -> dict:
+    """Add the precomputed reference log-probs [N, K] of records ``idx`` to a micro-batch."""
+    if table is not None:
+        batch["ref"] = table[idx]
+    return batch
+
+
+def attach_reference_in_order(batches: list[dict], table: torch.Tensor | None) -> list[dict]:
+    s = 0
+    for b in batches:
+        n = int(b["n_records"])
+        attach_reference(b, table, list(range(s, s + n)))
+        s += n
+    return batches

@@ -1,0 +1,185 @@
+"""Packed forwards of a causal LM (or a value model) over rollouts: the one place the RL commands get
+per-token log-probs, logits, hidden states and values of sampled completions.
+
+:func:`collate_shared` packs rollouts into one row, a prompt shared by consecutive rollouts computed
+once; :func:`token_forward` runs the model and applies the LM head only at completion positions;
+:func:`to_layout` turns the flat per-token results into the completion-aligned ``[N, T]`` layout the
+pure losses take.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.data.batching import collate, pack_shared
+from posttrain.data.chat import Example
+from posttrain.logprobs import selective_log_softmax, token_logps
+from posttrain.models.attention import model_inputs
+from posttrain.models.heads import backbone_and_head
+
+
+def collate_shared(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Pack rollouts into one row, computing a prompt shared by consecutive rollouts only once.
+
+    Consecutive rollouts with the same prompt (a GRPO group) become one tree: the prompt, then each
+    completion, where a completion token attends to the prompt and to its own earlier tokens only
+    (``batching.pack_shared``: positions continue from the prompt's length, so every completion sees
+    exactly what it would alone). A rollout whose prompt differs from its predecessor's starts a new
+    tree. With G completions of C tokens after a P-token prompt, a group costs P + G·(C − 1) tokens
+    instead of G·(P + C): the last completion token is only a target, never an input.
+
+    Returns input_ids, position_ids [1, T], attn_layout, and per completion token k (flat, ordered by
+    rollout then position): ``pred_row``/``pred_col`` (the position whose logits predict it: the
+    prompt's last token for the first completion token), ``tgt_seq`` (rollout index in the given
+    list), ``tgt_j`` (position in its completion), ``tgt_ids``; plus n_seqs, n_pad.
+    """
+    trees: list[tuple[list[int], list[int]]] = []  # (prompt, rollout indices)
+    for i, p in enumerate(prompts):
+        if trees and prompts[trees[-1][1][-1]] == p:
+            trees[-1][1].append(i)
+        else:
+            trees.append((p, [i]))
+    # a completion's last token predicts nothing and no later token attends to it: it is never an input
+    packed = pack_shared([p for p, _ in trees], [[completions[i][:-1] for i in members] for _, members in trees])
+    n = len(prompts)
+    pred_col, tgt_j = [None] * n, [None] * n
+    for t, (p, members) in enumerate(trees):
+        prompt_end = packed["prompt_start"][t] + len(p) - 1
+        for i, c0 in zip(members, packed["branch_start"][t]):
+            C = len(completions[i])
+            pred_col[i] = torch.cat([torch.tensor([prompt_end]), torch.arange(c0, c0 + C - 1)])
+            tgt_j[i] = torch.arange(C)
+    cols = torch.cat(pred_col)
+    return {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"],
+            "attn_layout": packed["attn_layout"], "pred_row": torch.zeros_like(cols), "pred_col": cols,
+            "tgt_seq": torch.cat([torch.full((len(completions[i]),), i) for i in range(n)]),
+            "tgt_j": torch.cat(tgt_j), "tgt_ids": torch.cat([torch.tensor(completions[i]) for i in range(n)]),
+            "n_seqs": torch.tensor(n), "n_pad": torch.tensor(packed["n_pad"])}
+
+
+_HEAD_SLICE_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+def _base_lm(model):
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def token_forward(model, batch: dict, temperature: float = 1.0, want_hidden: bool = False,
+                  want_logits: bool = False):
+    """One forward of a causal LM over a :func:`collate_shared` batch. Returns a dict of completion-token tensors, flat over the
+    batch's completion tokens: ``logp`` [K] (log π(token)/T-tempered), optional ``logits`` [K, V]
+    (tempered) and ``hidden`` [K, H] (last hidden state before each token), plus the index tensors
+    ``seq``/``j`` that place them in a ``[n, T]`` layout.
+
+    For Llama/Qwen2/Qwen3/Mistral the LM head runs only on the K completion positions (the prompt's
+    logits are never computed); other architectures run their full forward and index it."""
+    rows, cols, seq, j, targets = (batch[k] for k in ("pred_row", "pred_col", "tgt_seq", "tgt_j", "tgt_ids"))
+    base = _base_lm(model)
+    hidden = None
+    if type(base).__name__ in _HEAD_SLICE_ARCHS:
+        out = base.get_decoder()(**model_inputs(base, batch))
+        hidden = out.last_hidden_state[rows, cols]
+        logits = base.get_output_embeddings()(hidden)
+    else:
+        out = model(**model_inputs(model, batch), output_hidden_states=want_hidden)
+        logits = out.logits[rows, cols]
+        if want_hidden:
+            hidden = out.hidden_states[-1][rows, cols]
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    res = {"logp": selective_log_softmax(logits, targets), "seq": seq, "j": j}
+    if want_logits:
+        res["logits"] = logits
+    if want_hidden:
+        res["hidden"] = hidden
+    return res
+
+
+def to_layout(flat: torch.Tensor, seq: torch.Tensor, j: torch.Tensor, n: int, T: int) -> torch.Tensor:
+    """Flat per-token values [K] -> completion-aligned [n, T] (zeros elsewhere; differentiable)."""
+    out = flat.new_zeros(n, T)
+    return out.index_put((seq, j), flat)
+
+
+def critic_values(critic, batch: dict) -> torch.Tensor:
+    """Per-token values [K] from a separate value model (a ``*ForSequenceClassification``): its head
+    applied to the hidden state that precedes each completion token."""
+    backbone, head = backbone_and_head(critic)
+    out = backbone(**model_inputs(critic, batch))
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return head(hidden[batch["pred_row"], batch["pred_col"]]).squeeze(-1).float()
+
+
+def ref_logp_fn(ref_model, policy, temperature: float):
+    """micro_batch -> (flat ref log-probs, seq, j): a separate frozen model, or the LoRA policy with its
+    adapters disabled."""
+    def fn(mb):
+        if ref_model is not None:
+            out = token_forward(ref_model, mb, temperature)
+        else:
+            with policy.disable_adapter():
+                out = token_forward(policy, mb, temperature)
+        return out["logp"], out["seq"], out["j"]
+    return fn
+
+
+def policy_logp_fn(policy, temperature: float):
+    def fn(mb):
+        was = policy.training
+        policy.eval()
+        out = token_forward(policy, mb, temperature)
+        policy.train(was)
+        return out["logp"], out["seq"], out["j"]
+    return fn
+
+
+@torch.no_grad()
+def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                     micro: int = 64) -> torch.Tensor:
+    """[N] summed log π(completion | prompt) in packed forwards (no padding compute)."""
+    model.eval()
+    out = []
+    for s in range(0, len(prompt_ids), micro):
+        exs = [Example(p + c, [0] * len(p) + [1] * len(c))
+               for p, c in zip(prompt_ids[s:s + micro], completion_ids[s:s + micro])]
+        batch = collate(exs, packing=True)
+        logp = token_logps(model(**model_inputs(model, batch)).logits, batch["input_ids"])
+        same = batch["seq_index"][:, 1:] == batch["seq_index"][:, :-1]
+        mask = batch["loss_mask"][:, 1:].bool() & same
+        seq = batch["seq_index"][:, 1:].clamp(min=0)
+        sums = torch.zeros(len(exs)).index_add_(0, seq[mask], logp[mask].float())
+        out.append(sums)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def response_mask(batch: dict) -> torch.Tensor:
+    """[R, L-1] float: position t predicts token t+1, a response token of the same sequence."""
+    same = batch["seq_index"][:, 1:] == batch["seq_index"][:, :-1]
+    return (batch["loss_mask"][:, 1:].bool() & same).float()
+
+
+def per_sequence_sum(values: torch.Tensor, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """[n_seqs] sums of ``values`` ([R, L-1], shifted like log-probs) over ``mask``, per sequence."""
+    n = int(batch["n_seqs"])
+    seq = batch["seq_index"][:, 1:]
+    keep = mask.bool()
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, seq[keep], values[keep])
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token log-probs [n_seqs], response token counts [n_seqs]) from one forward.
+
+    Uses the gather-based ``token_logps`` (never a full [B, T, V] log-softmax); a packed batch has no
+    padding compute."""
+    logits = model(**model_inputs(model, batch)).logits
+    if "src" in batch:  # shared-prompt layout: explicit (predicting position, target token) pairs
+
+        flat = logits.reshape(-1, logits.shape[-1])
+        lp = selective_log_softmax(flat[batch["src"]], batch["input_ids"].reshape(-1)[batch["tgt"]]).float()
+        n, seq = int(batch["n_seqs"]), batch["tgt_seq"]
+        sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
+        return sums, torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, torch.ones_like(lp))
+    logp = token_logps(logits, batch["input_ids"]).float()
+    mask = response_mask(batch)
+    return per_sequence_sum(logp, batch, mask), per_sequence_sum(mask, batch, mask)

@@ -1,0 +1,209 @@
+"""Config blocks and batch planning shared by the online RL commands (GRPO family, RLOO, REINFORCE, PPO).
+
+``plan_batches`` derives every batch size from what the user gave and names the values that would
+work when a combination is impossible; ``kl_controller`` builds the fixed or adaptive β once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from posttrain.config import TrainConfig, opt
+from posttrain.errors import ConfigError
+from posttrain.kl import AdaptiveKLController, FixedKLController
+
+
+@dataclass
+class RolloutConfig:
+    prompts: str = opt("builtin:prompts", "Prompt-only data ({prompt} plus any columns passed to the "
+                       "reward functions): a file, a datasets name, or builtin:prompts.")
+    columns: dict[str, str] = opt({}, "Column mapping from your names to ours, e.g. {question: prompt}.")
+    split: str = opt("train", "Split to read from a datasets name/path.")
+    format: Literal["auto", "hh", "plain"] = opt("auto", "How prompt strings are read: auto detects Anthropic HH "
+                                                 "transcripts ('\\n\\nHuman: ...\\n\\nAssistant:'); hh requires "
+                                                 "them; plain reads every string as it is.")
+    max_prompts: int | None = opt(None, "Use only the first N prompts.")
+    eval_prompts: str | None = opt(None, "Held-out prompts scored with the same reward at eval steps "
+                                   "(the built-in task is evaluated with its own held-out set anyway).")
+    prompts_per_step: int = opt(16, "Prompts sampled per RL step (per step, across processes).",
+                                "rlhf-book code: 4 prompts x 8 rollouts per step; TRL generation batch")
+    group_size: int = opt(8, "Rollouts per prompt (G). Group-relative advantages need G >= 2.",
+                          "TRL num_generations=8; DeepSeekMath G=64")
+    max_new_tokens: int = opt(24, "Longest completion; longer ones are cut (finish_reason=length).",
+                              "built-in task answers are ~10 tokens")
+    max_prompt_tokens: int = opt(512, "A longer prompt is an error (no silent truncation).")
+    temperature: float = opt(1.0, "Sampling temperature; the trainer divides its logits by it too, so "
+                             "ratios and KL refer to the distribution that was sampled.",
+                             "TRL GRPO default 1.0; TRL issue #4159")
+    top_p: float = opt(1.0, "Nucleus sampling mass (1 = off).")
+    top_k: int = opt(0, "Top-k sampling (0 = off).")
+    stop_strings: list[str] = opt([], "Extra strings that end a completion (EOS always does).")
+    engine_dtype: Literal["auto", "model", "bfloat16"] = opt(
+        "auto", "Compute dtype of the rollout engine's fast path. auto: bfloat16 for an fp32 model on a CPU "
+        "with native bf16 matmuls (AVX-512 bf16 or AMX; ~1.4x faster decoding, log-prob gap ~2e-3 "
+        "nats/token, corrected by rollout.correction), else the model's dtype. model: exact (same "
+        "numbers as the trainer). The trainer always recomputes log-probs in the model's dtype.",
+        "ENVIRONMENT.md decoding levers; benchmarks/generate.py")
+    correction: Literal["tis", "none"] = opt(
+        "tis", "Rollout-mismatch correction: tis weights each token's policy-gradient term by "
+        "min(π_old/π_rollout, rollout.tis_cap) (truncated importance sampling; 1 for an exact engine); "
+        "none ignores the mismatch.",
+        "TRL vllm_importance_sampling_correction=True; Yao et al. 2025; rlhf-book ch. 6")
+    tis_cap: float = opt(2.0, "C of truncated importance sampling.", "Open Instruct C=2")
+    compile: bool = opt(False, "torch.compile the rollout engine's decode step (seconds per new shape).")
+    engine: Literal["local", "vllm"] = opt(
+        "local", "Rollout engine: local = in-process sampling from the trained model itself (the fast decode "
+        "path for Llama/Qwen2 on CPU, Hugging Face generate otherwise; no weight sync needed); vllm = vLLM on "
+        "a CUDA GPU (pip install 'posttrain[vllm]'), the trainer's weights loaded into it after every update.",
+        "TRL use_vllm; OpenRLHF/veRL")
+    vllm_kwargs: dict[str, Any] = opt({}, "Arguments for vllm.LLM with rollout.engine=vllm, e.g. "
+                                      "{gpu_memory_utilization: 0.3, max_model_len: 2048}.")
+
+    def validate(self) -> None:
+        for key in ("prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"rollout.{key} must be >= 1, got {getattr(self, key)}", where=f"rollout.{key}")
+        if self.temperature <= 0:
+            raise ConfigError("rollout.temperature must be > 0 for RL (greedy samples have no policy "
+                              "gradient)", where="rollout.temperature", fix="use e.g. rollout.temperature=1.0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}", where="rollout.top_p")
+        if self.tis_cap <= 0:
+            raise ConfigError(f"rollout.tis_cap must be > 0, got {self.tis_cap}", where="rollout.tis_cap",
+                              fix="use e.g. rollout.tis_cap=2.0, or rollout.correction=none")
+        if self.engine == "vllm" and self.compile:
+            raise ConfigError("rollout.compile applies to the local engine only", where="rollout.compile",
+                              fix="leave rollout.compile=false with rollout.engine=vllm (vLLM compiles its own graphs)")
+        if self.engine == "local" and self.vllm_kwargs:
+            raise ConfigError("rollout.vllm_kwargs is set but rollout.engine is local", where="rollout.vllm_kwargs",
+                              fix="set rollout.engine=vllm, or remove rollout.vllm_kwargs")
+
+
+@dataclass
+class ShapingConfig:
+    truncated: Literal["score", "penalize", "mask"] = opt(
+        "score", "Responses cut at max_new_tokens: 'score' them like any other, 'penalize' (their reward "
+        "becomes truncation_penalty; only finished responses are scored), or 'mask' (left out of the loss).",
+        "rlhf-book ch. 6 (score at EOS, penalise truncation); DAPO overlong filtering; TRL default scores all")
+    truncation_penalty: float = opt(-1.0, "Reward of a truncated response when truncated=penalize.",
+                                    "TRL PPO missing_eos_penalty")
+    overlong_buffer: int | None = opt(None, "DAPO soft overlong penalty: the last N tokens before "
+                                      "max_new_tokens ramp a penalty from 0 to overlong_penalty (0 = off; "
+                                      "null = the algorithm's default: DAPO a quarter of max_new_tokens, "
+                                      "others off).", "DAPO (Yu et al. 2025): 4096 of 20480")
+    overlong_penalty: float = opt(1.0, "Largest soft overlong penalty.", "DAPO")
+    clip: float | None = opt(None, "Clip the total reward to [-clip, clip] (null = off).")
+
+    def validate(self) -> None:
+        if self.overlong_buffer is not None and self.overlong_buffer < 0:
+            raise ConfigError("shaping.overlong_buffer must be >= 0", where="shaping.overlong_buffer")
+        if self.clip is not None and self.clip <= 0:
+            raise ConfigError("shaping.clip must be positive or null", where="shaping.clip")
+
+
+@dataclass
+class KLConfig:
+    beta: float | None = opt(None, "KL coefficient β (initial value with the adaptive controller); "
+                             "null = the algorithm's default.")
+    estimator: Literal["k1", "k2", "k3"] = opt("k3", "Per-token estimator of KL(π_θ‖π_ref), r = π_ref/π_θ: "
+                                               "k1 = −log r, k2 = ½(log r)², k3 = r − 1 − log r.",
+                                               "Schulman 2020; DeepSeekMath uses k3 in the loss")
+    placement: Literal["reward", "loss"] | None = opt(None, "'loss': β·KL added to the loss per token "
+                                                      "(GRPO); 'reward': subtracted from the reward (PPO, "
+                                                      "RLOO); null = the algorithm's default.")
+    controller: Literal["fixed", "adaptive"] = opt("fixed", "'adaptive' moves β toward target KL.",
+                                                   "Ziegler et al. 2019")
+    target: float = opt(6.0, "Adaptive controller: target KL per sequence (nats).", "Ziegler et al. 2019")
+    horizon: int = opt(10000, "Adaptive controller: horizon in samples.", "Ziegler et al. 2019")
+    track: bool = opt(True, "Compute the reference log-probs and log `kl` even when β = 0 (costs one "
+                      "no-grad forward of the reference per step; off = no reference model is loaded).")
+    ref_model: str | None = opt(None, "Reference model path (null = the initial policy; with LoRA the "
+                                "base model with adapters disabled).")
+
+    def validate(self) -> None:
+        if self.beta is not None and self.beta < 0:
+            raise ConfigError("kl.beta must be >= 0", where="kl.beta")
+        if self.target <= 0 or self.horizon <= 0:
+            raise ConfigError("kl.target and kl.horizon must be positive", where="kl")
+        if self.placement == "loss" and self.estimator == "k1" and (self.beta is None or self.beta > 0):
+            raise ConfigError("k1 in the loss has zero expected gradient (E_π[∇log π] = 0), so it regularises "
+                              "nothing (docs/math.md, KL placement)", where="kl.estimator",
+                              fix="use kl.estimator=k3 (GRPO: forward-KL gradient) or k2 (reverse-KL gradient) "
+                                  "in the loss, or kl.placement=reward with k1 (PPO/RLOO)")
+
+
+@dataclass
+class RLTrainConfig(TrainConfig):
+    """TrainConfig whose batch sizes count rollouts and are derived when left null."""
+
+    batch_size: int | None = opt(None, "Rollouts per optimizer step (one minibatch); null = all rollouts "
+                                 "of the RL step (one optimizer step per epoch over the batch).")
+    micro_batch_size: int | None = opt(None, "Rollouts per forward/backward per process; null = the whole "
+                                       "minibatch (no accumulation).")
+    epochs: float = opt(1.0, "Passes over the prompt set; ignored if max_steps (RL steps) is set.")
+    max_steps: int | None = opt(None, "RL steps (rollout batches) to run; overrides epochs.")
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}", where="train.lr")
+        for key in ("batch_size", "micro_batch_size"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                raise ConfigError(f"train.{key} must be positive or null, got {v}", where=f"train.{key}")
+        for key in ("log_every", "keep_checkpoints"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive", where=f"train.{key}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("train.warmup_ratio must be in [0, 1)", where="train.warmup_ratio")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError("train.max_steps must be positive", where="train.max_steps")
+        if self.epochs <= 0:
+            raise ConfigError("train.epochs must be positive", where="train.epochs")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Sizes derived from the config: rollouts per step, minibatches, micro-batches."""
+
+    prompts_per_process: int
+    rollouts: int  # per RL step, this process
+    minibatches: int  # optimizer steps per epoch over the batch
+    micro: int  # rollouts per forward/backward
+
+
+def plan_batches(rollout: RolloutConfig, train: RLTrainConfig, world: int = 1) -> BatchPlan:
+    """prompts_per_step × group_size = rollouts per step; train.batch_size of them per optimizer step.
+    Impossible combinations raise an error naming values that work."""
+    P, G = rollout.prompts_per_step, rollout.group_size
+    if P % world:
+        ok = [p for p in range(world, 4 * P + 1, world)][:6]
+        raise ConfigError(f"rollout.prompts_per_step={P} cannot be split over {world} processes",
+                          where="rollout.prompts_per_step", fix=f"use a multiple of {world}, e.g. {ok}")
+    total = P * G
+    bs = train.batch_size or total
+    if total % bs:
+        ok = [d for d in range(1, total + 1) if total % d == 0]
+        raise ConfigError(f"train.batch_size={bs} does not divide the {total} rollouts of a step "
+                          f"(prompts_per_step {P} x group_size {G})", where="train.batch_size",
+                          fix=f"use one of {ok}, or change rollout.prompts_per_step")
+    local_mb = bs // world if bs % world == 0 else None
+    if local_mb is None:
+        raise ConfigError(f"train.batch_size={bs} cannot be split over {world} processes",
+                          where="train.batch_size", fix=f"use a multiple of {world}")
+    micro = train.micro_batch_size or local_mb
+    if local_mb % micro:
+        ok = [d for d in range(1, local_mb + 1) if local_mb % d == 0]
+        raise ConfigError(f"train.micro_batch_size={micro} does not divide the {local_mb} rollouts of a "
+                          f"minibatch per process", where="train.micro_batch_size", fix=f"use one of {ok}")
+    return BatchPlan(P // world, total // world, total // bs, micro)
+
+
+def rl_steps(train: RLTrainConfig, n_prompts: int, prompts_per_step: int) -> int:
+    return train.max_steps or max(1, int(train.epochs * n_prompts / prompts_per_step))
+
+
+def kl_controller(cfg: KLConfig):
+    if cfg.controller == "adaptive":
+        return AdaptiveKLController(cfg.beta, cfg.target, cfg.horizon)
+    return FixedKLController(cfg.beta)

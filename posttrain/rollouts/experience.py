@@ -1,0 +1,334 @@
+"""Experience for online RL, shared by GRPO / Dr.GRPO / DAPO / GSPO / CISPO, RLOO, REINFORCE and PPO.
+
+One step of experience, top to bottom (:meth:`ExperienceMaker.make`):
+
+1. a batch of prompts (a pure function of ``(seed, step)``, so resume replays nothing);
+2. ``group_size`` rollouts per prompt from the rollout engine (token ids in, token ids + log-probs out);
+3. rewards: every reward function scores the decoded completions; ``None`` means "does not apply"
+   (the weighted sum runs over the functions that apply; a sample no function applies to is left out
+   of the loss); truncated responses are scored, penalised or masked (``shaping.truncated``), and the
+   DAPO soft overlong penalty can be added;
+4. the trainer recomputes log-probs of the sampled tokens in one packed, no-grad forward per model:
+   the policy (π_old, only when a batch gets more than one optimizer step), the reference (for KL)
+   and the value model (PPO). The mean |rollout log-prob − trainer log-prob| is logged
+   (``logprob_gap``): engines in another dtype, vLLM kernels or top-p sampling show up there;
+5. the algorithm turns scores into advantages (a function picked once from a registry).
+
+:func:`minibatches` then walks the batch for several epochs in shuffled minibatches; the loss sees
+importance ratios π_θ/π_old against the stored π_old. Everything per token is kept *completion
+aligned*, ``[N, T]`` with ``T`` the longest completion, so the pure loss functions (which take
+``[B, T]`` tensors and a mask) apply unchanged; the forward itself runs on packed rows
+(:func:`token_forward`), and the language-model head is applied only at completion positions.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from posttrain.advantages import overlong_penalty, zero_variance_groups
+from posttrain.data.batching import StepSampler
+from posttrain.data.chat import encode_prompt
+from posttrain.data.formats import load_records
+from posttrain.data.records import ReadOptions
+from posttrain.engines.rollout import HFRolloutEngine, SamplingParams, engine_dtype
+from posttrain.errors import ConfigError, DataError
+from posttrain.losses.policy import truncated_is_weight
+from posttrain.masked import masked_mean
+from posttrain.models.forward import collate_shared, to_layout
+from posttrain.rewards import outcome_metrics
+from posttrain.rewards.combine import combine_rewards
+from posttrain.rollouts.config import BatchPlan, RolloutConfig, ShapingConfig
+from posttrain.rollouts.metrics import group_std_zero_frac, rollout_metrics
+
+
+@dataclass
+class Experience:
+    """One RL step's rollouts with everything the loss needs. Per-token tensors are [N, T]."""
+
+    prompts: list  # per rollout (repeated per group)
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    finish: list[str]
+    group_size: int
+    scores: torch.Tensor  # [N] shaped total reward (before KL)
+    valid: torch.Tensor  # [N] bool: enters the loss
+    components: dict[str, torch.Tensor]  # raw reward per function, NaN where it did not apply
+    mask: torch.Tensor  # [N, T] completion tokens of valid rollouts
+    rollout_logp: torch.Tensor  # [N, T] from the rollout engine
+    old_logp: torch.Tensor | None = None  # [N, T] trainer log-probs before the update (π_old)
+    ref_logp: torch.Tensor | None = None  # [N, T]
+    values: torch.Tensor | None = None  # [N, T] PPO critic
+    advantages: torch.Tensor | None = None  # [N, T]
+    returns: torch.Tensor | None = None  # [N, T] PPO value targets
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(c) for c in self.completion_ids])
+
+    def select(self, idx: list[int]) -> "Experience":
+        """The rollouts ``idx`` (e.g. the groups that survive dynamic sampling)."""
+        t = torch.tensor(idx, dtype=torch.long)
+
+        def pick(x):
+            return None if x is None else x[t]
+
+        return Experience([self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx],
+                          [self.completion_ids[i] for i in idx], [self.texts[i] for i in idx],
+                          [self.finish[i] for i in idx], self.group_size, self.scores[t], self.valid[t],
+                          {k: v[t] for k, v in self.components.items()}, self.mask[t], self.rollout_logp[t],
+                          pick(self.old_logp), pick(self.ref_logp), pick(self.values), pick(self.advantages),
+                          pick(self.returns), dict(self.metrics))
+
+    @staticmethod
+    def concat(parts: list["Experience"]) -> "Experience":
+        if len(parts) == 1:
+            return parts[0]
+        T = max(p.mask.shape[1] for p in parts)
+
+        def cat(xs):
+            if any(x is None for x in xs):
+                return None
+            return torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) if x.dim() == 2 else x for x in xs])
+
+        first = parts[0]
+        return Experience(sum((p.prompts for p in parts), []), sum((p.prompt_ids for p in parts), []),
+                          sum((p.completion_ids for p in parts), []), sum((p.texts for p in parts), []),
+                          sum((p.finish for p in parts), []), first.group_size,
+                          torch.cat([p.scores for p in parts]), torch.cat([p.valid for p in parts]),
+                          {k: torch.cat([p.components[k] for p in parts]) for k in first.components},
+                          cat([p.mask for p in parts]), cat([p.rollout_logp for p in parts]),
+                          cat([p.old_logp for p in parts]), cat([p.ref_logp for p in parts]),
+                          cat([p.values for p in parts]), cat([p.advantages for p in parts]),
+                          cat([p.returns for p in parts]), dict(first.metrics))
+
+    def micro_batch(self, idx: list[int]) -> dict:
+        """A packed training micro-batch of rollouts ``idx`` (a prompt shared by consecutive rollouts
+        computed once, :func:`collate_shared`) plus their [n, T] per-token tensors."""
+        batch = collate_shared([self.prompt_ids[i] for i in idx], [self.completion_ids[i] for i in idx])
+        t = torch.tensor(idx, dtype=torch.long)
+        for name in ("mask", "rollout_logp", "old_logp", "ref_logp", "values", "advantages", "returns"):
+            x = getattr(self, name)
+            if x is not None:
+                batch[name] = x[t]
+        batch["scores"] = self.scores[t]
+        return batch
+
+
+class ExperienceMaker:
+    """Makes :class:`Experience` for one RL step. The models are passed in: ``policy`` (the trained
+    causal LM the rollout engine samples from), ``ref`` (a callable batch -> per-token log-probs, or
+    None), ``critic`` (batch -> per-token values, or None)."""
+
+    def __init__(self, *, tokenizer, engine, rollout: RolloutConfig, shaping: ShapingConfig,
+                 rewards: list[tuple[str, Callable, float]], records: list[dict], seed: int,
+                 plan: BatchPlan, rank: int = 0, world: int = 1):
+        self.tokenizer, self.engine, self.rollout, self.shaping = tokenizer, engine, rollout, shaping
+        self.rewards, self.records, self.seed, self.plan = rewards, records, seed, plan
+        self.rank, self.world = rank, world
+        self.prompt_ids = []
+        for i, r in enumerate(records):
+            ids = encode_prompt(tokenizer, r["prompt"])
+            if len(ids) > rollout.max_prompt_tokens:
+                raise DataError(f"prompt {i + 1} has {len(ids)} tokens, more than rollout.max_prompt_tokens="
+                                f"{rollout.max_prompt_tokens}", where=f"{rollout.prompts}:{i + 1}",
+                                fix="raise rollout.max_prompt_tokens or shorten the prompt")
+            self.prompt_ids.append(ids)
+
+        self.sampler = StepSampler(len(records), rollout.prompts_per_step, seed)
+
+    # ---- which prompts
+    def prompt_indices(self, step: int, round_: int = 0) -> list[int]:
+        """This process's prompts for RL step ``step`` (round > 0: extra draws for dynamic sampling)."""
+        if round_ == 0:
+            idx = self.sampler.batch(step)
+        else:
+            rng = random.Random((self.seed * 1_000_003 + step) * 101 + round_)
+            idx = rng.sample(range(len(self.records)), self.rollout.prompts_per_step)
+        per = len(idx) // self.world
+        return idx[self.rank * per:(self.rank + 1) * per]
+
+    # ---- steps 2-3: sample and score
+    def sample(self, idx: list[int], seed: int) -> Experience:
+        ro, G = self.rollout, self.rollout.group_size
+        params = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+                                top_k=ro.top_k, stop_token_ids=[self.tokenizer.eos_token_id],
+                                stop_strings=list(ro.stop_strings), seed=seed, n=G)
+        t0 = time.perf_counter()
+        outs = self.engine.generate([self.prompt_ids[i] for i in idx], params)
+        t1 = time.perf_counter()
+        recs = [self.records[i] for i in idx for _ in range(G)]
+        texts = [self.tokenizer.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
+        finish = [o.finish_reason for o in outs]
+        scores, valid, comps = self.score(recs, texts, [len(o.completion_ids) for o in outs], finish)
+        T = max(len(o.completion_ids) for o in outs)
+        mask = torch.zeros(len(outs), T)
+        rlp = torch.zeros(len(outs), T)
+        for i, o in enumerate(outs):
+            mask[i, :len(o.completion_ids)] = 1.0
+            rlp[i, :len(o.logprobs)] = torch.tensor(o.logprobs)
+        mask = mask * valid[:, None].float()
+        timing = {"gen_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+        return Experience([r["prompt"] for r in recs], [o.prompt_ids for o in outs],
+                          [o.completion_ids for o in outs], texts, finish, G, scores, valid, comps, mask, rlp,
+                          metrics=timing)
+
+    def score(self, recs: list[dict], texts: list[str], lengths: list[int], finish: list[str]):
+        """(shaped scores [N], valid [N], raw components {name: [N] with NaN}) for one batch."""
+        prompts = [r["prompt"] for r in recs]
+        columns = {k: [r.get(k) for r in recs] for k in recs[0] if k != "prompt"} if recs else {}
+        raw, weights = {}, {}
+        for name, fn, w in self.rewards:
+            raw[name] = list(fn(prompts, texts, **columns))
+            weights[name] = w
+        truncated = torch.tensor([f == "length" for f in finish])
+        if self.shaping.truncated == "penalize":  # only finished responses are scored
+            raw = {k: [None if t else v for v, t in zip(vals, truncated.tolist())] for k, vals in raw.items()}
+        total, valid = combine_rewards(raw, weights)
+        if self.shaping.truncated == "penalize":
+            total = torch.where(truncated, torch.tensor(self.shaping.truncation_penalty), total)
+            valid = valid | truncated
+        elif self.shaping.truncated == "mask":
+            valid = valid & ~truncated
+        if self.shaping.overlong_buffer:
+            pen = self.shaping.overlong_penalty * overlong_penalty(
+                torch.tensor(lengths, dtype=torch.float32), self.rollout.max_new_tokens, self.shaping.overlong_buffer)
+            raw["overlong"] = pen.tolist()
+            total = total + pen
+        if self.shaping.clip is not None:
+            total = total.clamp(-self.shaping.clip, self.shaping.clip)
+        comps = {k: torch.tensor([float("nan") if v is None else float(v) for v in vals]) for k, vals in raw.items()}
+        return total, valid, comps
+
+    # ---- step 4: trainer forwards
+    @torch.no_grad()
+    def forward_all(self, exp: Experience, fn: Callable[[dict], torch.Tensor], micro: int) -> torch.Tensor:
+        """Apply ``fn(micro_batch) -> flat per-token values [K]`` over the batch in packed chunks -> [N, T]."""
+        N, T = exp.mask.shape
+        out = torch.zeros(N, T)
+        for s in range(0, N, micro):
+            idx = list(range(s, min(N, s + micro)))
+            mb = exp.micro_batch(idx)
+            flat, seq, j = fn(mb)
+            out[idx[0]:idx[-1] + 1] = to_layout(flat.float().cpu(), seq.cpu(), j.cpu(), len(idx), T)
+        return out
+
+    def make(self, step: int, *, policy=None, ref=None, critic=None, need_old: bool,
+             dynamic_sampling: bool = False, max_rounds: int = 1, micro: int = 64) -> Experience:
+        """Steps 1-4 for RL step ``step``. ``policy``/``ref``/``critic`` are callables
+        ``micro_batch -> (flat values, seq, j)``; π_old is computed only when ``need_old``."""
+        parts, kept_groups, seen_groups, zero_frac = [], 0, 0, None
+        G, want = self.rollout.group_size, self.plan.prompts_per_process
+        for round_ in range(max_rounds if dynamic_sampling else 1):
+            idx = self.prompt_indices(step, round_)
+            exp = self.sample(idx, seed=(self.seed * 1_000_003 + step) * 131 + round_ * 7 + self.rank)
+            groups = len(idx)
+            seen_groups += groups
+            if zero_frac is None:
+                zero_frac = float(group_std_zero_frac(exp.scores, G, exp.valid))
+            if dynamic_sampling:  # DAPO: keep groups whose valid rewards differ
+                keep = (~zero_variance_groups(exp.scores, G, exp.valid)).nonzero().flatten().tolist()
+                keep = keep[:want - kept_groups]
+                exp = exp.select([k * G + i for k in keep for i in range(G)])
+                kept_groups += len(keep)
+            else:
+                kept_groups += groups
+            parts.append(exp)
+            if kept_groups >= want:
+                break
+        timing = {k: sum(p.metrics[k] for p in parts) for k in ("gen_s", "reward_s")}
+        exp = Experience.concat([p for p in parts if len(p)]) if any(len(p) for p in parts) else parts[0]
+        t1 = time.perf_counter()
+        if len(exp):
+            if need_old and policy is not None:
+                exp.old_logp = self.forward_all(exp, policy, micro)
+            if ref is not None:
+                exp.ref_logp = self.forward_all(exp, ref, micro)
+            if critic is not None:
+                exp.values = self.forward_all(exp, critic, micro)
+        # metrics over everything sampled in round 0 is what the policy does; report the kept batch
+        m = exp.metrics
+        m.update(rollout_metrics(exp))
+        m["reward/std_zero_frac"] = zero_frac if zero_frac is not None else float("nan")
+        m.update(timing)
+        m["forward_s"] = time.perf_counter() - t1
+        for _, fn, _ in self.rewards:
+            m.update(outcome_metrics(fn))
+        if dynamic_sampling:
+            m["dynamic/kept_groups"] = float(kept_groups)
+            m["dynamic/sampled_groups"] = float(seen_groups)
+        if exp.old_logp is not None and len(exp) and exp.mask.any():
+            m["logprob_gap"] = float(masked_mean((exp.old_logp - exp.rollout_logp).abs(), exp.mask))
+        return exp
+
+
+def fill_invalid(scores: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Rewards of samples left out of the loss are replaced by their group's mean valid reward, so they
+    do not move the group baseline (their advantages are never used: their tokens are masked)."""
+    if bool(valid.all()) or scores.numel() % group_size:
+        return scores
+    # fp64: the mean of equal valid rewards is then exactly that reward, so the group stays constant
+    g, v = scores.view(-1, group_size).double(), valid.view(-1, group_size).double()
+    mean = (g * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(v.bool(), g, mean.expand_as(g)).reshape(-1).to(scores.dtype)
+
+
+def minibatches(n: int, n_minibatches: int, epochs: int, micro: int, seed: int, group_size: int = 1):
+    """Yield (epoch, list of micro-batch index lists) for each optimizer step: every epoch a fresh
+    seeded shuffle of the ``n`` rollouts, cut into ``n_minibatches`` near-equal minibatches. Groups of
+    ``group_size`` consecutive rollouts are shuffled as units (their shared prompt is then computed
+    once per micro-batch; the advantages are already fixed, so the order is all that changes)."""
+    rng = random.Random(seed)
+    G = group_size if group_size > 1 and n % group_size == 0 else 1
+    for epoch in range(epochs):
+        groups = list(range(n // G))
+        if epochs * n_minibatches > 1:
+            rng.shuffle(groups)
+        order = [g * G + k for g in groups for k in range(G)]
+        bounds = [round(k * n / n_minibatches) for k in range(n_minibatches + 1)]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            mb = order[a:b]
+            if mb:
+                yield epoch, [mb[s:s + micro] for s in range(0, len(mb), micro)]
+
+
+def load_prompt_records(cfg: RolloutConfig) -> list[dict]:
+    return load_records(cfg.prompts, "prompt", columns=cfg.columns, split=cfg.split, max_rows=cfg.max_prompts,
+                        options=ReadOptions(format=cfg.format, prefix="rollout.", keys=("format",)))
+
+
+def load_eval_records(cfg: RolloutConfig) -> list[dict]:
+    opts = ReadOptions(format=cfg.format, prefix="rollout.", keys=("format",))
+    return load_records(cfg.eval_prompts, "prompt", columns=cfg.columns, options=opts) if cfg.eval_prompts else []
+
+
+def make_engine(model, tokenizer, cfg: RolloutConfig, model_path: str | None = None):
+    """The rollout engine ``rollout.engine`` names, chosen here once: the local engine samples from
+    ``model`` itself; vLLM loads ``model_path`` and is sent the trainer's weights by ``update_weights``."""
+    if cfg.engine == "vllm":
+        if not torch.cuda.is_available():
+            raise ConfigError("rollout.engine=vllm needs a CUDA GPU, and none is visible", where="rollout.engine",
+                              fix="use rollout.engine=local on this machine")
+        from posttrain.engines.vllm_engine import VLLMRolloutEngine  # optional package, GPU only
+
+        return VLLMRolloutEngine(model_path, tokenizer, **cfg.vllm_kwargs)
+    return HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                           compile=cfg.compile, dtype=engine_dtype(cfg.engine_dtype, model),
+                           max_batch_size=max(128, cfg.group_size))
+
+
+def rollout_is_weight(cfg: RolloutConfig, old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor):
+    """(per-token weight or None, metrics) for ``rollout.correction``."""
+    if cfg.correction == "none":
+        return None, {}
+
+    return truncated_is_weight(old_logp, rollout_logp, mask, cfg.tis_cap)
