@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from posttrain.advantages import best_of_n_kl
 from posttrain.commands import load_command
 from posttrain.config import DataConfig, ModelConfig, TrainConfig, opt
@@ -95,9 +97,6 @@ def select(rewards: list[list[float]], how: str, k: int | None = None) -> list[t
 
 
 def run(cfg: BestOfNConfig) -> dict:
-    import numpy as np
-
-
     records = load_prompt_records(cfg.rollout)
     rewards = load_rewards(cfg.reward, cfg.reward_weights)
     run_dir = make_run_dir(cfg.train, "best-of-n", cfg)

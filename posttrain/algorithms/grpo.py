@@ -23,6 +23,7 @@ subtracted from the reward before the advantages (RLOO), per ``kl.placement``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,36 +31,16 @@ import torch
 
 from posttrain.advantages import expand_to_tokens, group_advantages, reinforce_advantages, rloo_advantages
 from posttrain.config import LoraConfig, ModelConfig, opt
-from posttrain.engines.loop import between_steps, finish, save_final
-from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.engines.loop import finish, save_final
 from posttrain.errors import ConfigError
 from posttrain.kl import get_kl_estimator
-from posttrain.logprobs import entropy_from_logits
-from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
-from posttrain.models.forward import policy_logp_fn, ref_logp_fn, to_layout, token_forward
-from posttrain.models.loading import load_policy, tokenizer_for
-from posttrain.models.reference import frozen_reference
-from posttrain.rewards.combine import check_reward_config, load_rewards
-from posttrain.rollouts.config import (
-    KLConfig,
-    RLTrainConfig,
-    RolloutConfig,
-    ShapingConfig,
-    kl_controller,
-    plan_batches,
-    rl_steps,
-)
-from posttrain.rollouts.experience import (
-    ExperienceMaker,
-    fill_invalid,
-    load_eval_records,
-    load_prompt_records,
-    make_engine,
-    minibatches,
-    rollout_is_weight,
-)
-from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics, reduce_metrics, sequence_kl
-from posttrain.rollouts.task_eval import task_eval
+from posttrain.models.forward import policy_logp_fn, token_forward
+from posttrain.models.loading import load_policy
+from posttrain.rewards.combine import check_reward_config
+from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
+from posttrain.rollouts.experience import fill_invalid, minibatches
+from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics, sequence_kl
+from posttrain.rollouts.online import PGRecipe, end_rl_step, online_setup, pg_recipe, policy_gradient_terms
 
 Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"]
 
@@ -193,146 +174,77 @@ def resolve_variant(cfg, variant: str) -> None:
 # ----------------------------------------------------------------------------- the loss
 
 
-def count_sequences(mb: dict) -> torch.Tensor:
-    """Rows of the micro-batch (a rollout left out of the loss counts as a sequence with loss 0, as in
-    ``aggregate``), so that Σ_micro aggregate · count / total is the step's aggregate exactly."""
-    return torch.tensor(float(mb["mask"].shape[0]))
-
-
-def count_tokens(mb: dict) -> torch.Tensor:
-    return mb["mask"].sum()
-
-
-def make_loss(cfg: GRPOConfig, kl_coef, max_len: int):
-    """loss_fn(model, micro_batch, total) -> (sum / total, metrics) and its count_fn, chosen once."""
-    policy_loss = get_policy_loss(cfg.loss.policy_loss)
-    L = cfg.loss
-    count_fn = count_tokens if L.aggregation == "token_mean" else count_sequences
-    kl_in_loss = cfg.kl.placement == "loss" and cfg.kl.beta > 0
-    estimator = get_kl_estimator(cfg.kl.estimator)
-    T_temp = cfg.rollout.temperature
-    want_entropy = L.entropy_coef > 0
+def make_loss(recipe: PGRecipe, kl_coef):
+    """loss_fn(model, micro_batch, total) -> (sum / total, metrics) for the recipe chosen at start-up,
+    and its count_fn (``recipe.count``)."""
+    estimator = get_kl_estimator(recipe.kl_estimator)
 
     def loss_fn(model, mb, total):
-        out = token_forward(model, mb, T_temp, want_logits=True)
+        out = token_forward(model, mb, recipe.temperature, want_logits=True)
+        old = mb["old_logp"] if "old_logp" in mb else None
+        loss, _, metrics, logp = policy_gradient_terms(recipe, out, mb, old, kl_coef.value)
         mask = mb["mask"]
-        n, T = mask.shape
-        logp = to_layout(out["logp"], out["seq"], out["j"], n, T)
-        old = mb["old_logp"] if "old_logp" in mb else logp.detach()
-        is_w, tis_m = rollout_is_weight(cfg.rollout, old, mb["rollout_logp"], mask)
-        loss, m = policy_loss(logp, old, mb["advantages"], mask, clip_low=L.clip_low, clip_high=L.clip_high,
-                              aggregation=L.aggregation, max_len=max_len, is_weight=is_w)
-        metrics = {**m, **tis_m}
-        if kl_in_loss:
-            kl_tok = kl_penalty_in_loss(logp, mb["ref_logp"], mask, cfg.kl.estimator)
-            loss = loss + kl_coef.value * aggregate(kl_tok, mask, L.aggregation, max_len)
-        ent_flat = entropy_from_logits(out["logits"] if want_entropy else out["logits"].detach())
-        ent = to_layout(ent_flat, out["seq"], out["j"], n, T)
-        if want_entropy:
-            loss = loss - L.entropy_coef * aggregate(ent, mask, L.aggregation, max_len)
-        with torch.no_grad():
-            denom = mask.sum().clamp(min=1)
-            metrics["entropy"] = (ent.detach() * mask).sum() / denom
-            if "old_logp" not in mb:  # one update per batch: this forward is the pre-update policy
+        if old is None:  # one update per batch: this forward is the pre-update policy
+            with torch.no_grad():
+                denom = mask.sum().clamp(min=1)
                 metrics["logprob_gap"] = ((logp.detach() - mb["rollout_logp"]).abs() * mask).sum() / denom
                 if "ref_logp" in mb:
                     lp, ref = logp.detach(), mb["ref_logp"]
                     metrics["kl/per_token"] = (estimator(lp, ref) * mask).sum() / denom
                     metrics["kl"] = ((lp - ref) * mask).sum() / (mask.sum(1) > 0).sum().clamp(min=1)
-        return loss * (count_fn(mb) / total), metrics
+        return loss * (recipe.count(mb) / total), metrics
 
-    return loss_fn, count_fn
+    return loss_fn, recipe.count
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
 def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
-    import time
+    def refuse_dynamic_sampling_under_ddp(engine):
+        if engine.world_size > 1 and cfg.dynamic_sampling:
+            raise ConfigError("dynamic sampling keeps a different number of rollouts on each process, which "
+                              "DDP cannot step together", where="dynamic_sampling", fix="dynamic_sampling=false")
 
-    # ---- data and rewards first: a bad row or reward spec stops the run before any model loads
-    records = load_prompt_records(cfg.rollout)
-    eval_records = load_eval_records(cfg.rollout)
-    rewards = load_rewards(cfg.reward, cfg.reward_weights)
     advantage_fn = _advantage_registry()[cfg.loss.advantage]
-    run_dir = make_run_dir(cfg.train, command, cfg)
-    tokenizer = tokenizer_for(cfg.model)
-
-    # ---- models and runtime
-    model = load_policy(cfg.model, cfg.lora)
-    n_steps = rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
-    updates = cfg.loss.ppo_epochs * plan_batches(cfg.rollout, cfg.train).minibatches
-    engine = TrainEngine(model, cfg.train, n_steps * updates, run_dir)
-    plan = plan_batches(cfg.rollout, cfg.train, engine.world_size)
-    if engine.world_size > 1 and cfg.dynamic_sampling:
-        raise ConfigError("dynamic sampling keeps a different number of rollouts on each process, which "
-                          "DDP cannot step together", where="dynamic_sampling", fix="dynamic_sampling=false")
-    policy, G, temp = engine.unwrapped, cfg.rollout.group_size, cfg.rollout.temperature
-    need_ref = cfg.kl.beta > 0 or cfg.kl.track
-    ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
-    ref_fn = ref_logp_fn(ref_model, policy, temp) if need_ref else None
-    gen = make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path)
-    maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
-                            rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
-                            rank=engine.rank, world=engine.world_size)
-    kl_ctl = kl_controller(cfg.kl)
-    kl_in_reward = cfg.kl.placement == "reward" and cfg.kl.beta > 0
-    need_old = updates > 1 or kl_in_reward  # π_old differs from π_θ, or the reward needs log π
-    loss_fn, count_fn = make_loss(cfg, kl_ctl, cfg.rollout.max_new_tokens)
-    logger = MetricsLogger(run_dir, enabled=engine.is_main)
-    extra, step = engine.maybe_resume(), 0
-    if extra is not None:
-        step, kl_ctl.value = extra["rl_step"], extra["kl_coef"]
-        logger.truncate_after(step)
-
-    def evaluate() -> dict[str, float]:
-        return task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts,
-                         cfg.task_eval_samples, cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
+    recipe = pg_recipe(cfg)
+    o = online_setup(cfg, command, lambda tokenizer: load_policy(cfg.model, cfg.lora),
+                     check_engine=refuse_dynamic_sampling_under_ddp)
+    engine, plan, G = o.engine, o.plan, cfg.rollout.group_size
+    policy = engine.unwrapped
+    # π_old differs from π_θ after the first update, and a KL in the reward needs log π_old
+    need_old = o.updates > 1 or recipe.kl_in_reward
+    loss_fn, count_fn = make_loss(recipe, o.kl_ctl)
+    o.summary["variant"] = getattr(cfg, "variant", command)
 
     # ---- loop: sample -> score -> advantages -> (epochs x minibatches) optimizer steps
-    progress = Progress(n_steps, command, cfg.train.progress)
-    summary: dict = {"variant": getattr(cfg, "variant", command), "world_size": engine.world_size,
-                     "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
-                     "rollouts_per_step": cfg.rollout.prompts_per_step * G}
-    if step == 0 and engine.is_main:
-        summary["initial"] = evaluate()
-        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
     row: dict = {}
-    while step < n_steps:
+    while o.step < o.n_steps:
         t0 = time.perf_counter()
-        gen.update_weights(policy)
-        exp = maker.make(step, policy=policy_logp_fn(policy, temp), ref=ref_fn, need_old=need_old,
-                         dynamic_sampling=cfg.dynamic_sampling, max_rounds=cfg.max_sample_rounds, micro=plan.micro)
+        o.gen.update_weights(policy)
+        exp = o.maker.make(o.step, policy=policy_logp_fn(policy, recipe.temperature), ref=o.ref_fn,
+                           need_old=need_old, dynamic_sampling=cfg.dynamic_sampling,
+                           max_rounds=cfg.max_sample_rounds, micro=plan.micro)
         m = exp.metrics
         if len(exp):
             scores = exp.scores
             if exp.old_logp is not None and exp.ref_logp is not None:
-                m.update(kl_metrics(exp, cfg.kl.estimator))
-            if kl_in_reward:  # r − β Σ_t KL_t, before the baseline (RLOO, REINFORCE)
-                scores = scores - kl_ctl.value * sequence_kl(exp, cfg.kl.estimator)
+                m.update(kl_metrics(exp, recipe.kl_estimator))
+            if recipe.kl_in_reward:  # r − β Σ_t KL_t, before the baseline (RLOO, REINFORCE)
+                scores = scores - o.kl_ctl.value * sequence_kl(exp, recipe.kl_estimator)
             group = len(exp) if cfg.loss.advantage == "batch_mean" else G  # whose mean stands in
             adv = advantage_fn(fill_invalid(scores, exp.valid, group), G)
             exp.advantages = expand_to_tokens(adv, exp.mask)
             t1 = time.perf_counter()
             steps = []
             for _, micro_idx in minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
-                                            seed=cfg.train.seed * 7919 + step, group_size=G):
+                                            seed=cfg.train.seed * 7919 + o.step, group_size=G):
                 mbs = [exp.micro_batch(idx) for idx in micro_idx]
                 steps.append(engine.step(mbs, loss_fn, count_fn))
             m.update(merge_update_metrics(steps))
             m["train_s"] = time.perf_counter() - t1
-        step += 1
-        m = reduce_metrics(engine, m)
-        if "kl" in m:
-            kl_ctl.update(m["kl"], len(exp) * engine.world_size)
-        m["kl_coef"], m["step_s"] = kl_ctl.value, time.perf_counter() - t0
-        row = m
-        if step % cfg.train.log_every == 0 or step == n_steps:
-            logger.log(step, m)
-            progress.update(step, f"reward {m.get('reward/mean', float('nan')):.3f}  kl {m.get('kl', 0.0):.3f}")
-        between_steps(engine, cfg.train, step, n_steps, evaluate, logger,
-                      {"rl_step": step, "kl_coef": kl_ctl.value})
-    progress.close()
-    summary["last_step"] = row
-    return finish(engine, logger, run_dir, summary, evaluate, step,
-                  save=lambda: save_final(engine, tokenizer, run_dir, cfg.lora))
+        row = end_rl_step(o, m, len(exp), t0)
+    o.progress.close()
+    o.summary["last_step"] = row
+    return finish(engine, o.logger, o.run_dir, o.summary, o.evaluate, o.step,
+                  save=lambda: save_final(engine, o.tokenizer, o.run_dir, cfg.lora))

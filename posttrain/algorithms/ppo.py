@@ -21,51 +21,29 @@ advantage whitening; an adaptive KL controller (Ziegler et al. 2019) steers β t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import save_file
 
 from posttrain.advantages import gae
 from posttrain.config import LoraConfig, ModelConfig, opt
-from posttrain.engines.loop import between_steps, finish
-from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.engines.loop import finish
 from posttrain.errors import ConfigError
 from posttrain.kl import get_kl_estimator
-from posttrain.logprobs import entropy_from_logits
-from posttrain.losses.policy import (
-    aggregate,
-    explained_variance,
-    kl_penalty_in_loss,
-    ppo_clip_loss,
-    value_loss,
-)
+from posttrain.losses.policy import explained_variance, value_loss
 from posttrain.masked import masked_whiten
-from posttrain.models.forward import critic_values, policy_logp_fn, ref_logp_fn, to_layout, token_forward
+from posttrain.models.forward import critic_values, policy_logp_fn, to_layout, token_forward
 from posttrain.models.heads import load_reward_model, save_reward_model
-from posttrain.models.loading import load_policy, save_pretrained, tokenizer_for
-from posttrain.models.reference import frozen_reference
-from posttrain.rewards.combine import check_reward_config, load_rewards
-from posttrain.rollouts.config import (
-    KLConfig,
-    RLTrainConfig,
-    RolloutConfig,
-    ShapingConfig,
-    kl_controller,
-    plan_batches,
-    rl_steps,
-)
-from posttrain.rollouts.experience import (
-    ExperienceMaker,
-    load_eval_records,
-    load_prompt_records,
-    make_engine,
-    minibatches,
-    rollout_is_weight,
-)
-from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics, reduce_metrics
-from posttrain.rollouts.task_eval import task_eval
+from posttrain.models.loading import eval_mode, load_policy, save_pretrained
+from posttrain.rewards.combine import check_reward_config
+from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
+from posttrain.rollouts.experience import minibatches
+from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics
+from posttrain.rollouts.online import PGRecipe, end_rl_step, online_setup, pg_recipe, policy_gradient_terms
 
 
 @dataclass
@@ -186,38 +164,22 @@ def build_actor_critic(cfg: PPOConfig, tokenizer) -> ActorCritic:
     return ActorCritic(policy, critic=critic)
 
 
-def make_loss(cfg: PPOConfig, kl_coef, max_len: int):
-    L, V, temp = cfg.loss, cfg.value, cfg.rollout.temperature
-    kl_in_loss = cfg.kl.placement == "loss" and cfg.kl.beta > 0
-
-    def count_fn(mb):
-        return mb["mask"].sum() if L.aggregation == "token_mean" else torch.tensor(float(mb["mask"].shape[0]))
+def make_loss(cfg: PPOConfig, recipe: PGRecipe, kl_coef):
+    """loss_fn(model, micro_batch, total): the policy-gradient terms of the recipe + c_v · value loss."""
+    V = cfg.value
 
     def loss_fn(model, mb, total):
-        mask = mb["mask"]
-        n, T = mask.shape
-        out, v_flat = model(mb, temp)
-        logp = to_layout(out["logp"], out["seq"], out["j"], n, T)
-        is_w, tis_m = rollout_is_weight(cfg.rollout, mb["old_logp"], mb["rollout_logp"], mask)
-        pg, m = ppo_clip_loss(logp, mb["old_logp"], mb["advantages"], mask, clip_low=L.clip_low,
-                              clip_high=L.clip_high, aggregation=L.aggregation, max_len=max_len, is_weight=is_w)
+        out, v_flat = model(mb, recipe.temperature)
+        loss, pg, metrics, _ = policy_gradient_terms(recipe, out, mb, mb["old_logp"], kl_coef.value)
+        n, T = mb["mask"].shape
         values = to_layout(v_flat, out["seq"], out["j"], n, T)
-        vl, vm = value_loss(values, mb["values"], mb["returns"], mask, clip=V.clip, aggregation=L.aggregation,
-                            max_len=max_len)
-        loss = pg + V.coef * vl
-        ent = to_layout(entropy_from_logits(out["logits"] if L.entropy_coef else out["logits"].detach()),
-                        out["seq"], out["j"], n, T)
-        if L.entropy_coef:
-            loss = loss - L.entropy_coef * aggregate(ent, mask, L.aggregation, max_len)
-        if kl_in_loss:
-            loss = loss + kl_coef.value * aggregate(kl_penalty_in_loss(logp, mb["ref_logp"], mask, cfg.kl.estimator),
-                                                    mask, L.aggregation, max_len)
-        metrics = {**m, **tis_m, "policy_loss": pg.detach(), "value_loss": vl.detach(),
-                   "value_clip_frac": vm["value_clip_frac"],
-                   "entropy": (ent.detach() * mask).sum() / mask.sum().clamp(min=1)}
-        return loss * (count_fn(mb) / total), metrics
+        vl, vm = value_loss(values, mb["values"], mb["returns"], mb["mask"], clip=V.clip,
+                            aggregation=recipe.aggregation, max_len=recipe.max_len)
+        loss = loss + V.coef * vl
+        metrics.update(policy_loss=pg.detach(), value_loss=vl.detach(), value_clip_frac=vm["value_clip_frac"])
+        return loss * (recipe.count(mb) / total), metrics
 
-    return loss_fn, count_fn
+    return loss_fn, recipe.count
 
 
 def advantages(exp, cfg: PPOConfig, kl_coef, kl_tok: torch.Tensor | None):
@@ -238,108 +200,59 @@ def advantages(exp, cfg: PPOConfig, kl_coef, kl_tok: torch.Tensor | None):
 
 
 def run(cfg: PPOConfig) -> dict:
-    import time
-
-
-    records = load_prompt_records(cfg.rollout)
-    eval_records = load_eval_records(cfg.rollout)
-    rewards = load_rewards(cfg.reward, cfg.reward_weights)
-    run_dir = make_run_dir(cfg.train, "ppo", cfg)
-    tokenizer = tokenizer_for(cfg.model)
-
-    model = build_actor_critic(cfg, tokenizer)
-    n_steps = rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
-    updates = cfg.loss.ppo_epochs * plan_batches(cfg.rollout, cfg.train).minibatches
-    engine = TrainEngine(model, cfg.train, n_steps * updates, run_dir)
-    plan = plan_batches(cfg.rollout, cfg.train, engine.world_size)
+    recipe = pg_recipe(cfg, policy_loss="ppo")
+    o = online_setup(cfg, "ppo", lambda tokenizer: build_actor_critic(cfg, tokenizer), policy_of=lambda ac: ac.policy)
+    engine, plan = o.engine, o.plan
     ac: ActorCritic = engine.unwrapped
-    policy, temp = ac.policy, cfg.rollout.temperature
-    need_ref = cfg.kl.beta > 0 or cfg.kl.track
-    ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
-    ref_fn = ref_logp_fn(ref_model, policy, temp) if need_ref else None
+    policy, temp = ac.policy, recipe.temperature
+    estimator = get_kl_estimator(recipe.kl_estimator)
+    loss_fn, count_fn = make_loss(cfg, recipe, o.kl_ctl)
 
     def critic_fn(mb):
-        was = ac.training
-        ac.eval()
-        out = token_forward(policy, mb, temp, want_hidden=True) if ac.v_head is not None else None
-        v = ac.values(mb, out)
-        ac.train(was)
+        with eval_mode(ac):
+            out = token_forward(policy, mb, temp, want_hidden=True) if ac.v_head is not None else None
+            v = ac.values(mb, out)
         return v, mb["tgt_seq"], mb["tgt_j"]
 
-    gen = make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path)
-    maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
-                            rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
-                            rank=engine.rank, world=engine.world_size)
-    kl_ctl = kl_controller(cfg.kl)
-    estimator = get_kl_estimator(cfg.kl.estimator)
-    loss_fn, count_fn = make_loss(cfg, kl_ctl, cfg.rollout.max_new_tokens)
-    logger = MetricsLogger(run_dir, enabled=engine.is_main)
-    extra, step = engine.maybe_resume(), 0
-    if extra is not None:
-        step, kl_ctl.value = extra["rl_step"], extra["kl_coef"]
-        logger.truncate_after(step)
-
-    def evaluate() -> dict[str, float]:
-        out = task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts,
-                        cfg.task_eval_samples, cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
-        return out
-
-    progress = Progress(n_steps, "ppo", cfg.train.progress)
-    summary: dict = {"world_size": engine.world_size, "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
-                     "rollouts_per_step": cfg.rollout.prompts_per_step * cfg.rollout.group_size}
-    if step == 0 and engine.is_main:
-        summary["initial"] = evaluate()
-        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
+    # ---- loop: sample -> score -> values -> GAE -> (epochs x minibatches) optimizer steps
     row: dict = {}
-    while step < n_steps:
+    while o.step < o.n_steps:
         t0 = time.perf_counter()
-        gen.update_weights(policy)
-        exp = maker.make(step, policy=policy_logp_fn(policy, temp), ref=ref_fn, critic=critic_fn,
-                         need_old=True, micro=plan.micro)
+        o.gen.update_weights(policy)
+        exp = o.maker.make(o.step, policy=policy_logp_fn(policy, temp), ref=o.ref_fn, critic=critic_fn,
+                           need_old=True, micro=plan.micro)
         m = exp.metrics
         kl_tok = None
         if exp.ref_logp is not None:
-            m.update(kl_metrics(exp, cfg.kl.estimator))
-            if cfg.kl.placement == "reward" and cfg.kl.beta > 0:
+            m.update(kl_metrics(exp, recipe.kl_estimator))
+            if recipe.kl_in_reward:
                 kl_tok = estimator(exp.old_logp, exp.ref_logp)
-        exp.advantages, exp.returns = advantages(exp, cfg, kl_ctl.value, kl_tok)
+        exp.advantages, exp.returns = advantages(exp, cfg, o.kl_ctl.value, kl_tok)
         m["explained_variance"] = float(explained_variance(exp.values, exp.returns, exp.mask))
         m["value/mean"] = float((exp.values * exp.mask).sum() / exp.mask.sum().clamp(min=1))
         t1 = time.perf_counter()
         steps = []
         for _, micro_idx in minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
-                                        seed=cfg.train.seed * 7919 + step):
+                                        seed=cfg.train.seed * 7919 + o.step):
             mbs = [exp.micro_batch(idx) for idx in micro_idx]
             steps.append(engine.step(mbs, loss_fn, count_fn))
         m.update(merge_update_metrics(steps))
         m["train_s"] = time.perf_counter() - t1
-        step += 1
-        m = reduce_metrics(engine, m)
-        if "kl" in m:
-            kl_ctl.update(m["kl"], len(exp) * engine.world_size)
-        m["kl_coef"], m["step_s"] = kl_ctl.value, time.perf_counter() - t0
-        row = m
-        if step % cfg.train.log_every == 0 or step == n_steps:
-            logger.log(step, m)
-            progress.update(step, f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.3f}")
-        between_steps(engine, cfg.train, step, n_steps, evaluate, logger,
-                      {"rl_step": step, "kl_coef": kl_ctl.value})
-    progress.close()
-    summary["last_step"] = row
+        row = end_rl_step(o, m, len(exp), t0)
+    o.progress.close()
+    o.summary["last_step"] = row
+    tokenizer, run_dir = o.tokenizer, o.run_dir
 
     def save():
         merge = bool(cfg.lora.enabled and cfg.lora.merge_on_save)
         save_pretrained(policy, tokenizer, Path(run_dir) / "final", merge_lora=merge)
         save_value(ac, tokenizer, Path(run_dir) / "value")
 
-    return finish(engine, logger, run_dir, summary, evaluate, step, save)
+    return finish(engine, o.logger, run_dir, o.summary, o.evaluate, o.step, save)
 
 
 def save_value(ac: ActorCritic, tokenizer, out: Path) -> None:
     """The critic: a reward-model-format directory (separate critic) or the head's tensors (shared)."""
-    from safetensors.torch import save_file
-
-
     if ac.critic is not None:
         save_reward_model(ac.critic, tokenizer, out)
     else:

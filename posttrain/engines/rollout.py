@@ -31,6 +31,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 
 from posttrain.errors import ConfigError, ModelError
+from posttrain.models.loading import eval_mode
 
 FinishReason = Literal["stop", "length", "stop_string"]
 
@@ -248,19 +249,14 @@ class HFRolloutEngine:
         if len(prompts) > per_chunk:  # length-sorted chunks waste less compute on padding
             order.sort(key=lambda i: len(prompts[i]))
         results: list[list[Rollout] | None] = [None] * len(prompts)
-        was_training = self.model.training
-        self.model.eval()  # no dropout while sampling; restored below
         t0, new_tokens = time.perf_counter(), 0
-        try:
-            with torch.no_grad():
-                for start in range(0, len(order), per_chunk):
-                    chunk = order[start:start + per_chunk]
-                    groups = self._generate_chunk([prompts[i] for i in chunk], params, eos, gen, device)
-                    for i, group in zip(chunk, groups):
-                        results[i] = group
-                        new_tokens += sum(len(r.completion_ids) for r in group)
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), torch.no_grad():  # no dropout while sampling
+            for start in range(0, len(order), per_chunk):
+                chunk = order[start:start + per_chunk]
+                groups = self._generate_chunk([prompts[i] for i in chunk], params, eos, gen, device)
+                for i, group in zip(chunk, groups):
+                    results[i] = group
+                    new_tokens += sum(len(r.completion_ids) for r in group)
         dt = time.perf_counter() - t0
         self.last_stats = {"gen_s": dt, "new_tokens": float(new_tokens), "tokens_per_s": new_tokens / max(dt, 1e-9)}
         return [r for group in results for r in group]
@@ -376,8 +372,5 @@ def sample_rollouts(model, tokenizer, prompts: list, n: int, max_new_tokens: int
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed,
                             stop_token_ids=[tokenizer.eos_token_id])
-    was_training = model.training
-    model.eval()
-    out = engine.generate(ids, params)
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return engine.generate(ids, params)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from posttrain.config import ModelConfig, opt
@@ -105,8 +107,6 @@ def pair_report(rc: list[float], rr: list[float], tie: list[bool], subset: list[
                 len_c: list[int] | None = None, len_r: list[int] | None = None) -> dict:
     """Accuracy (strict), length baseline, margin, chosen/rejected means, BT loss, ECE (10 bins, both
     orders) and per-subset accuracy over non-tie pairs; ``ties`` counts the tie pairs left out."""
-    import numpy as np
-
     stats = _stats()
     keep = [not t for t in tie]
     c = np.asarray([x for x, k in zip(rc, keep) if k], dtype=np.float64)
@@ -177,10 +177,6 @@ def format_table(report: dict, title: str = "reward model") -> str:
 
 
 def run(cfg: EvalRewardConfig) -> dict:
-    import time
-
-
-
     opts = ReadOptions(format=cfg.format, prompt_from=cfg.prompt_from, prefix="",
                        keys=("format", "prompt_from"))
     rows = load_preference_rows(cfg.data, columns=cfg.columns, split=cfg.split, max_rows=cfg.max_rows, options=opts)

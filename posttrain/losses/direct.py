@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from posttrain.errors import ConfigError
 
 __all__ = ["dpo_loss", "cdpo_loss", "robust_dpo_loss", "ipo_loss", "hinge_loss", "simpo_loss", "orpo_loss",
-           "kto_loss", "DIRECT_LOSSES", "get_direct_loss"]
+           "kto_loss", "DIRECT_LOSSES", "get_direct_loss", "needs_reference", "reference_free"]
 
 Metrics = dict[str, torch.Tensor]
 
@@ -153,6 +153,18 @@ def _need_lengths(name: str, chosen_lengths, rejected_lengths):
     return chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
 
 
+def reference_free(fn):
+    """Mark a registered loss as needing no reference log-probs (its ``ref_*`` inputs are ignored):
+    the property the commands read to skip the reference model."""
+    fn.needs_reference = False
+    return fn
+
+
+def needs_reference(fn) -> bool:
+    return getattr(fn, "needs_reference", True)
+
+
+@reference_free
 def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
                ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None, *,
                beta: float, chosen_lengths: torch.Tensor | None = None,
@@ -186,6 +198,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near, torch.log(-torch.expm1(near_x)), torch.log1p(-torch.exp(far_x)))
 
 
+@reference_free
 def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
               ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None, *,
               beta: float, chosen_lengths: torch.Tensor | None = None,

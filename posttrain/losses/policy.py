@@ -163,7 +163,7 @@ def _clipped_objective(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: 
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                  clip_low: float = 0.2, clip_high: float = 0.2, aggregation: str = "token_mean",
+                  clip_low: float, clip_high: float, aggregation: str,
                   max_len: int | None = None, dual_clip: float | None = None,
                   is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7),
@@ -195,7 +195,7 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
 
 
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-              clip_low: float = 3e-4, clip_high: float = 4e-4, aggregation: str = "seq_mean_token_mean",
+              clip_low: float, clip_high: float, aggregation: str,
               max_len: int | None = None,
               is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """Group Sequence Policy Optimization (Zheng et al. 2025, "GSPO"), token-level form (GSPO-token):
@@ -205,8 +205,9 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         L = −1/G Σ_i 1/|y_i| Σ_t min( s_{i,t} A_{i,t}, clip(s_{i,t}, 1 − ε_low, 1 + ε_high) A_{i,t} )
 
     The ratio, and hence the clip, is per sequence; with a sequence advantage broadcast to tokens this
-    equals sequence-level GSPO. Default ε = (3e-4, 4e-4) as in the paper (sequence ratios sit far
-    closer to 1 than token ratios). Metrics are over valid tokens, each carrying its sequence's s_i.
+    equals sequence-level GSPO. The paper's ε = (3e-4, 4e-4) (sequence ratios sit far closer to 1 than
+    token ratios) is the ``gspo`` variant's default; the hyper-parameters here are required, so the
+    variant table is their one source. Metrics are over valid tokens, each carrying its sequence's s_i.
     Shapes: all inputs [B, T].
     """
     _check_clip(clip_low, clip_high)
@@ -230,7 +231,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 
 def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-               clip_low: float = 1.0, clip_high: float = 0.2, aggregation: str = "token_mean",
+               clip_low: float, clip_high: float, aggregation: str,
                max_len: int | None = None,
                is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """Clipped IS-weight Policy Optimization (MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute
@@ -239,9 +240,9 @@ def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
         L = −1/Σ_i|a_i| Σ_{i,t} sg( clip(ρ_{i,t}, 1 − ε_low, 1 + ε_high) ) · A_{i,t} · log π_θ(a_{i,t}|s_{i,t})
 
     The importance weight is clipped and detached, but every token keeps its gradient (PPO's clip
-    would zero it). The paper sets no lower bound (ε_low large) and tunes ε_high: the defaults here
-    are ε_low = 1 (weights ≥ 0, i.e. no lower clip) and ε_high = 0.2. "clip_frac" counts tokens
-    whose weight was clipped. Shapes: all inputs [B, T].
+    would zero it). The paper sets no lower bound (ε_low large) and tunes ε_high; the ``cispo`` variant
+    uses ε_low = 1 (weights ≥ 0, i.e. no lower clip) and ε_high = 4. "clip_frac" counts tokens whose
+    weight was clipped. Shapes: all inputs [B, T].
     """
     _check_clip(clip_low, clip_high)
     logp, old_logp, advantages, is_weight = _fp32(logp, old_logp, advantages, is_weight)

@@ -16,6 +16,9 @@ against 235 ms for padded causal rows and 253 ms for rows with a dense block mas
 
 from __future__ import annotations
 
+# transformers, peft and tokenizers are imported inside the functions that use them: importing them
+# costs seconds, and `posttrain <command> --help` imports this module.
+
 from contextlib import nullcontext
 
 import torch

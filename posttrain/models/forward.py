@@ -16,6 +16,7 @@ from posttrain.data.chat import Example
 from posttrain.logprobs import selective_log_softmax, token_logps
 from posttrain.models.attention import model_inputs
 from posttrain.models.heads import backbone_and_head
+from posttrain.models.loading import eval_mode
 
 
 def collate_shared(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -126,10 +127,8 @@ def ref_logp_fn(ref_model, policy, temperature: float):
 
 def policy_logp_fn(policy, temperature: float):
     def fn(mb):
-        was = policy.training
-        policy.eval()
-        out = token_forward(policy, mb, temperature)
-        policy.train(was)
+        with eval_mode(policy):
+            out = token_forward(policy, mb, temperature)
         return out["logp"], out["seq"], out["j"]
     return fn
 

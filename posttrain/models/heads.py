@@ -15,6 +15,9 @@ is not ``pad_token_id`` — so both give the same score for the same token ids (
 
 from __future__ import annotations
 
+# transformers, peft and tokenizers are imported inside the functions that use them: importing them
+# costs seconds, and `posttrain <command> --help` imports this module.
+
 from pathlib import Path
 
 import torch

@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+# transformers, peft and tokenizers are imported inside the functions that use them: importing them
+# costs seconds, and `posttrain <command> --help` imports this module.
+
+from contextlib import contextmanager
 from pathlib import Path
 
 from posttrain.config import LoraConfig, ModelConfig
@@ -103,6 +107,18 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, merge_lora: bool = Fa
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@contextmanager
+def eval_mode(model):
+    """``model.eval()`` inside the block (no dropout), its previous train/eval mode restored after it,
+    also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def tokenizer_for(cfg: ModelConfig):

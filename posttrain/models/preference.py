@@ -13,10 +13,11 @@ import torch
 
 from posttrain.data.preference import by_slot
 from posttrain.errors import ConfigError
-from posttrain.losses.direct import DIRECT_LOSSES, get_direct_loss
+from posttrain.losses.direct import DIRECT_LOSSES, get_direct_loss, needs_reference
 from posttrain.models.forward import sequence_logps
+from posttrain.models.loading import eval_mode
 
-REFERENCE_FREE = ("simpo", "orpo")
+REFERENCE_FREE = tuple(name for name, fn in DIRECT_LOSSES.items() if not needs_reference(fn))  # from the registry
 
 
 _STANDARD = {"chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "beta",
@@ -90,15 +91,13 @@ def pair_eval(model, batches: list[dict], loss_fn, autocast) -> dict[str, float]
     margin, chosen/rejected rewards and log-probs; logps/accuracy = share with log π(y_c) > log π(y_r))."""
     if not batches:
         return {}
-    was = model.training
-    model.eval()
-    total = sum(b["n_records"] for b in batches).float()
-    sums: dict[str, float] = {}
-    for b in batches:
-        with autocast():
-            _, m = loss_fn(model, b, total)
-        w = float(b["n_records"]) / float(total)
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * w
-    model.train(was)
+    with eval_mode(model):
+        total = sum(b["n_records"] for b in batches).float()
+        sums: dict[str, float] = {}
+        for b in batches:
+            with autocast():
+                _, m = loss_fn(model, b, total)
+            w = float(b["n_records"]) / float(total)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w
     return sums

@@ -28,7 +28,7 @@ import torch
 from posttrain.config import ModelConfig
 from posttrain.data.batching import collate
 from posttrain.models.forward import sequence_logps
-from posttrain.models.loading import load_causal_lm, load_policy
+from posttrain.models.loading import eval_mode, load_causal_lm, load_policy
 from posttrain.models.tiny import resolve
 
 
@@ -69,24 +69,22 @@ def compute_logps(model, examples: list, *, batch_tokens: int = 4096, pad_id: in
     out = torch.zeros(len(examples), dtype=torch.float32)
     if not examples:
         return out
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
-    start = 0
-    while start < len(order):
-        end, tokens = start, 0
-        while end < len(order) and (end == start or tokens + len(examples[order[end]]) <= batch_tokens):
-            tokens += len(examples[order[end]])
-            end += 1
-        idx = order[start:end]
-        batch = collate([examples[i] for i in idx], packing=True, pad_id=pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with (autocast or nullcontext)():
-            logp, _ = sequence_logps(model, batch)
-        out[idx] = logp.float().cpu()
-        start = end
-    model.train(was_training)
+    with eval_mode(model):
+        device = next(model.parameters()).device
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+        start = 0
+        while start < len(order):
+            end, tokens = start, 0
+            while end < len(order) and (end == start or tokens + len(examples[order[end]]) <= batch_tokens):
+                tokens += len(examples[order[end]])
+                end += 1
+            idx = order[start:end]
+            batch = collate([examples[i] for i in idx], packing=True, pad_id=pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with (autocast or nullcontext)():
+                logp, _ = sequence_logps(model, batch)
+            out[idx] = logp.float().cpu()
+            start = end
     return out
 
 
@@ -163,12 +161,8 @@ class LiveReference:
                 self.model.to(batch["input_ids"].device)
             return sequence_logps(self.model, batch)[0]
         model = policy if policy is not None else self.policy
-        with adapters_disabled(getattr(model, "module", model)) as base:
-            was = base.training
-            base.eval()
-            out = sequence_logps(base, batch)[0]
-            base.train(was)
-        return out
+        with adapters_disabled(getattr(model, "module", model)) as base, eval_mode(base):
+            return sequence_logps(base, batch)[0]
 
 
 # ----------------------------------------------------------------------------- sampled metrics

@@ -8,6 +8,9 @@ ChatML chat template. The saved directory loads with ``AutoTokenizer`` / ``AutoM
 
 from __future__ import annotations
 
+# transformers, peft and tokenizers are imported inside the functions that use them: importing them
+# costs seconds, and `posttrain <command> --help` imports this module.
+
 import hashlib
 import json
 import os

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.models.loading import eval_mode
+
 
 class RewardModelScorer:
     """Scores (prompt, response) pairs with a scalar-head reward model.
@@ -68,23 +70,21 @@ class RewardModelScorer:
 
         if not examples:
             return torch.zeros(0)
-        was_training = self.model.training
-        self.model.eval()
-        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
-        out = torch.empty(len(examples))
-        start = 0
-        while start < len(order):
-            # greedy token budget: longest first, so each batch holds similar lengths
-            end, tokens = start, 0
-            while end < len(order) and (end == start or tokens + len(examples[order[end]]) <= self.batch_tokens):
-                tokens += len(examples[order[end]])
-                end += 1
-            idx = order[start:end]
-            batch = collate([examples[i] for i in idx], packing=self.packing, pad_id=self.pad_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            out[idx] = sequence_rewards(self.model, batch, self.pad_id).float().cpu()
-            start = end
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+            out = torch.empty(len(examples))
+            start = 0
+            while start < len(order):
+                # greedy token budget: longest first, so each batch holds similar lengths
+                end, tokens = start, 0
+                while end < len(order) and (end == start or tokens + len(examples[order[end]]) <= self.batch_tokens):
+                    tokens += len(examples[order[end]])
+                    end += 1
+                idx = order[start:end]
+                batch = collate([examples[i] for i in idx], packing=self.packing, pad_id=self.pad_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                out[idx] = sequence_rewards(self.model, batch, self.pad_id).float().cpu()
+                start = end
         return out
 
     def score(self, prompts: list, responses: list) -> list[float]:

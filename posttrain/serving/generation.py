@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from posttrain.engines.rollout import HFRolloutEngine, SamplingParams
+from posttrain.models.loading import eval_mode
 
 
 @dataclass
@@ -65,11 +66,8 @@ def teacher_forced_logprobs(model, pad_token_id: int, rows: list[tuple[list[int]
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
-    model.train(was_training)
     out = []
     for i, (p, c) in enumerate(rows):
         if not c:

@@ -2,6 +2,7 @@
 truncation policies, dynamic sampling, packed log-probs, minibatches, exact accumulation."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from posttrain.rewards.combine import check_reward_config, combine_rewards
 from posttrain.rollouts.config import RLTrainConfig, RolloutConfig, ShapingConfig, plan_batches
 from posttrain.rollouts.experience import Experience, ExperienceMaker, fill_invalid, minibatches
 from posttrain.rollouts.metrics import group_std_zero_frac
+from posttrain.rollouts.online import pg_recipe
 
 # ----------------------------------------------------------------------------- fakes
 
@@ -322,7 +324,7 @@ def test_accumulation_is_exact(variant, tiny_model):
     from posttrain.kl import FixedKLController
 
     cfg = _grpo_cfg(f"variant={variant}", "kl.beta=0.1")
-    loss_fn, count_fn = make_loss(cfg, FixedKLController(0.1), max_len=8)
+    loss_fn, count_fn = make_loss(replace(pg_recipe(cfg), max_len=8), FixedKLController(0.1))
     exp = _fake_experience()
 
     def grads(micro_lists):
@@ -347,7 +349,7 @@ def test_policy_gradient_raises_logp_of_positive_advantage(tiny_model):
     from posttrain.kl import FixedKLController
 
     cfg = _grpo_cfg("kl.beta=0")
-    loss_fn, count_fn = make_loss(cfg, FixedKLController(0.0), max_len=8)
+    loss_fn, count_fn = make_loss(replace(pg_recipe(cfg), max_len=8), FixedKLController(0.0))
     exp = _fake_experience()
     exp.ref_logp = None
     mb = exp.micro_batch(list(range(8)))

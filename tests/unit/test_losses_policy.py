@@ -1,5 +1,6 @@
 """Policy losses: aggregation (the RLHF book's worked example), PPO clip cases, GSPO, CISPO, KL, value."""
 
+import functools
 import math
 
 import pytest
@@ -71,7 +72,7 @@ def _ppo_inputs():
 
 def test_ppo_clip_cases_by_hand():
     logp, old, adv, mask = _ppo_inputs()
-    loss, m = ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    loss, m = ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2, aggregation="token_mean")
     # token: ρ,   A  -> −min(ρA, clip(ρ)A)                       ∂/∂logp (before /5)
     # 0:   1.5, +1 -> −min(1.5, 1.2) = −1.2   clipped above       0
     # 1:   0.5, −1 -> −min(−0.5, −0.8) = 0.8  clipped below       0
@@ -95,7 +96,7 @@ def test_ppo_clip_cases_by_hand():
 
 def test_ppo_clip_higher_is_asymmetric():
     logp, old, adv, mask = _ppo_inputs()
-    loss, _ = ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.6)
+    loss, _ = ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.6, aggregation="token_mean")
     # token 0 (ρ = 1.5 < 1.6) is no longer clipped: −1.5 instead of −1.2
     assert loss.item() == pytest.approx((-1.5 + 0.8 - 2.2 - 0.5 + 1.5) / 5, abs=1e-12)
     loss.backward()
@@ -106,14 +107,16 @@ def test_ppo_dual_clip():
     old = torch.zeros(1, 2, dtype=F64)
     logp = torch.tensor([[math.log(5.0), math.log(2.0)]], dtype=F64, requires_grad=True)
     adv = torch.tensor([[-1.0, -1.0]], dtype=F64)
-    loss, m = ppo_clip_loss(logp, old, adv, torch.ones(1, 2), dual_clip=3.0, aggregation="seq_mean_token_mean")
+    loss, m = ppo_clip_loss(logp, old, adv, torch.ones(1, 2), clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+                            aggregation="seq_mean_token_mean")
     # token 0: −min(−5, −1.2) = 5, capped by −cA = 3 (no gradient); token 1: −min(−2, −1.2) = 2, under the cap
     assert loss.item() == pytest.approx((3 + 2) / 2, abs=1e-12)
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 1.0]], dtype=F64), rtol=0, atol=1e-12)
     assert m["dual_clip_frac"].item() == 0.5
     with pytest.raises(ConfigError):
-        ppo_clip_loss(logp, old, adv, torch.ones(1, 2), dual_clip=0.5)
+        ppo_clip_loss(logp, old, adv, torch.ones(1, 2), clip_low=0.2, clip_high=0.2, aggregation="token_mean",
+                      dual_clip=0.5)
 
 
 def test_ppo_on_policy_gradient_is_vanilla_policy_gradient():
@@ -121,7 +124,8 @@ def test_ppo_on_policy_gradient_is_vanilla_policy_gradient():
     g = torch.Generator().manual_seed(0)
     logp = torch.randn(3, 4, generator=g, dtype=F64).requires_grad_(True)
     adv = torch.randn(3, 4, generator=g, dtype=F64)
-    loss, m = ppo_clip_loss(logp, logp.detach(), adv, torch.ones(3, 4))
+    loss, m = ppo_clip_loss(logp, logp.detach(), adv, torch.ones(3, 4), clip_low=0.2, clip_high=0.2,
+                            aggregation="token_mean")
     loss.backward()
     torch.testing.assert_close(logp.grad, -adv / 12, rtol=0, atol=1e-12)
     assert m["clip_frac"].item() == 0.0 and m["approx_kl"].item() == 0.0
@@ -136,7 +140,7 @@ def test_gspo_hand_values():
     # row 1: log ratios [0.5, 0.5]  -> s = exp(0.5) = 1.6487213 > 1.2 with A > 0: clipped to 1.2
     logp = torch.tensor([[0.1, -0.3], [0.5, 0.5]], dtype=F64, requires_grad=True)
     adv = torch.ones(2, 2, dtype=F64)
-    loss, m = gspo_loss(logp, old, adv, torch.ones(2, 2), clip_low=0.2, clip_high=0.2)
+    loss, m = gspo_loss(logp, old, adv, torch.ones(2, 2), clip_low=0.2, clip_high=0.2, aggregation="seq_mean_token_mean")
     s = math.exp(-0.1)
     assert loss.item() == pytest.approx((-s - 1.2) / 2, abs=1e-12)
     loss.backward()
@@ -150,10 +154,11 @@ def test_gspo_clips_sequences_not_tokens():
     # log ratios [0.5, −0.5]: s = 1, so GSPO keeps both tokens; PPO clips the first token
     old = torch.zeros(1, 2, dtype=F64)
     logp = torch.tensor([[0.5, -0.5]], dtype=F64, requires_grad=True)
-    loss, _ = gspo_loss(logp, old, torch.ones(1, 2, dtype=F64), torch.ones(1, 2), clip_low=0.2, clip_high=0.2)
+    loss, _ = gspo_loss(logp, old, torch.ones(1, 2, dtype=F64), torch.ones(1, 2), clip_low=0.2, clip_high=0.2, aggregation="seq_mean_token_mean")
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[-0.5, -0.5]], dtype=F64), rtol=0, atol=1e-12)
-    _, m = ppo_clip_loss(logp, old, torch.ones(1, 2, dtype=F64), torch.ones(1, 2))
+    _, m = ppo_clip_loss(logp, old, torch.ones(1, 2, dtype=F64), torch.ones(1, 2), clip_low=0.2, clip_high=0.2,
+                         aggregation="token_mean")
     assert m["clip_frac"].item() == 0.5
 
 
@@ -165,7 +170,7 @@ def test_gspo_token_form_equals_sequence_form():
     a_seq = torch.randn(4, generator=g, dtype=F64)
     adv = a_seq[:, None].expand(4, 5)
     logp = logp0.clone().requires_grad_(True)
-    loss, _ = gspo_loss(logp, old, adv, mask, clip_low=0.03, clip_high=0.04)
+    loss, _ = gspo_loss(logp, old, adv, mask, clip_low=0.03, clip_high=0.04, aggregation="seq_mean_token_mean")
     loss.backward()
     # sequence level: −1/B Σ_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t log ρ_it)
     ref_p = logp0.clone().requires_grad_(True)
@@ -183,7 +188,7 @@ def test_cispo_hand_values():
     old = torch.full((1, 2), -1.0, dtype=F64)
     logp = torch.tensor([[-1.0 + math.log(1.5), -1.0 + math.log(0.5)]], dtype=F64, requires_grad=True)
     adv = torch.tensor([[1.0, -1.0]], dtype=F64)
-    loss, m = cispo_loss(logp, old, adv, torch.ones(1, 2), clip_low=0.2, clip_high=0.2)
+    loss, m = cispo_loss(logp, old, adv, torch.ones(1, 2), clip_low=0.2, clip_high=0.2, aggregation="token_mean")
     # weights sg(clip(ρ)) = [1.2, 0.8]; per token −w A logp: −1.2·(−0.5945349) = 0.7134419,
     # −0.8·(−1)·(−1.6931472) = −1.3545177; token mean −0.3205379
     lp = [-1.0 + math.log(1.5), -1.0 + math.log(0.5)]
@@ -197,7 +202,8 @@ def test_cispo_hand_values():
 def test_cispo_default_has_no_lower_bound():
     old = torch.zeros(1, 1, dtype=F64)
     logp = torch.tensor([[math.log(0.5)]], dtype=F64, requires_grad=True)
-    loss, m = cispo_loss(logp, old, -torch.ones(1, 1, dtype=F64), torch.ones(1, 1))
+    loss, m = cispo_loss(logp, old, -torch.ones(1, 1, dtype=F64), torch.ones(1, 1), clip_low=1.0, clip_high=0.2,
+                         aggregation="token_mean")
     loss.backward()
     assert logp.grad.item() == pytest.approx(0.5, abs=1e-12)  # weight ρ = 0.5 unclipped
     assert m["clip_frac"].item() == 0.0
@@ -231,7 +237,8 @@ def test_is_weight_scales_each_tokens_term(name):
     torch.manual_seed(0)
     logp = (torch.randn(2, 3, dtype=F64) * 0.1 - 1).requires_grad_()
     old, adv, mask = logp.detach(), torch.tensor([[1.0] * 3, [-2.0] * 3], dtype=F64), torch.ones(2, 3)
-    fn = POLICY_LOSSES[name]
+    clip = {"ppo": (0.2, 0.2), "gspo": (3e-4, 4e-4), "cispo": (1.0, 0.2)}[name]
+    fn = functools.partial(POLICY_LOSSES[name], clip_low=clip[0], clip_high=clip[1])
     base, _ = fn(logp, old, adv, mask, aggregation="token_mean")
     same, _ = fn(logp, old, adv, mask, aggregation="token_mean", is_weight=torch.ones(2, 3, dtype=F64))
     assert same.item() == base.item()
@@ -294,6 +301,12 @@ def test_explained_variance_hand_value():
     assert explained_variance(returns, returns, mask).item() == 1.0
 
 
+# the hyper-parameters the pure losses defaulted to before they became required keyword arguments
+FORMER_DEFAULTS = {"ppo": dict(clip_low=0.2, clip_high=0.2, aggregation="token_mean"),
+                   "gspo": dict(clip_low=3e-4, clip_high=4e-4, aggregation="seq_mean_token_mean"),
+                   "cispo": dict(clip_low=1.0, clip_high=0.2, aggregation="token_mean")}
+
+
 def test_registry_and_metrics_detached():
     assert POLICY_LOSSES == {"ppo": ppo_clip_loss, "gspo": gspo_loss, "cispo": cispo_loss}
     assert get_policy_loss("gspo") is gspo_loss
@@ -301,8 +314,8 @@ def test_registry_and_metrics_detached():
         get_policy_loss("grpo")
     g = torch.Generator().manual_seed(2)
     logp = torch.randn(2, 3, generator=g, requires_grad=True)
-    for fn in POLICY_LOSSES.values():
-        loss, m = fn(logp, logp.detach() + 0.1, torch.randn(2, 3, generator=g), torch.ones(2, 3))
+    for name, fn in POLICY_LOSSES.items():
+        loss, m = fn(logp, logp.detach() + 0.1, torch.randn(2, 3, generator=g), torch.ones(2, 3), **FORMER_DEFAULTS[name])
         assert loss.dim() == 0 and loss.requires_grad
         assert all(not v.requires_grad and v.dim() == 0 for v in m.values())
 
@@ -310,8 +323,8 @@ def test_registry_and_metrics_detached():
 def test_runs_on_meta_tensors_so_no_host_sync():
     x = torch.randn(2, 3, device="meta", requires_grad=True)
     m = torch.ones(2, 3, device="meta")
-    for fn in POLICY_LOSSES.values():
-        fn(x, x.detach(), x.detach(), m)[0].backward()
+    for name, fn in POLICY_LOSSES.items():
+        fn(x, x.detach(), x.detach(), m, **FORMER_DEFAULTS[name])[0].backward()
     value_loss(x, x.detach(), x.detach(), m, clip=0.2)[0].backward()
     kl_penalty_in_loss(x, x.detach(), m).sum().backward()
     assert explained_variance(x, x, m).shape == ()

@@ -1,0 +1,194 @@
+"""What every online RL loop shares, as plain functions the loops compose (no base trainer).
+
+- :class:`PGRecipe`: every choice of a policy-gradient update, made ONCE from the config at start-up
+  (loss function and clip range, aggregation and its count, KL placement and estimator, entropy
+  bonus, rollout-mismatch correction). The loops read the recipe; no config flag is read twice.
+- :func:`policy_gradient_terms`: the policy part of the loss of a micro-batch — the policy loss with
+  the TIS weight, β·KL in the loss, the entropy bonus — shared by GRPO and PPO.
+- :func:`online_setup` / :func:`end_rl_step`: the start of a run (data and rewards first, then the
+  model, the train engine, the reference, the rollout engine, the experience maker, the KL controller,
+  resume) and the end of each RL step (reduce across processes, KL controller, log, checkpoint and
+  evaluate). What remains in an algorithm file is its own sample → score → advantage → update body.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.engines.loop import between_steps
+from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.logprobs import entropy_from_logits
+from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
+from posttrain.models.forward import ref_logp_fn, to_layout
+from posttrain.models.loading import tokenizer_for
+from posttrain.models.reference import frozen_reference
+from posttrain.rewards.combine import load_rewards
+from posttrain.rollouts.config import BatchPlan, RolloutConfig, kl_controller, plan_batches, rl_steps
+from posttrain.rollouts.experience import (
+    ExperienceMaker,
+    load_eval_records,
+    load_prompt_records,
+    make_engine,
+    rollout_is_weight,
+)
+from posttrain.rollouts.metrics import reduce_metrics
+from posttrain.rollouts.task_eval import task_eval
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+@dataclass(frozen=True)
+class PGRecipe:
+    """The choices of a policy-gradient update (see the module docstring)."""
+
+    policy_loss: Callable[..., tuple[torch.Tensor, dict]]
+    clip_low: float
+    clip_high: float
+    aggregation: str
+    max_len: int                 # L_max of the fixed-length aggregation: the generation budget
+    temperature: float           # the trainer divides its logits by the sampling temperature too
+    kl_in_loss: bool             # β·KL added to the loss (GRPO); else subtracted from the reward, or off
+    kl_in_reward: bool
+    kl_estimator: str
+    entropy_coef: float
+    rollout: RolloutConfig       # the rollout-mismatch correction (rollout.correction, rollout.tis_cap)
+
+    def count(self, mb: dict) -> torch.Tensor:
+        """What the aggregation averages over in a micro-batch: tokens for ``token_mean``, else rows (a
+        rollout left out of the loss counts as a sequence with loss 0, as in ``aggregate``), so that
+        Σ_micro aggregate · count / total is the step's aggregate exactly."""
+        if self.aggregation == "token_mean":
+            return mb["mask"].sum()
+        return torch.tensor(float(mb["mask"].shape[0]))
+
+
+def pg_recipe(cfg, policy_loss: str = "ppo") -> PGRecipe:
+    """The recipe of a GRPO-family or PPO config (``cfg.loss``, ``cfg.kl``, ``cfg.rollout``)."""
+    L, kl = cfg.loss, cfg.kl
+    return PGRecipe(policy_loss=get_policy_loss(getattr(L, "policy_loss", None) or policy_loss),
+                    clip_low=L.clip_low, clip_high=L.clip_high, aggregation=L.aggregation,
+                    max_len=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                    kl_in_loss=kl.placement == "loss" and kl.beta > 0,
+                    kl_in_reward=kl.placement == "reward" and kl.beta > 0,
+                    kl_estimator=kl.estimator, entropy_coef=L.entropy_coef, rollout=cfg.rollout)
+
+
+def policy_gradient_terms(recipe: PGRecipe, out: dict, mb: dict, old_logp: torch.Tensor | None, kl_coef: float):
+    """(loss, policy loss alone, metrics, logp [n, T]) of a micro-batch from the policy's
+    ``token_forward`` output ``out`` (with logits): the policy loss weighted by the TIS correction,
+    + β·KL when the KL goes in the loss, − c_H·entropy when the bonus is on. ``entropy`` is logged
+    either way (its gradient flows only when the bonus is on)."""
+    mask = mb["mask"]
+    n, T = mask.shape
+    logp = to_layout(out["logp"], out["seq"], out["j"], n, T)
+    if old_logp is None:  # one update per batch: π_old is this very forward (ρ ≡ 1, the plain policy gradient)
+        old_logp = logp.detach()
+    is_w, tis_m = rollout_is_weight(recipe.rollout, old_logp, mb["rollout_logp"], mask)
+    pg, m = recipe.policy_loss(logp, old_logp, mb["advantages"], mask, clip_low=recipe.clip_low,
+                               clip_high=recipe.clip_high, aggregation=recipe.aggregation,
+                               max_len=recipe.max_len, is_weight=is_w)
+    loss = pg
+    if recipe.kl_in_loss:
+        kl_tok = kl_penalty_in_loss(logp, mb["ref_logp"], mask, recipe.kl_estimator)
+        loss = loss + kl_coef * aggregate(kl_tok, mask, recipe.aggregation, recipe.max_len)
+    logits = out["logits"] if recipe.entropy_coef else out["logits"].detach()
+    ent = to_layout(entropy_from_logits(logits), out["seq"], out["j"], n, T)
+    if recipe.entropy_coef:
+        loss = loss - recipe.entropy_coef * aggregate(ent, mask, recipe.aggregation, recipe.max_len)
+    metrics = {**m, **tis_m, "entropy": (ent.detach() * mask).sum() / mask.sum().clamp(min=1)}
+    return loss, pg, metrics, logp
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Online:
+    """Everything an online loop holds between steps (built by :func:`online_setup`)."""
+
+    cfg: object
+    command: str
+    run_dir: object
+    tokenizer: object
+    engine: TrainEngine
+    plan: BatchPlan
+    n_steps: int
+    updates: int                 # optimizer steps per RL step
+    ref_fn: Callable | None      # micro-batch -> reference log-probs, or None when no reference is needed
+    gen: object                  # the rollout engine
+    maker: ExperienceMaker
+    kl_ctl: object
+    logger: MetricsLogger
+    progress: Progress
+    step: int
+    evaluate: Callable[[], dict]
+    summary: dict
+
+
+def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable = lambda m: m,
+                 check_engine: Callable[[TrainEngine], None] | None = None) -> Online:
+    """Data, rewards and run directory first (a bad row or reward spec stops the run before any model
+    loads), then ``build_model(tokenizer)``, the train engine (``check_engine(engine)`` may refuse what
+    its world size cannot do), the reference, the rollout engine, the experience maker and the KL
+    controller; resumes from the newest checkpoint when asked. ``policy_of(unwrapped model)`` is the
+    causal LM that samples (PPO's actor-critic holds it)."""
+    records = load_prompt_records(cfg.rollout)
+    eval_records = load_eval_records(cfg.rollout)
+    rewards = load_rewards(cfg.reward, cfg.reward_weights)
+    run_dir = make_run_dir(cfg.train, command, cfg)
+    tokenizer = tokenizer_for(cfg.model)
+    model = build_model(tokenizer)
+    n_steps = rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
+    updates = cfg.loss.ppo_epochs * plan_batches(cfg.rollout, cfg.train).minibatches
+    engine = TrainEngine(model, cfg.train, n_steps * updates, run_dir)
+    if check_engine is not None:
+        check_engine(engine)
+    plan = plan_batches(cfg.rollout, cfg.train, engine.world_size)
+    policy, temp = policy_of(engine.unwrapped), cfg.rollout.temperature
+    need_ref = cfg.kl.beta > 0 or cfg.kl.track
+    ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
+    gen = make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path)
+    maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
+                            rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
+                            rank=engine.rank, world=engine.world_size)
+    kl_ctl = kl_controller(cfg.kl)
+    logger = MetricsLogger(run_dir, enabled=engine.is_main)
+    extra, step = engine.maybe_resume(), 0
+    if extra is not None:
+        step, kl_ctl.value = extra["rl_step"], extra["kl_coef"]
+        logger.truncate_after(step)
+
+    def evaluate() -> dict[str, float]:
+        return task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts, cfg.task_eval_samples,
+                         cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
+
+    summary = {"world_size": engine.world_size, "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
+               "rollouts_per_step": cfg.rollout.prompts_per_step * cfg.rollout.group_size}
+    o = Online(cfg, command, run_dir, tokenizer, engine, plan, n_steps, updates,
+               ref_logp_fn(ref_model, policy, temp) if need_ref else None, gen, maker, kl_ctl, logger,
+               Progress(n_steps, command, cfg.train.progress), step, evaluate, summary)
+    if step == 0 and engine.is_main:
+        summary["initial"] = evaluate()
+        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
+    return o
+
+
+def end_rl_step(o: Online, m: dict, n_rollouts: int, t0: float) -> dict:
+    """After RL step ``o.step``'s updates: count the step, reduce the metrics across processes, move
+    the KL controller, log (every ``train.log_every`` steps and the last), checkpoint and evaluate when
+    due. Returns the reduced metrics row."""
+    o.step += 1
+    m = reduce_metrics(o.engine, m)
+    if "kl" in m:
+        o.kl_ctl.update(m["kl"], n_rollouts * o.engine.world_size)
+    m["kl_coef"], m["step_s"] = o.kl_ctl.value, time.perf_counter() - t0
+    if o.step % o.cfg.train.log_every == 0 or o.step == o.n_steps:
+        o.logger.log(o.step, m)
+        o.progress.update(o.step, f"reward {m.get('reward/mean', float('nan')):.3f}  kl {m.get('kl', 0.0):.3f}")
+    between_steps(o.engine, o.cfg.train, o.step, o.n_steps, o.evaluate, o.logger,
+                  {"rl_step": o.step, "kl_coef": o.kl_ctl.value})
+    return m
