@@ -416,3 +416,29 @@ def test_label_import_reads_the_trainers_layouts(tmp_path):
     (spec,), _ = importing.read_tasks(jsonl(tmp_path / "uf.jsonl", [ULTRAFEEDBACK]))
     assert spec.prompt == msgs(("user", "Name a primary color."))
     assert [c for c, _ in spec.candidates] == ["Red is a primary color.", "Purple."]
+
+
+def test_data_inspect_on_csv_datasetdict_and_tool_calling_fixtures(tmp_path):
+    import datasets
+    import pandas as pd
+
+    src = jsonl(tmp_path / "m.jsonl", [{"messages": msgs(("user", "Hi"), ("assistant", "Hello."))}])
+    pd.read_json(src, lines=True).to_csv(tmp_path / "m.csv", index=False)
+    rep = json.loads(_inspect(str(tmp_path / "m.csv"), "--json")[1].strip().splitlines()[-1])
+    assert rep["format"] == "messages" and rep["examples"][0]["completion"] == "Hello.<|im_end|>"
+    assert any("decoded" in r for r in rep["readings"])
+
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list([ULTRAFEEDBACK])}).save_to_disk(str(tmp_path / "dd"))
+    code, out = _inspect(str(tmp_path / "dd"), "--task", "dpo", "--split", "train_prefs")
+    assert code == 0 and "format: prompt + conversations" in out and "⟦Purple.<|im_end|>⟧" in out
+    assert f"{tmp_path / 'dd'}[train_prefs]" in out
+
+    tools = {"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"type": "function", "function": {"name": "calc", "arguments": {"e": "2+2"}}}]},
+                          {"role": "tool", "content": "4"}, {"role": "assistant", "content": "4."}],
+             "tools": [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]}
+    code, out = _inspect(jsonl(tmp_path / "t.jsonl", [tools]))
+    assert code == 0 and "format: messages" in out
+    assert '⟦<tool_call>{"name": "calc", "arguments": {"e": "2+2"}}</tool_call><|im_end|>⟧' in out
+    assert "<|im_start|>tool\n4<|im_end|>" in out and "⟦4.<|im_end|>⟧" in out
