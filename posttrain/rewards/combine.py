@@ -69,22 +69,11 @@ class weighted_sum:  # noqa: N801 - a factory that reads like a function
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
         check_batch(prompts, completions, self.name)
-        totals: list[float | None] = [0.0] * len(completions)
-        self.last_components = {}
-        for key, (fn, weight) in self.components.items():
-            values = list(fn(prompts, completions, **columns))
-            if len(values) != len(completions):
-                raise ConfigError(f"reward {key!r} returned {len(values)} values for {len(completions)} completions",
-                                  fix="a reward function returns one float (or None) per completion")
-            self.last_components[key] = values
-            for i, v in enumerate(values):
-                if v is None:
-                    v = self.none_as
-                if v is None or totals[i] is None:
-                    totals[i] = None
-                else:
-                    totals[i] += weight * float(v)
-        return totals
+        self.last_components = {key: list(fn(prompts, completions, **columns))
+                                for key, (fn, _) in self.components.items()}
+        weights = {key: w for key, (_, w) in self.components.items()}
+        return sum_components(self.last_components, weights, n=len(completions),
+                              none="propagate" if self.none_as is None else self.none_as)
 
     def close(self) -> None:
         """Close components that hold worker processes."""
@@ -269,27 +258,45 @@ def check_reward_config(specs: list[str], weights: list[float]) -> None:
         raise ConfigError("no reward given", where="reward", fix="e.g. reward=builtin_correct")
 
 
-def combine_rewards(components: dict[str, list], weights: dict[str, float]):
-    """Weighted sum over the functions that apply (None = does not apply), and which samples any
-    function applied to. -> (total [N] fp32 tensor, valid [N] bool tensor)."""
-    import torch  # here, not at the top: importing posttrain.rewards stays cheap (math-verify workers)
+def sum_components(components: dict[str, list], weights: dict[str, float], *, none: str | float = "propagate",
+                   n: int | None = None, mismatch_error: type = ConfigError) -> list[float | None]:
+    """The one combination rule: Σ_k weight_k · value_k, sample by sample, over reward components.
 
+    A component's ``None`` ("does not apply to this sample") is handled by ``none``:
+    ``"propagate"``: the sample's sum is None; a number: used as the value; ``"skip"``: the component
+    is left out of that sample's sum, which is None only when no component applies (the RL commands'
+    rule). Every list must hold ``n`` values (default: the first list's length); ``mismatch_error``
+    is raised otherwise, and a DataError for a non-finite value."""
     names = list(components)
-    n = len(components[names[0]]) if names else 0
-    total = torch.zeros(n, dtype=torch.float64)
-    valid = torch.zeros(n, dtype=torch.bool)
+    n = len(components[names[0]]) if n is None and names else (n or 0)
+    totals: list[float | None] = [None if none == "skip" else 0.0] * n
     for name in names:
         vals = components[name]
         if len(vals) != n:
-            raise DataError(f"reward '{name}' returned {len(vals)} values for {n} completions",
-                            where=f"reward {name}", fix="return one float (or None) per completion")
+            raise mismatch_error(f"reward '{name}' returned {len(vals)} values for {n} completions",
+                              where=f"reward {name}", fix="a reward function returns one float (or None) per completion")
         for i, v in enumerate(vals):
             if v is None:
-                continue
-            v = float(v)
-            if not math.isfinite(v):
-                raise DataError(f"reward '{name}' returned {v} for completion {i}", where=f"reward {name}",
+                if none == "skip":
+                    continue
+                if none == "propagate":
+                    totals[i] = None
+                    continue
+                v = none
+            elif not math.isfinite(float(v)):
+                raise DataError(f"reward '{name}' returned {float(v)} for completion {i}", where=f"reward {name}",
                                 fix="return a finite float, or None where the reward does not apply")
-            total[i] += weights[name] * v
-            valid[i] = True
+            if totals[i] is not None or none == "skip":
+                totals[i] = (totals[i] or 0.0) + weights[name] * float(v)
+    return totals
+
+
+def combine_rewards(components: dict[str, list], weights: dict[str, float]):
+    """The RL commands' rewards: :func:`sum_components` with ``none="skip"`` (a sample no function
+    applies to is left out of the loss). -> (total [N] fp32 tensor, valid [N] bool tensor)."""
+    import torch  # here, not at the top: importing posttrain.rewards stays cheap (math-verify workers)
+
+    totals = sum_components(components, weights, none="skip", mismatch_error=DataError)
+    valid = torch.tensor([t is not None for t in totals], dtype=torch.bool)
+    total = torch.tensor([0.0 if t is None else t for t in totals], dtype=torch.float64)
     return total.float(), valid
