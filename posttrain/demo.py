@@ -13,7 +13,8 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.config import opt
+from posttrain.config import opt, read_yaml
+from posttrain.pipeline import run_spec
 
 SPEC = Path(__file__).parent / "pipelines" / "demo.yaml"
 
@@ -26,8 +27,6 @@ class DemoConfig:
 
 
 def demo_spec(quick: bool) -> dict:
-    from posttrain.config import read_yaml
-
     spec = read_yaml(SPEC)
     overrides = spec.pop("quick", {})
     if quick:
@@ -48,7 +47,6 @@ def _merge(base: dict, over: dict) -> dict:
 def run(cfg: DemoConfig) -> dict:
     from rich.console import Console
 
-    from posttrain.pipeline import run_spec
 
     console = Console()
     run_dir = Path(cfg.output_dir + ("-quick" if cfg.quick else ""))

@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from posttrain.commands import COMMANDS, load_command
 from posttrain.config import build, opt, read_yaml, validate
 from posttrain.errors import ConfigError
 
@@ -86,8 +87,6 @@ def _with_output(cls, tree: dict, out: Path) -> dict:
 
 def load_stages(spec: dict, run_dir: Path, where: str) -> list[tuple[Stage, Any]]:
     """Build and validate every stage's config (nothing runs)."""
-    from posttrain.commands import COMMANDS, load_command
-
     stages_spec = spec.get("stages")
     if not isinstance(stages_spec, list) or not stages_spec:
         raise ConfigError("a pipeline needs a non-empty 'stages' list", where=where)
@@ -118,8 +117,6 @@ def load_stages(spec: dict, run_dir: Path, where: str) -> list[tuple[Stage, Any]
 
 
 def run_spec(spec: dict, run_dir: Path, where: str, only=(), force=(), on_stage=None) -> dict:
-    from posttrain.commands import COMMANDS, load_command
-
     stages = load_stages(spec, run_dir, where)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.yaml").write_text(json.dumps(spec, indent=2))

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from posttrain.data.chat import Example
+from posttrain.errors import ConfigError, DataError
 
 # A bucket holds attention sequences at least this fraction of its longest one: its padding (inside
 # attention only) stays under 1 - BUCKET_FILL per sequence, with a handful of kernel calls per layer.
@@ -233,8 +234,6 @@ class StepSampler:
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None):
-        from posttrain.errors import DataError
-
         if n < batch_size:
             raise DataError(f"only {n} training examples for a global batch of {batch_size}",
                             where="data.train", fix=f"lower train.batch_size to at most {n} or add data")
@@ -260,8 +259,6 @@ class StepSampler:
 
 def shard(indices: Sequence[int], rank: int, world: int, micro: int) -> list[list[int]]:
     """This process's contiguous share of a global batch, split into micro-batches."""
-    from posttrain.errors import ConfigError
-
     if len(indices) % (world * micro):
         raise ConfigError(f"a global batch of {len(indices)} cannot be split into {world} process(es) x "
                           f"micro-batches of {micro}", where="train.micro_batch_size",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import DataError
+from posttrain.tasks.builtin import BUILTIN_SOURCES
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -51,8 +52,6 @@ class Source:
 def read_source(source: str, split: str = "train", split_key: str = "data.split") -> Source:
     """All rows of ``source``; unreadable lines become rows with a ``problem``."""
     if source.startswith("builtin:"):
-        from posttrain.tasks.builtin import BUILTIN_SOURCES
-
         name = source.split(":", 1)[1]
         if name not in BUILTIN_SOURCES:
             raise DataError(f"unknown built-in dataset '{name}'", where=source,

@@ -30,6 +30,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from posttrain.data.chat import encode_prompt
+from posttrain.engines.fast_decode import SUPPORTED, FastDecoder, unsupported_reason
 from posttrain.errors import ConfigError, ModelError
 from posttrain.models.loading import eval_mode
 
@@ -187,8 +189,6 @@ class HFRolloutEngine:
 
     def __init__(self, model, pad_token_id: int, fast: bool | str = "auto", compile: bool = False,
                  dtype: torch.dtype | str | None = None, tokenizer=None, max_batch_size: int = 128):
-        from posttrain.engines.fast_decode import SUPPORTED, FastDecoder, unsupported_reason
-
         if fast not in (True, False, "auto"):
             raise ConfigError(f"fast={fast!r} must be True, False or 'auto'", where="HFRolloutEngine")
         if isinstance(dtype, str):
@@ -340,7 +340,6 @@ def engine_dtype(choice: str, model) -> torch.dtype | None:
         return None
     if choice == "bfloat16":
         return torch.bfloat16
-    from posttrain.engines.fast_decode import unsupported_reason
 
     p = next(model.parameters())
     probe = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -350,8 +349,6 @@ def engine_dtype(choice: str, model) -> torch.dtype | None:
 
 
 def rollout_engine(model, tokenizer):
-    from posttrain.engines.rollout import HFRolloutEngine
-
     return HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer)
 
 
@@ -365,9 +362,6 @@ def sample_texts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, t
 def sample_rollouts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, temperature: float,
                     seed: int, engine=None) -> list:
     """``n`` rollouts per prompt (grouped contiguously) with token ids, for scoring and KL."""
-    from posttrain.data.chat import encode_prompt
-    from posttrain.engines.rollout import SamplingParams
-
     engine = engine or rollout_engine(model, tokenizer)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed,

@@ -26,7 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.config import ModelConfig, opt
+from posttrain.data.formats import load_records
+from posttrain.data.records import ReadOptions
+from posttrain.engines.loop import write_summary
+from posttrain.engines.rollout import sample_rollouts
+from posttrain.engines.train import seed_everything
 from posttrain.errors import ConfigError
+from posttrain.evaluation import stats
+from posttrain.judges.backends import backend_from_spec
+from posttrain.judges.pairwise import Pair, judge_pairs
+from posttrain.models.forward import completion_logps
+from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.rewards.reward_model import RewardModelScorer
+from posttrain.tasks import builtin
 
 
 @dataclass
@@ -74,15 +86,11 @@ class _Models:
 
     def policy(self, path: str):
         if path not in self._cache:
-            from posttrain.models.loading import load_policy
-
             self._cache[path] = load_policy(ModelConfig(name_or_path=path))
         return self._cache[path]
 
 
 def _sample(models, tokenizer, path, prompts, n, cfg, seed):
-    from posttrain.engines.rollout import sample_rollouts
-
     model = models.policy(path)
     rolls = sample_rollouts(model, tokenizer, prompts, n, cfg.max_new_tokens, cfg.temperature, seed)
     texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rolls]
@@ -91,8 +99,6 @@ def _sample(models, tokenizer, path, prompts, n, cfg, seed):
 
 def _kl(models, path, ref_path, rolls) -> tuple[float, float]:
     """Mean and standard error of log π(y) − log π_ref(y) over samples y ~ π."""
-    from posttrain.models.forward import completion_logps
-
     p = [r.prompt_ids for r in rolls]
     c = [r.completion_ids for r in rolls]
     diff = (completion_logps(models.policy(path), p, c) - completion_logps(models.policy(ref_path), p, c)).numpy()
@@ -100,8 +106,6 @@ def _kl(models, path, ref_path, rolls) -> tuple[float, float]:
 
 
 def _gold(prompts_rep, texts):
-    from posttrain.tasks import builtin
-
     return np.array([builtin.gold_reward(p, t) for p, t in zip(prompts_rep, texts)])
 
 
@@ -110,14 +114,6 @@ def _per_prompt(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def run(cfg: EvalConfig) -> dict:
-    from posttrain.models.loading import tokenizer_for
-    from posttrain.engines.loop import write_summary
-    from posttrain.data.formats import load_records
-    from posttrain.data.records import ReadOptions
-    from posttrain.engines.train import seed_everything
-    from posttrain.evaluation import stats
-    from posttrain.tasks import builtin
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -131,8 +127,6 @@ def run(cfg: EvalConfig) -> dict:
     models = _Models()
     scorer = None
     if cfg.reward_model:
-        from posttrain.rewards.reward_model import RewardModelScorer
-
         scorer = RewardModelScorer(cfg.reward_model, where="reward_model")
 
     results: dict = {"policies": {}, "baseline": base_name, "judge": cfg.judge, "n_prompts": len(prompts),
@@ -210,9 +204,6 @@ def _judge(cfg, prompts, texts, base_texts, a=None, b=None) -> list[float]:
     """1 / 0.5 / 0 for each (policy, baseline) response pair. The gold and rm judges compare the
     per-sample scores ``a``, ``b`` (already computed for the policy results); others judge the texts."""
     if cfg.judge not in ("gold", "rm"):
-        from posttrain.judges.backends import backend_from_spec
-        from posttrain.judges.pairwise import Pair, judge_pairs
-
         # both orders; a disagreement is a tie; an unparseable verdict also counts as a tie here
         judged = judge_pairs(backend_from_spec(cfg.judge.split(":", 1)[1]),
                              [Pair(p, x, y) for p, x, y in zip(prompts, texts, base_texts)])
@@ -224,7 +215,6 @@ def _trace_run(cfg, models, tokenizer, run_dir: Path, prompts, ref_path, scorer)
     """Gold and proxy reward against sqrt(KL) at each saved checkpoint of a run."""
     from safetensors.torch import load_file
 
-    from posttrain.models.loading import load_policy
 
     points = []
     ckpts = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -253,9 +243,6 @@ def _trace_run(cfg, models, tokenizer, run_dir: Path, prompts, ref_path, scorer)
 
 def _best_of_n(cfg, models, tokenizer, ref_path, scorer) -> list[dict]:
     """Expected gold and proxy reward of the proxy-best of N samples from the reference."""
-    from posttrain.evaluation import stats
-    from posttrain.tasks import builtin
-
     m = max(cfg.best_of_n)
     prompts = [p.prompt for p in builtin.heldout_problems(cfg.bon_prompts)]
     _, texts = _sample(models, tokenizer, ref_path, prompts, m, cfg, cfg.seed + 3)

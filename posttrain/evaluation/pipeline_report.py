@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.config import opt
+from posttrain.engines.train import read_metrics
 from posttrain.errors import ConfigError
+from posttrain.evaluation import plots
+from posttrain.evaluation.report import Report
+from posttrain.tasks import builtin
 
 SECTIONS = ("Stages", "Training curves", "Reward vs KL frontier", "Reward model", "Win rates", "Samples")
 RL_COMMANDS = ("ppo", "grpo", "rloo", "reinforce")
@@ -40,8 +44,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _metrics(stage_dir: Path) -> list[dict]:
-    from posttrain.engines.train import read_metrics
-
     return read_metrics(stage_dir)
 
 
@@ -66,9 +68,6 @@ def _key_metrics(command: str, summary: dict) -> str:
 
 
 def build_report(run_dir: Path, title: str = "posttrain report"):
-    from posttrain.evaluation import plots
-    from posttrain.evaluation.report import Report
-
     pipeline = _read_json(run_dir / "pipeline.json")
     if not pipeline:
         raise ConfigError(f"{run_dir} has no pipeline.json", where=str(run_dir),
@@ -157,8 +156,6 @@ def build_report(run_dir: Path, title: str = "posttrain report"):
         for smp in r.get("samples", [])[:3]:
             row = {"policy": name, "prompt": smp["prompt"], "response": smp["response"]}
             if ev.get("n_prompts") and smp["prompt"]:
-                from posttrain.tasks import builtin
-
                 if builtin.parse_prompt(smp["prompt"]):
                     row["gold"] = round(builtin.gold_reward(smp["prompt"], smp["response"]), 3)
             samples.append(row)

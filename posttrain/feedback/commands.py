@@ -20,7 +20,15 @@ from typing import Literal
 
 from posttrain.commands import Command
 from posttrain.config import opt
+from posttrain.data.formats import load_records
+from posttrain.data.records import ReadOptions
 from posttrain.errors import ConfigError, DataError
+from posttrain.feedback import accounts, auth, importing
+from posttrain.feedback.app import Settings, create_app
+from posttrain.feedback.assign import Refused
+from posttrain.feedback.db import MAX_CANDIDATES, make_engine, make_sessionmaker, safe_url
+from posttrain.feedback.export import ExportOptions, export_project, write_records
+from posttrain.feedback.generate import sample_candidates
 
 DB_HELP = ("Database URL: sqlite:///path/labels.db (default; WAL mode) or "
            "postgresql+psycopg://user:password@host:5432/db. A bare path means a SQLite file.")
@@ -32,8 +40,6 @@ def _refused(e: Exception, where: str) -> ConfigError:
 
 
 def _session(db_url: str):
-    from posttrain.feedback.db import make_engine, make_sessionmaker
-
     return make_sessionmaker(make_engine(db_url))()
 
 
@@ -61,8 +67,6 @@ class LabelServeConfig:
 def run_serve(cfg: LabelServeConfig) -> dict:
     import uvicorn
 
-    from posttrain.feedback.app import Settings, create_app
-    from posttrain.feedback.db import safe_url
 
     app = create_app(cfg.db, Settings(session_hours=cfg.session_hours, secure_cookies=cfg.secure_cookies))
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.secure_cookies:
@@ -95,9 +99,6 @@ class LabelAddUserConfig:
 
 
 def run_add_user(cfg: LabelAddUserConfig) -> dict:
-    from posttrain.feedback import accounts, auth
-    from posttrain.feedback.assign import Refused
-
     password = cfg.password or os.environ.get(cfg.password_env)
     if not password:
         raise ConfigError("no password given", where="password",
@@ -141,9 +142,6 @@ class LabelCreateProjectConfig:
 
 
 def run_create_project(cfg: LabelCreateProjectConfig) -> dict:
-    from posttrain.feedback import accounts
-    from posttrain.feedback.assign import Refused
-
     with _session(cfg.db) as db:
         try:
             for name in cfg.annotators:
@@ -179,9 +177,6 @@ class LabelImportConfig:
 
 
 def run_import(cfg: LabelImportConfig) -> dict:
-    from posttrain.feedback import accounts, importing
-    from posttrain.feedback.assign import Refused
-
     specs, identical = importing.read_tasks(cfg.file, gold_from_chosen=cfg.gold_from_chosen,
                                             max_records=cfg.max_records)
     with _session(cfg.db) as db:
@@ -220,10 +215,6 @@ class LabelExportConfig:
 
 
 def run_export(cfg: LabelExportConfig) -> dict:
-    from posttrain.feedback import accounts
-    from posttrain.feedback.assign import Refused
-    from posttrain.feedback.export import ExportOptions, export_project, write_records
-
     opts = ExportOptions(cfg.aggregate, cfg.ranking_as, cfg.both_bad, cfg.include_gold, cfg.min_labels)
     with _session(cfg.db) as db:
         try:
@@ -253,8 +244,6 @@ class LabelGenerateConfig:
     seed: int = opt(0, "torch seed.")
 
     def validate(self) -> None:
-        from posttrain.feedback.db import MAX_CANDIDATES
-
         if not 2 <= self.k <= MAX_CANDIDATES:
             raise ConfigError(f"k must be 2..{MAX_CANDIDATES}, got {self.k}", where="k")
         if self.temperature <= 0:
@@ -264,11 +253,6 @@ class LabelGenerateConfig:
 
 
 def run_generate(cfg: LabelGenerateConfig) -> dict:
-    from posttrain.data.formats import load_records
-    from posttrain.data.records import ReadOptions
-    from posttrain.feedback.export import write_records
-    from posttrain.feedback.generate import sample_candidates
-
     rows = load_records(cfg.prompts, "prompt", max_rows=cfg.max_prompts, options=ReadOptions(prefix=None))
     records = sample_candidates(cfg.model, [r["prompt"] for r in rows], k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from posttrain.data.chat import ensure_template
+from posttrain.models.tiny import resolve
+
 
 def _load(model_path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.data.chat import ensure_template
-    from posttrain.models.tiny import resolve
 
     path = resolve(model_path)  # 'tiny' builds the offline test model; other values pass through
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -26,6 +26,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from posttrain.data.layouts import RowProblem, decode_cell
+from posttrain.data.records import ReadOptions, read_record
+from posttrain.data.sources import read_source
 from posttrain.errors import DataError
 from posttrain.feedback.db import MAX_CANDIDATES, Candidate, Project, Task
 
@@ -94,8 +97,6 @@ def _from_responses(row: dict) -> tuple[list[tuple[str, str | None]], int | None
 def _from_pair(row: dict, gold_from_chosen: bool) -> tuple[Any, list[tuple[str, str | None]], int | None]:
     """A preference pair in any layout the trainers read (docs/data.md: explicit or implicit prompt,
     conversations that repeat the prompt column, Anthropic HH transcripts, CSV-encoded lists)."""
-    from posttrain.data.records import ReadOptions, RowProblem, read_record
-
     try:
         rec = read_record(row, "preference", ReadOptions(prefix=None)).record
     except RowProblem as e:
@@ -114,8 +115,6 @@ def parse_record(row: Any, *, gold_from_chosen: bool = False) -> TaskSpec | None
     if not isinstance(row, dict):
         raise _Bad(f"record: expected an object, got {type(row).__name__}")
     if "responses" in row:
-        from posttrain.data.layouts import RowProblem, decode_cell
-
         try:  # CSV cells hold the text of lists
             row = {**row, "prompt": decode_cell(row.get("prompt"), "prompt", False, set()),
                    "responses": decode_cell(row["responses"], "responses", True, set())}
@@ -180,8 +179,6 @@ def parse_records(rows: list, name: str, *, gold_from_chosen: bool = False, max_
 def read_tasks(path: str, *, gold_from_chosen: bool = False, max_records: int | None = None
                ) -> tuple[list[TaskSpec], int]:
     """Task specs from a .jsonl/.json/.csv/.parquet file or a save_to_disk folder (the trainers' reader)."""
-    from posttrain.data.sources import read_source
-
     src = read_source(path)
     rows = src.rows[:max_records] if max_records else src.rows
     bad = [f"{src.where(r)}: {r.problem}" for r in rows if r.problem is not None]

@@ -20,7 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
 from posttrain.config import ModelConfig
+from posttrain.data.chat import encode_prompt
 from posttrain.errors import ConfigError, ServiceError
+from posttrain.models.loading import load_causal_lm, load_tokenizer
+from posttrain.serving.generation import _engine, _generate, stop_token_ids, teacher_forced_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,6 @@ class HFBackend:
 
     def __init__(self, model_name_or_path: str, model_cfg: ModelConfig | None = None,
                  batch_size: int = 8, seed: int = 0, model=None, tokenizer=None):
-        from posttrain.models.loading import load_causal_lm, load_tokenizer
-
         cfg = model_cfg or ModelConfig(name_or_path=model_name_or_path)
         self.name = f"hf:{model_name_or_path}"
         self.tokenizer = tokenizer or load_tokenizer(model_name_or_path, revision=cfg.revision,
@@ -82,8 +83,6 @@ class HFBackend:
         self._calls = 0
 
     def _prompt_ids(self, messages: Messages, room: int) -> list[int]:
-        from posttrain.data.chat import encode_prompt
-
         ids = encode_prompt(self.tokenizer, messages)
         if self.max_positions and len(ids) > self.max_positions - room:
             if not self.truncated_prompts:
@@ -95,8 +94,6 @@ class HFBackend:
 
     def complete(self, messages_list: list[Messages], max_tokens: int = 256,
                  temperature: float = 0.0) -> list[str]:
-        from posttrain.serving.openai_server import _engine, _generate, stop_token_ids
-
         self._engine = self._engine or _engine(self.model, self.tokenizer)
         stops = stop_token_ids(self.model, self.tokenizer)
         call, self._calls = self._calls, self._calls + 1
@@ -113,8 +110,6 @@ class HFBackend:
     def choice_logprobs(self, messages: Messages, choices: list[str]) -> dict[str, float]:
         """log p(choice | prompt) = Σ_t log p(c_t | prompt, c_<t): teacher forcing of each choice
         string as the start of the assistant turn, all choices in one batch."""
-        from posttrain.serving.openai_server import teacher_forced_logprobs
-
         choice_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
         prompt = self._prompt_ids(messages, max(len(c) for c in choice_ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

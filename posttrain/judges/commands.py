@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Literal
 
 from posttrain.config import opt, save_config
+from posttrain.data.chat import split_implicit_prompt
+from posttrain.data.formats import load_records, read_rows
+from posttrain.data.records import ReadOptions
 from posttrain.errors import ConfigError, DataError
+from posttrain.judges.backends import backend_from_spec, parse_spec
+from posttrain.judges.cai import ai_preference_pairs, critique_revision_chains
+from posttrain.judges.constitution import load_constitution
+from posttrain.judges.grading import Criterion, grade, outcome_from_grades, summarize_grades
+from posttrain.judges.pairwise import Pair, PairJudgment, human_agreement, judge_pairs, summarize
 
 # ----------------------------------------------------------------------------- shared
 
@@ -46,16 +54,12 @@ class BackendOptions:
 
 
 def _make_backend(spec: str, opts: BackendOptions, seed: int):
-    from posttrain.judges.backends import backend_from_spec
-
     return backend_from_spec(spec, api_key=os.environ.get(opts.api_key_env) or None,
                              timeout=opts.timeout_s, max_retries=opts.max_retries,
                              concurrency=opts.concurrency, batch_size=opts.batch_size, seed=seed)
 
 
 def _check_spec(spec: str, key: str) -> None:
-    from posttrain.judges.backends import parse_spec
-
     try:
         parse_spec(spec)
     except ConfigError as e:
@@ -126,8 +130,6 @@ class JudgeConfig:
             raise ConfigError("max_tokens must be >= 1, temperature and tie_margin >= 0",
                               where="max_tokens/temperature/tie_margin")
         if self.constitution is not None:
-            from posttrain.judges.constitution import load_constitution
-
             load_constitution(self.constitution)
 
 
@@ -153,10 +155,6 @@ def load_judge_items(cfg: JudgeConfig) -> tuple[list[_Item], bool]:
     Preference rows that show the same two responses to the same prompt (several annotators) are
     judged once. Which response is shown as A is a seeded coin flip per pair: with chosen always
     in slot A, the human labels would be nearly all one class and κ would say little."""
-    from posttrain.data.chat import split_implicit_prompt
-    from posttrain.data.formats import load_records, read_rows
-    from posttrain.data.records import ReadOptions
-
     kind = cfg.input_kind
     if kind == "auto":
         first = read_rows(cfg.input)[0][:1]
@@ -186,8 +184,6 @@ def load_judge_items(cfg: JudgeConfig) -> tuple[list[_Item], bool]:
 
 
 def _load_plain_pairs(cfg: JudgeConfig) -> list[_Item]:
-    from posttrain.data.formats import read_rows
-
     rows, name = read_rows(cfg.input)
     rows = rows[:cfg.max_pairs] if cfg.max_pairs is not None else rows
     items = []
@@ -208,17 +204,12 @@ def _criteria(cfg: JudgeConfig) -> list[tuple[str, str]]:
     """(name, text) of every judging criterion: the constitution's, then the config's own."""
     out = []
     if cfg.constitution:
-        from posttrain.judges.constitution import load_constitution
-
         out += [(p.name, p.criterion) for p in load_constitution(cfg.constitution)]
     out += [(f"criterion_{i}", text) for i, text in enumerate(cfg.criteria)]
     return out
 
 
 def run_judge(cfg: JudgeConfig) -> dict:
-    from posttrain.judges.grading import Criterion, grade, outcome_from_grades, summarize_grades
-    from posttrain.judges.pairwise import Pair, PairJudgment, human_agreement, judge_pairs, summarize
-
     items, labelled = load_judge_items(cfg)  # data problems stop the run before a model loads
     run_dir = _run_dir(cfg.output_dir, "judge", cfg)
     backend = _make_backend(cfg.judge, cfg.backend, cfg.seed)
@@ -290,8 +281,6 @@ class CAIConfig:
     output_dir: str = opt("runs/{command}", "Run directory; {command} and {time} are filled in.")
 
     def validate(self) -> None:
-        from posttrain.judges.constitution import load_constitution
-
         _check_spec(self.policy, "policy")
         if self.judge is not None:
             _check_spec(self.judge, "judge")
@@ -307,12 +296,6 @@ class CAIConfig:
 
 
 def run_cai(cfg: CAIConfig) -> dict:
-    from posttrain.data.formats import load_records
-    from posttrain.data.records import ReadOptions
-    from posttrain.judges.cai import ai_preference_pairs, critique_revision_chains
-    from posttrain.judges.constitution import load_constitution
-    from posttrain.judges.pairwise import summarize
-
     principles = load_constitution(cfg.constitution)
     rows = load_records(cfg.prompts, "prompt", columns=cfg.columns, max_rows=cfg.max_prompts,
                         options=ReadOptions(prefix="", keys=()))

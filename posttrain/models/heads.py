@@ -15,15 +15,21 @@ is not ``pad_token_id`` — so both give the same score for the same token ids (
 
 from __future__ import annotations
 
-# transformers, peft and tokenizers are imported inside the functions that use them: importing them
-# costs seconds, and `posttrain <command> --help` imports this module.
-
 from pathlib import Path
 
 import torch
 
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import ModelError
+from posttrain.models.attention import model_inputs
+from posttrain.models.loading import _dtype, attn_implementation, quiet_transformers
+from posttrain.models.tiny import resolve
+
+# transformers, peft and tokenizers are imported inside the functions that use them: importing them
+# costs seconds, and `posttrain <command> --help` imports this module.
+
+
+
 
 
 def load_reward_model(cfg: ModelConfig, name_or_path: str | None = None, pad_token_id: int | None = None,
@@ -39,8 +45,6 @@ def load_reward_model(cfg: ModelConfig, name_or_path: str | None = None, pad_tok
     """
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models.loading import _dtype, attn_implementation, quiet_transformers
-    from posttrain.models.tiny import resolve
 
     quiet_transformers()
     path = resolve(name_or_path or cfg.name_or_path)
@@ -156,8 +160,6 @@ def sequence_rewards(model, batch: dict, pad_id: int | None = None) -> torch.Ten
     The forward goes through ``model`` itself (so DDP's gradient hooks run) and a forward hook on the
     head captures its per-position outputs, which are read at each sequence's last token; the head is
     a single linear map, so scoring every position costs next to nothing."""
-    from posttrain.models.attention import model_inputs
-
     inner = getattr(model, "module", model)  # DDP / accelerate wrappers
     _, head = backbone_and_head(inner)
     if pad_id is None:

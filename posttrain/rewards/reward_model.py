@@ -17,7 +17,11 @@ from pathlib import Path
 
 import torch
 
-from posttrain.models.loading import eval_mode
+from posttrain.config import ModelConfig
+from posttrain.data.batching import collate
+from posttrain.data.chat import Example, encode_response
+from posttrain.models.heads import load_reward_model, sequence_rewards
+from posttrain.models.loading import eval_mode, load_tokenizer
 
 
 class RewardModelScorer:
@@ -32,10 +36,6 @@ class RewardModelScorer:
     def __init__(self, model, tokenizer=None, *, max_length: int = 1024, batch_tokens: int = 8192,
                  dtype: str = "float32", packing: bool = True, device: str | None = None,
                  where: str | None = None):
-        from posttrain.config import ModelConfig
-        from posttrain.models.heads import load_reward_model
-        from posttrain.models.loading import load_tokenizer
-
         if isinstance(model, (str, Path)):
             tokenizer = tokenizer or load_tokenizer(str(model))
             model = load_reward_model(ModelConfig(name_or_path=str(model), dtype=dtype),
@@ -51,8 +51,6 @@ class RewardModelScorer:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, prompt, response):
-        from posttrain.data.chat import Example, encode_response
-
         p, r = encode_response(self.tokenizer, prompt, response)
         over = len(p) + len(r) - self.max_length
         if over > 0:
@@ -65,9 +63,6 @@ class RewardModelScorer:
     @torch.no_grad()
     def score_examples(self, examples: list) -> torch.Tensor:
         """[N] rewards of tokenized examples (``chat.Example``), in the given order."""
-        from posttrain.data.batching import collate
-        from posttrain.models.heads import sequence_rewards
-
         if not examples:
             return torch.zeros(0)
         with eval_mode(self.model):

@@ -31,7 +31,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from posttrain.config import ModelConfig, opt
+from posttrain.data.chat import encode_prompt
 from posttrain.errors import ConfigError, ServiceError
+from posttrain.models.loading import load_causal_lm, load_tokenizer
 from posttrain.serving.generation import _engine, _generate, cut_at_stop, stop_token_ids
 
 MAX_TOP_LOGPROBS = 5  # OpenAI's own limit for the legacy endpoint; keeps responses small
@@ -211,8 +213,6 @@ class _Server:
         return {"token": text, "logprob": logprob, "bytes": raw}
 
     def chat(self, req: ChatRequest) -> dict:
-        from posttrain.data.chat import encode_prompt
-
         max_tokens = self.check(req)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
@@ -319,8 +319,6 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str | None = None):
 
 def build_app(cfg: ServeConfig):
     """Load the configured model and tokenizer and build the app."""
-    from posttrain.models.loading import load_causal_lm, load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code)
     model = load_causal_lm(cfg.model)

@@ -91,3 +91,28 @@ def test_configs_reject_bad_values_before_loading_models(tmp_path):
     with pytest.raises(ConfigError, match="did you mean"):
         load_config(CAIConfig, None, ["round=2"])
     assert load_config(CAIConfig, None, ["backend.concurrency=2"]).backend.concurrency == 2
+
+
+def test_hf_backend_choice_logprobs_are_teacher_forced_sums():
+    """HFBackend.choice_logprobs: log p(choice | prompt) summed over the choice's tokens, the same number a
+    separate teacher-forced forward gives (the calibrated-judge path; it ran no model in any test before)."""
+    import math
+
+    import torch
+
+    from posttrain.judges.backends import HFBackend, supports_choice_logprobs
+
+    backend = HFBackend("tiny")
+    assert supports_choice_logprobs(backend)
+    messages = [{"role": "user", "content": "Which is better, A or B?"}]
+    out = backend.choice_logprobs(messages, ["A", "B"])
+    assert set(out) == {"A", "B"} and all(math.isfinite(v) and v < 0 for v in out.values())
+    tok, model = backend.tokenizer, backend.model
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    for choice, value in out.items():
+        c = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + c])).logits[0].float()
+        lp = torch.log_softmax(logits[len(ids) - 1:-1], -1).gather(1, torch.tensor(c)[:, None]).sum()
+        assert value == pytest.approx(float(lp), abs=1e-4)
