@@ -18,24 +18,44 @@ from posttrain.commands import COMMANDS, GROUPS, Command, load_command
 from posttrain.errors import PosttrainError
 
 
-def _print_config_help(name: str, cmd: Command) -> None:
-    from posttrain.config import describe
+USAGE = "[--config FILE.yaml] [--resume] [--print-config] [--debug] [--help] [key=value ...]"
+OPTIONS = ("--config", "--resume", "--print-config", "--debug", "--help", "--quick")
+
+
+def _print_config_help(name: str, cmd: Command, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Every key with its help and the source of its default; with ``--config`` (or overrides) the
+    values that config resolves to, those that differ from the default marked."""
+    from posttrain.config import load_config
+    from posttrain.config_view import changed_keys, describe
 
     cls, _ = load_command(cmd)
-    click.echo(f"Usage: posttrain {name} [--config FILE.yaml] [--debug] [key=value ...]\n")
-    click.echo(f"  {cmd.help}\n\nConfig keys (dotted; default, then help and [source of the default]):\n")
-    for key, tname, default, help_text, source in describe(cls):
-        click.echo(f"  {key} ({tname}) = {default}")
+    cfg = load_config(cls, config_file, list(overrides), command=name, check=False) if config_file or overrides else None
+    changed = changed_keys(cfg, cls()) if cfg is not None else {}
+    click.echo(f"Usage: posttrain {name} {USAGE}\n")
+    click.echo(f"  {cmd.help}\n")
+    if cfg is not None:
+        click.echo(f"Config keys with the values of {config_file or 'these overrides'} (* = differs from the "
+                   "default; then help and [source of the default]):\n")
+    else:
+        click.echo("Config keys (dotted; default, then help and [source of the default]):\n")
+    for key, tname, value, help_text, source in describe(cls, instance=cfg):
+        mark = f"   * default {changed[key][1]!r}" if key in changed else ""
+        click.echo(f"  {key} ({tname}) = {value}{mark}")
         if help_text:
             click.echo(f"      {help_text}" + (f" [{source}]" if source and source != "posttrain" else ""))
 
 
-def _run(name: str, cmd: Command, config_file: str | None, overrides: tuple[str, ...], debug: bool) -> None:
+def _run(name: str, cmd: Command, config_file: str | None, overrides: tuple[str, ...], debug: bool,
+         print_config: bool = False) -> None:
     from posttrain.config import load_config
+    from posttrain.config_view import resolved_yaml
 
     try:
         cls, run = load_command(cmd)
-        cfg = load_config(cls, config_file, list(overrides))
+        cfg = load_config(cls, config_file, list(overrides), command=name)
+        if print_config:  # the dry run: nothing loaded but the config
+            click.echo(resolved_yaml(cfg, command=name), nl=False)
+            return
         result = run(cfg)
         if isinstance(result, dict) and result.get("run_dir") and os.environ.get("RANK", "0") == "0":
             click.echo(f"done: {result['run_dir']}")
@@ -63,11 +83,24 @@ def _make_command(name: str, cmd: Command, full_name: str | None = None) -> clic
     @click.option("--debug", is_flag=True, help="Show tracebacks.")
     @click.option("--resume", is_flag=True, help="Shorthand for train.resume=true.")
     @click.option("--quick", is_flag=True, help="Shorthand for quick=true (posttrain demo).")
-    @click.option("--help", "show_help", is_flag=True, help="Show config keys and exit.")
+    @click.option("--print-config", "print_config", is_flag=True,
+                  help="Print the fully resolved config as YAML (changes from the defaults marked) and exit.")
+    @click.option("--help", "show_help", is_flag=True, help="Show config keys (with --config: its values) and exit.")
     @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-    def command(config_file, debug, resume, quick, show_help, overrides):
+    def command(config_file, debug, resume, quick, print_config, show_help, overrides):
+        for o in overrides:
+            if o.startswith("-") and "=" not in o:  # not key=value: a misspelled option
+                import difflib
+
+                near = difflib.get_close_matches(o, OPTIONS, n=1)
+                raise click.UsageError(f"no option '{o}'." + (f" Did you mean '{near[0]}'?" if near else "")
+                                       + f" Usage: posttrain {full_name} {USAGE}")
         if show_help:
-            _print_config_help(full_name, cmd)
+            try:
+                _print_config_help(full_name, cmd, config_file, overrides)
+            except PosttrainError as e:
+                click.echo(f"error: {e}", err=True)
+                sys.exit(2)
             return
         if resume:
             overrides = (*overrides, "train.resume=true")
@@ -75,7 +108,7 @@ def _make_command(name: str, cmd: Command, full_name: str | None = None) -> clic
             overrides = (*overrides, "quick=true")
         if cmd.positional and overrides and "=" not in overrides[0]:
             overrides = (f"{cmd.positional}={overrides[0]}", *overrides[1:])
-        _run(full_name, cmd, config_file, overrides, debug)
+        _run(full_name, cmd, config_file, overrides, debug, print_config)
 
     return command
 

@@ -52,12 +52,13 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("posttrain.evaluation.evaluate", "EvalConfig",
                     "Compare policies: gold reward, win rates with CIs, paired tests, KL, over-optimization."),
     "report": Command("posttrain.evaluation.pipeline_report", "ReportConfig",
-                      "Rebuild report.html / report.md / summary.json of a pipeline run directory.",
+                      "Build report.html / report.md / summary.json of a run directory (pipeline, eval or a single run).",
                       positional="run_dir"),
     "demo": Command("posttrain.demo", "DemoConfig",
                     "The whole RLHF pipeline on the built-in task and tiny model, evaluated, with a report."),
+    "recipes": Command("posttrain.recipes", "RecipesConfig", "List the presets in recipes/ (file, command, what it is)."),
     "pipeline": Command("posttrain.pipeline", "PipelineConfig",
-                        "Run the named stages of a pipeline file in order; finished stages are skipped.",
+                        "Run the stages of a pipeline file in order; a finished stage whose config and inputs are unchanged is skipped.",
                         positional="file"),
 }
 

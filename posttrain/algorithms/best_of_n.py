@@ -37,7 +37,7 @@ from posttrain.errors import ConfigError
 from posttrain.evaluation.stats import best_of_n_expected
 from posttrain.models.loading import load_policy, tokenizer_for
 from posttrain.rewards.builtin import _text
-from posttrain.rewards.combine import check_reward_config, combine_rewards, load_rewards
+from posttrain.rewards.combine import check_reward_config, combine_rewards, default_reward, load_rewards
 from posttrain.rollouts.config import RolloutConfig
 from posttrain.rollouts.experience import load_prompt_records, make_engine
 from posttrain.rollouts.task_eval import builtin_task_eval
@@ -51,8 +51,9 @@ class BestOfNConfig:
                                                                prompts_per_step=32, group_size=16),
                                  help="Prompts (max_prompts of them), N = group_size samples each, "
                                       "prompts_per_step per generation call.")
-    reward: list[str] = opt(["builtin_gold"], "Scorer(s): rm:<path> | builtin_gold | builtin_correct | "
-                            "exact_match | math | module:function (weighted sum).")
+    reward: list[str] = opt([], "Scorer(s): rm:<path> | builtin_gold | builtin_correct | exact_match | math | "
+                            "module:function (weighted sum). Empty: builtin_gold on the built-in task's prompts; "
+                            "with your own prompts a reward must be given.")
     reward_weights: list[float] = opt([], "One weight per reward (empty = all 1.0).")
     selection: Literal["per_prompt", "top_k"] = opt("per_prompt", "Best per prompt, or the top K overall.",
                                                     "rlhf-book ch. 9")
@@ -64,8 +65,11 @@ class BestOfNConfig:
     train: TrainConfig = opt(factory=lambda: TrainConfig(lr=1e-4, epochs=2.0, batch_size=16, micro_batch_size=16),
                              help="Output directory and seed; optimisation of the optional SFT stage.")
 
+    def __post_init__(self):
+        self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_gold")
+
     def validate(self) -> None:
-        check_reward_config(self.reward, self.reward_weights)
+        check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
         N = self.rollout.group_size
         bad = [n for n in self.baseline_n if not 1 <= n <= N]
         if bad:

@@ -36,7 +36,7 @@ from posttrain.errors import ConfigError
 from posttrain.kl import get_kl_estimator
 from posttrain.models.forward import policy_logp_fn, token_forward
 from posttrain.models.loading import load_policy
-from posttrain.rewards.combine import check_reward_config
+from posttrain.rewards.combine import check_reward_config, default_reward
 from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
 from posttrain.rollouts.experience import fill_invalid, minibatches
 from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics, sequence_kl
@@ -116,9 +116,10 @@ class GRPOConfig:
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters (the reference is then the base "
                                                     "model with adapters disabled).")
     rollout: RolloutConfig = opt(factory=RolloutConfig, help="Prompts and sampling.")
-    reward: list[str] = opt(["builtin_correct"], "Reward functions: builtin_correct | builtin_gold | "
-                            "rm:<path> | exact_match | math | code | module:function (several = weighted sum "
-                            "over those that apply; None = does not apply).")
+    reward: list[str] = opt([], "Reward functions: builtin_correct | builtin_gold | rm:<path> | exact_match | "
+                            "math | code | module:function (several = weighted sum over those that apply; None = "
+                            "does not apply). Empty: builtin_correct on the built-in task's prompts; with your own "
+                            "prompts a reward must be given.")
     reward_weights: list[float] = opt([], "One weight per reward (empty = all 1.0).")
     shaping: ShapingConfig = opt(factory=ShapingConfig, help="Truncation policy, overlong penalty, clip.")
     kl: KLConfig = opt(factory=KLConfig, help="KL regularisation toward the reference policy.")
@@ -134,9 +135,10 @@ class GRPOConfig:
 
     def __post_init__(self):
         resolve_variant(self, self.variant)
+        self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_correct")
 
     def validate(self) -> None:
-        check_reward_config(self.reward, self.reward_weights)
+        check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
         if self.rollout.engine == "vllm" and self.lora.enabled:
             raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
                               "so every rollout would come from the initial model", where="rollout.engine",

@@ -39,7 +39,7 @@ from posttrain.masked import masked_whiten
 from posttrain.models.forward import critic_values, policy_logp_fn, to_layout, token_forward
 from posttrain.models.heads import load_reward_model, save_reward_model
 from posttrain.models.loading import eval_mode, load_policy, save_pretrained
-from posttrain.rewards.combine import check_reward_config
+from posttrain.rewards.combine import check_reward_config, default_reward
 from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
 from posttrain.rollouts.experience import minibatches
 from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics
@@ -93,8 +93,9 @@ class PPOConfig:
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters on the policy.")
     rollout: RolloutConfig = opt(factory=lambda: RolloutConfig(prompts_per_step=64, group_size=1),
                                  help="Prompts and sampling (PPO needs no groups).")
-    reward: list[str] = opt(["builtin_gold"], "Reward functions (rm:<path> for a trained reward model; "
-                            "builtin_gold, builtin_correct, exact_match, math, module:function).")
+    reward: list[str] = opt([], "Reward functions (rm:<path> for a trained reward model; builtin_gold, "
+                            "builtin_correct, exact_match, math, module:function). Empty: builtin_gold on the "
+                            "built-in task's prompts; with your own prompts a reward must be given.")
     reward_weights: list[float] = opt([], "One weight per reward (empty = all 1.0).")
     shaping: ShapingConfig = opt(factory=lambda: ShapingConfig(overlong_buffer=0),
                                  help="Truncation policy, overlong penalty, clip.")
@@ -109,6 +110,7 @@ class PPOConfig:
     task_eval_samples: int = opt(4, "Built-in task: samples per held-out prompt (temperature 1).")
 
     def __post_init__(self):
+        self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_gold")
         if self.kl.beta is None:
             self.kl.beta = 0.05
         if self.kl.placement is None:
@@ -121,7 +123,7 @@ class PPOConfig:
             raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
                               "so every rollout would come from the initial model", where="rollout.engine",
                               fix="use rollout.engine=local with LoRA, or train all weights (lora.enabled=false)")
-        check_reward_config(self.reward, self.reward_weights)
+        check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
         if self.value.init == "reward_model" and not self.value.path and not any(r.startswith("rm:") for r in self.reward):
             raise ConfigError("value.init=reward_model needs a reward model", where="value.init",
                               fix="use reward=rm:<path>, or give value.path")

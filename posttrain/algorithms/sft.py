@@ -39,7 +39,7 @@ class SFTConfig:
                                   "lr 1e-5..5e-5).")
     packing: bool = opt(True, "Pack each micro-batch into one row without padding, every sequence "
                         "attending to itself only (sdpa; eager works, slower); off = one padded row per example.",
-                        "ENVIRONMENT.md: packing is the lever for short examples")
+                        "docs/data.md (Packing); benchmarks/sft.py")
     task_eval: bool = opt(True, "When data.train is the built-in task, sample held-out prompts and "
                           "report the gold reward and accuracy.")
     task_eval_prompts: int = opt(64, "Held-out prompts for the built-in task's metrics.")

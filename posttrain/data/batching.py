@@ -6,7 +6,7 @@ Packing concatenates a micro-batch's sequences into ONE row with no padding at a
 (``posttrain.models.attention``) gathers each sequence's queries, keys and values into length buckets
 and runs SDPA's fused causal kernel on them, so no token attends across a sequence boundary and no
 dense T x T mask is built. Transformers' own packing detection is not relied on: it silently attends
-across sequences whenever a KV cache or a 2-D mask is present (see ENVIRONMENT.md).
+across sequences whenever a KV cache or a 2-D mask is present (see docs/data.md, Packing).
 
 Every batch carries ``seq_index`` ([R, L], -1 on padding) so per-sequence quantities (sequence
 log-probs, per-sequence losses) can be reduced from a packed batch.

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from posttrain.config import TrainConfig, save_config
-from posttrain.errors import TrainingError
+from posttrain.errors import ConfigError, TrainingError
 
 LossFn = Callable[[torch.nn.Module, Any, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 CountFn = Callable[[Any], torch.Tensor]
@@ -36,12 +36,30 @@ _FAULT_AT_STEP = int(os.environ.get("POSTTRAIN_FAULT_AT_STEP", "0"))
 # ----------------------------------------------------------------------------- run directory
 
 
+RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "checkpoints", "final", "tb")
+
+
 def make_run_dir(cfg: TrainConfig, command: str, full_config: Any) -> Path:
-    """Create the run directory, save the resolved config, seed everything, set threads."""
+    """Create the run directory, save the resolved config, seed everything, set threads.
+
+    A directory that already holds a run is refused unless ``train.resume`` (continue it) or
+    ``train.overwrite`` (delete its metrics, checkpoints, final model and summary first): two runs'
+    metrics are never interleaved in one metrics.jsonl."""
     out = Path(cfg.output_dir.format(command=command, time=time.strftime("%Y%m%d-%H%M%S")))
+    old = [a for a in RUN_ARTIFACTS if (out / a).exists()] if out.is_dir() else []
+    if old and not cfg.resume:
+        if not cfg.overwrite:
+            raise ConfigError(f"{out} already holds a run ({', '.join(old)})", where="train.output_dir",
+                              fix="continue it with --resume, replace it with train.overwrite=true, or choose "
+                                  "another train.output_dir")
+        if _is_main():
+            for a in old:
+                shutil.rmtree(out / a) if (out / a).is_dir() else (out / a).unlink()
     out.mkdir(parents=True, exist_ok=True)
     if _is_main():
         save_config(full_config, out / "config.yaml", command=command)
+        say(f"posttrain {command}: run directory {out}, seed {cfg.seed}"
+            + (" (replacing the run that was there)" if old and cfg.overwrite and not cfg.resume else ""))
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -50,6 +68,13 @@ def make_run_dir(cfg: TrainConfig, command: str, full_config: Any) -> Path:
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(line: str) -> None:
+    """One plain line for the person running the command (main process only), flushed at once so
+    it reaches a log file under nohup or SLURM."""
+    if _is_main():
+        print(line, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -127,11 +152,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class Progress:
-    """A rich progress bar with ETA and the latest loss and throughput (main process only)."""
+    """Progress of a run (main process only): a rich bar with ETA and the latest metrics on a terminal;
+    off a terminal (nohup, SLURM, CI) or with ``enabled=False``, one plain line per update
+    (``sft step 20/100 | loss 0.412 1234 tok/s | 12s elapsed, eta 48s``), and a start and an end line."""
 
     def __init__(self, total: int, description: str, enabled: bool = True):
-        self._bar = None
-        if enabled and _is_main():
+        import sys
+
+        self._bar, self.total, self.description, self.t0 = None, total, description, time.perf_counter()
+        self._plain = _is_main() and not (enabled and sys.stdout.isatty())
+        if self._plain:
+            say(f"{description}: {total} steps")
+        if enabled and _is_main() and not self._plain:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
                                        TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 
@@ -144,10 +176,16 @@ class Progress:
     def update(self, completed: int, info: str = "") -> None:
         if self._bar is not None:
             self._bar.update(self._task, completed=completed, info=info)
+        elif self._plain:
+            dt = time.perf_counter() - self.t0
+            eta = dt / max(completed, 1) * (self.total - completed)
+            say(f"{self.description} step {completed}/{self.total} | {info} | {dt:.0f}s elapsed, eta {eta:.0f}s")
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+        elif self._plain:
+            say(f"{self.description}: finished in {time.perf_counter() - self.t0:.0f}s")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -178,7 +216,7 @@ class TrainEngine:
         from accelerate import Accelerator
 
         self.cfg, self.total_steps, self.run_dir, self.name = cfg, total_steps, Path(run_dir), name
-        # cpu=True when there is no GPU: under torchrun this is what gives real gloo DDP (ENVIRONMENT.md)
+        # cpu=True when there is no GPU: under torchrun this is what gives real gloo DDP (docs/architecture.md, DDP on CPU)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision=cfg.mixed_precision)
         if cfg.gradient_checkpointing:
@@ -335,9 +373,14 @@ class TrainEngine:
         return meta["extra"]
 
     def maybe_resume(self) -> dict | None:
-        """With ``train.resume``: load the newest checkpoint (None if there is none)."""
+        """With ``train.resume``: load the newest checkpoint (None if there is none), and say which."""
         if not self.cfg.resume:
             return None
         path = self.latest_checkpoint()
-        return None if path is None else self.load_checkpoint(path)
+        if path is None:
+            say(f"resume: no checkpoint in {self.run_dir / 'checkpoints'}: starting fresh")
+            return None
+        extra = self.load_checkpoint(path)
+        say(f"resume: resuming from step {self.step_count} ({path})")
+        return extra
 

@@ -1,6 +1,6 @@
 """``posttrain eval-reward``: how well a reward model orders held-out preference pairs.
 
-Reported (RewardBench v1 conventions, feedback_eval.md B2/B3):
+Reported (RewardBench v1 conventions):
 
 - ``accuracy`` — strict: (1/N) Σ 1[r(x, y⁺) > r(x, y⁻)] over non-tie pairs; equal scores are wrong.
 - ``length_baseline`` — the "longer answer wins" rule on the same pairs (characters; equal lengths
@@ -12,7 +12,8 @@ Reported (RewardBench v1 conventions, feedback_eval.md B2/B3):
 - per ``subset`` column: accuracy, length baseline and count.
 
 Ties (``tie: true``) are counted and reported, never scored as wins. K-wise ranking files are
-expanded into their strictly ordered pairs. The JSON goes to ``<output_dir>/eval_reward.json``.
+expanded into their strictly ordered pairs. The JSON goes to ``<output_dir>/eval_reward.json``; the
+command prints the table and the paths it wrote.
 """
 
 from __future__ import annotations
@@ -197,5 +198,7 @@ def run(cfg: EvalRewardConfig) -> dict:
     (out / "eval_reward.json").write_text(json.dumps(report, indent=2))
     write_summary(out, {"eval": report})
     print(format_table(report, title=cfg.model.name_or_path))
+    print(f"wrote {out / 'eval_reward.json'}\n      {out / 'summary.json'}\n"
+          f"report: posttrain report {out}  (report.html, report.md)")
     report["run_dir"] = str(out)
     return report

@@ -13,7 +13,9 @@ distribution RLHF optimises) and measured:
   ``overopt_runs``) and for best-of-N (N = 1…64) on the same axes, with BoN's analytic
   KL = log N − (N−1)/N (Gao et al. 2023).
 
-Writes ``eval.json`` in ``output_dir``; ``posttrain report`` turns a pipeline's results into a report.
+Writes ``eval.json`` (and ``summary.json``) in ``output_dir`` and prints a summary table of the key
+results with the paths it wrote (:func:`format_summary`); ``posttrain report OUTPUT_DIR`` turns them
+into an HTML/Markdown report.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from posttrain.engines.rollout import sample_rollouts
 from posttrain.engines.train import seed_everything
 from posttrain.errors import ConfigError
 from posttrain.evaluation import stats
+from posttrain.evaluation.report import paired_p, text_table
 from posttrain.judges.backends import backend_from_spec
 from posttrain.judges.pairwise import Pair, judge_pairs
 from posttrain.models.forward import completion_logps
@@ -61,7 +64,7 @@ class EvalConfig:
                                "reward_model); 64 samples per prompt are drawn from the reference.",
                                "Gao et al. 2023")
     bon_prompts: int = opt(32, "Prompts for the best-of-N curve.")
-    bootstrap: int = opt(2000, "Bootstrap resamples.", "feedback_eval.md B3 (Arena uses 100+)")
+    bootstrap: int = opt(2000, "Bootstrap resamples.", "Chatbot Arena uses 100+; percentile bootstrap (Efron & Tibshirani 1993)")
     seed: int = opt(0, "Sampling and bootstrap seed.")
     output_dir: str = opt("runs/eval", "Where eval.json goes.")
 
@@ -130,7 +133,7 @@ def run(cfg: EvalConfig) -> dict:
         scorer = RewardModelScorer(cfg.reward_model, where="reward_model")
 
     results: dict = {"policies": {}, "baseline": base_name, "judge": cfg.judge, "n_prompts": len(prompts),
-                     "samples": cfg.samples}
+                     "samples": cfg.samples, "bootstrap": cfg.bootstrap}
     texts_by: dict[str, list[str]] = {}
     gold_by: dict[str, np.ndarray] = {}  # per-sample scores, computed once per policy
     proxy_by: dict[str, np.ndarray] = {}
@@ -187,7 +190,65 @@ def run(cfg: EvalConfig) -> dict:
     write_summary(out, {k: v for k, v in results.items() if k != "policies"} |
                   {"policies": {n: {k: v for k, v in r.items() if k != "samples"} for n, r in results["policies"].items()}})
     results["run_dir"] = str(out)
+    print(format_summary(results, {"eval.json": out / "eval.json", "summary.json": out / "summary.json"}))
     return results
+
+
+def _ci(point, ci, signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return (f + " [" + f + ", " + f + "]").format(point, *ci)
+
+
+def format_summary(results: dict, files: dict | None = None) -> str:
+    """The key results of ``results`` (as :func:`run` returns and eval.json holds) as plain text:
+    one row per policy with its gold reward [95% CI], accuracy, proxy (RM) reward, KL ± se, win
+    rate vs the baseline [95% CI], and the paired difference to the baseline (gold reward, else the
+    RM score) [95% CI] with its one-sided p-value (``< 1/B`` when no bootstrap resample favoured
+    the baseline); then ``files`` (label -> path). Columns that no policy has are left out."""
+    pols = results.get("policies", {})
+    base, b = results.get("baseline"), results.get("bootstrap")
+    vs_all = [r["vs_baseline"] for r in pols.values() if "vs_baseline" in r]
+    paired = next((k for k in ("gold_paired", "proxy_paired") if any(k in v for v in vs_all)), None)
+    what = "gold" if paired == "gold_paired" else "RM score"
+
+    def has(key: str) -> bool:
+        return any(key in r for r in pols.values())
+
+    def num(r: dict, key: str) -> str:
+        return f"{r[key]:.3f}" if key in r else "-"
+
+    def row(name: str, r: dict) -> dict[str, str]:
+        v = r.get("vs_baseline", {})
+        kl = r.get("kl", 0.0)
+        gold = _ci(r["gold_reward"], r["gold_ci"]) if "gold_ci" in r else num(r, "gold_reward")
+        cells = {"policy": name, "gold reward [95% CI]": gold,
+                 "accuracy": num(r, "accuracy"), "RM score": num(r, "proxy_reward"),
+                 "KL (nats)": "0 (reference)" if kl == 0.0 and not r.get("kl_se") else
+                 f"{kl:.3f} ± {r.get('kl_se', float('nan')):.3f}",
+                 f"win rate vs {base} [95% CI]": _ci(v["win_rate"], v["ci"]) if v else
+                 ("baseline" if name == base else "-")}
+        if paired:
+            pd = v.get(paired)
+            cells[f"{what} diff [95% CI]"] = _ci(pd["diff"], (pd["lo"], pd["hi"]), signed=True) if pd else "-"
+            cells["p"] = paired_p(pd, b) or "-"
+        return cells
+
+    keep = {"gold reward [95% CI]": has("gold_reward"), "accuracy": has("accuracy"), "RM score": has("proxy_reward"),
+            f"win rate vs {base} [95% CI]": bool(vs_all)}
+    rows = [row(n, r) for n, r in pols.items()]
+    columns = [c for c in (rows[0] if rows else ["policy"]) if keep.get(c, True)]
+    lines = [f"posttrain eval: {len(pols)} policies on {results.get('n_prompts')} prompts x "
+             f"{results.get('samples')} samples; win rates judged by {results.get('judge')} against {base}",
+             "", text_table(columns, [[r[c] for c in columns] for r in rows], indent="  "), "",
+             "  95% intervals: percentile bootstrap over prompts" + (f", B = {b} resamples" if b else "")]
+    if paired:
+        lines.append(f"  p: one-sided paired bootstrap, \"policy > {base}\"; \"< 1/B\": no resample favoured {base}")
+    if files:
+        w = max(len(k) for k in files) + 1
+        run_dir = Path(next(iter(files.values()))).parent
+        lines += ["", *(f"  {k + ':':{w}} {v}" for k, v in files.items()),
+                  f"  {'report:':{w}} posttrain report {run_dir}  (report.html, report.md)"]
+    return "\n".join(lines)
 
 
 def _json(o):

@@ -74,6 +74,55 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _round_up(x: float, digits: int = 2) -> float:
+    """``x`` > 0 rounded UP to ``digits`` significant digits (a bound must not shrink when shown)."""
+    e = math.floor(math.log10(x)) - digits + 1
+    return round(math.ceil(x / 10.0**e - 1e-9) * 10.0**e, 12)
+
+
+def format_p(p: float | None, n_boot: int | None = None) -> str:
+    """A resampling p-value as text, never "0".
+
+    A p-value estimated from B resamples as k/B is 0 when no resample went the other way (k = 0);
+    all that is known then is p < 1/B, so this returns ``"< 0.001"`` for B = 1000 (1/B rounded up
+    to two significant digits). With B unknown (a result written before B was recorded) a zero
+    p-value reads ``"< 1/B"``. Otherwise three decimals (two significant digits below 0.01).
+    ``None`` (no test run) is empty.
+    """
+    if p is None:
+        return ""
+    p = float(p)
+    if math.isnan(p):
+        return "nan"
+    if n_boot:
+        if p * n_boot < 0.5:  # k = 0 of B resamples
+            return f"< {_round_up(1.0 / n_boot):g}"
+    elif p <= 0:
+        return "< 1/B"
+    return f"{p:.3f}" if p >= 0.01 else f"{p:.2g}"
+
+
+def paired_p(paired: Mapping[str, Any] | None, n_boot: int | None = None) -> str:
+    """:func:`format_p` of a :func:`~posttrain.evaluation.stats.paired_bootstrap` result, with the B
+    it recorded (``n_boot`` is the fallback for results written before B was stored)."""
+    if not paired or paired.get("p_value") is None:
+        return ""
+    return format_p(paired["p_value"], paired.get("n_boot") or n_boot)
+
+
+def text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "") -> str:
+    """A plain-text table for the console: left-aligned columns two spaces apart, a dashed rule
+    under the header, cells formatted like report tables (no colour, no box characters, so it reads
+    the same in a terminal, a log file or a pipe)."""
+    cells = [[str(c) for c in columns]] + [[_fmt(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in cells) for i in range(len(columns))]
+
+    def line(r: Sequence[str]) -> str:
+        return (indent + "  ".join(v.ljust(w) for v, w in zip(r, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
 def _is_num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 

@@ -110,17 +110,24 @@ def paired_bootstrap(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, seed: int =
     With per-prompt differences dᵢ = aᵢ − bᵢ, resample prompts (so both scores of a prompt move
     together, which cancels the prompt-difficulty variance that an unpaired comparison keeps):
     ``diff = mean(d)``, ``[lo, hi]`` = percentile interval of the resampled means at level 1 − α,
-    ``p_value = P*(mean(d*) ≤ 0)``, the share of resamples in which ``a`` is not better than ``b``.
-    A small p-value supports "a > b"; it is a bootstrap one-sided p-value for H₀: E[d] ≤ 0
-    (percentile method, so it is approximate for small N and has resolution 1/n_boot).
+    ``p_value = P*(mean(d*) ≤ 0) = k / B``, the share k/B of the B = ``n_boot`` resamples in which
+    ``a`` is not better than ``b``. A small p-value supports "a > b"; it is a bootstrap one-sided
+    p-value for H₀: E[d] ≤ 0 (percentile method, so it is approximate for small N and has
+    resolution 1/B).
+
+    ``p_value`` is 0.0 when no resample had mean(d*) ≤ 0 (k = 0). That does not mean p = 0, only
+    p < 1/B: ``p_value_is_bound`` is then True, and ``n_boot`` (B) travels with the result so that
+    every place that shows it writes ``p < 1/B`` (:func:`posttrain.evaluation.report.format_p`).
+    Returns ``dict(diff, lo, hi, p_value, p_value_is_bound, n_boot, n)``.
     """
     x, y = _vec(a, "a"), _vec(b, "b")
     _same_len((x, "a"), (y, "b"))
     d = x - y
     boots = _bootstrap(d, np.mean, n_boot, seed)
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return dict(diff=float(d.mean()), lo=float(lo), hi=float(hi), p_value=float(np.mean(boots <= 0)),
-                n=int(d.size))
+    k = int(np.sum(boots <= 0))
+    return dict(diff=float(d.mean()), lo=float(lo), hi=float(hi), p_value=k / n_boot,
+                p_value_is_bound=k == 0, n_boot=int(n_boot), n=int(d.size))
 
 
 # --------------------------------------------------------------------------------------------

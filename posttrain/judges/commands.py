@@ -24,7 +24,7 @@ from posttrain.config import opt, save_config
 from posttrain.data.chat import split_implicit_prompt
 from posttrain.data.formats import load_records, read_rows
 from posttrain.data.records import ReadOptions
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError, DataError, ModelError
 from posttrain.judges.backends import backend_from_spec, parse_spec
 from posttrain.judges.cai import ai_preference_pairs, critique_revision_chains
 from posttrain.judges.constitution import load_constitution
@@ -117,6 +117,8 @@ class JudgeConfig:
     tie_margin: float = opt(0.1, "Grade mode: score differences up to this are ties.",
                             "MT-Bench single-mode pairs")
     seed: int = opt(0, "Seed for which response of a preference pair is shown as A, and for sampling.")
+    max_unparseable: float = opt(0.5, "Fail (exit 2, files kept) when more than this share of pairs got no "
+                                 "parseable verdict: such a run measures the judge's format, not the responses.")
     output_dir: str = opt("runs/{command}", "Run directory; {command} and {time} are filled in.")
 
     def validate(self) -> None:
@@ -247,6 +249,16 @@ def run_judge(cfg: JudgeConfig) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if hasattr(backend, "close"):
         backend.close()
+    rate = summary.get("unparseable_rate") or 0.0
+    print(f"judge {cfg.judge}: {summary.get('pairs', len(judgments))} pairs, unparseable {rate:.0%}"
+          + (f", human agreement {summary['human']['agreement']:.3f}"
+             if labelled and summary["human"].get("agreement") is not None else "")
+          + f"; judgments.jsonl and summary.json in {run_dir}", flush=True)
+    if rate > cfg.max_unparseable:
+        raise ModelError(f"{rate:.0%} of the pairs got no parseable verdict from the judge {cfg.judge} (more than "
+                         f"max_unparseable={cfg.max_unparseable}), so its labels say little", where="judge",
+                         fix=f"read the replies in {run_dir / 'judgments.jsonl'}; use a stronger judge, a larger "
+                             "max_tokens, or logprobs=true (a verdict read from token probabilities)")
     return {"run_dir": str(run_dir), **summary}
 
 

@@ -39,10 +39,24 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def check_not_missing_run(path: str, where: str = "model.name_or_path") -> None:
+    """A path like ``runs/sft/final`` that does not exist yet is the output of an earlier command: say
+    which one, instead of the Hub's repo-id message."""
+    p = Path(path)
+    if p.exists() or p.name != "final" or len(p.parts) < 3:
+        return
+    command = p.parent.name
+    raise ModelError(f"{path} does not exist yet: it is the final model that `posttrain {command}` writes "
+                     f"(train.output_dir={p.parent})", where=where,
+                     fix=f"run that first, e.g. `posttrain {command} --config recipes/{command}.yaml` (or the "
+                         "whole pipeline: posttrain demo), or point to another model")
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer, with a pad token guaranteed (EOS is reused when the model has none)."""
     from transformers import AutoTokenizer
 
+    check_not_missing_run(name_or_path)
     quiet_transformers()
     path = tiny.resolve(name_or_path)
     try:
@@ -60,6 +74,7 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None):
     """``AutoModelForCausalLM.from_pretrained`` with the configured dtype and attention backend."""
     from transformers import AutoModelForCausalLM
 
+    check_not_missing_run(name_or_path or cfg.name_or_path)
     quiet_transformers()
     path = tiny.resolve(name_or_path or cfg.name_or_path)
     try:

@@ -250,12 +250,25 @@ def load_rewards(specs: list[str], weights: list[float]) -> list[tuple[str, Call
     return out
 
 
-def check_reward_config(specs: list[str], weights: list[float]) -> None:
+def default_reward(specs: list[str], prompts: str, builtin: str) -> list[str]:
+    """The reward list with its default filled in: the built-in task's reward ``builtin`` only when the
+    prompts are the built-in task's. With the user's own prompts there is no default (an empty list,
+    which :func:`check_reward_config` refuses): a built-in reward would score every completion 0."""
+    if specs:
+        return list(specs)
+    return [builtin] if prompts.startswith("builtin:") else []
+
+
+def check_reward_config(specs: list[str], weights: list[float], prompts: str | None = None) -> None:
     if weights and len(weights) != len(specs):
         raise ConfigError(f"{len(weights)} reward_weights for {len(specs)} rewards", where="reward_weights",
                           fix=f"give {len(specs)} weights (or none for all 1.0)")
     if not specs:
-        raise ConfigError("no reward given", where="reward", fix="e.g. reward=builtin_correct")
+        mine = prompts is not None and not prompts.startswith("builtin:")
+        raise ConfigError("no reward given" + (f" for your prompts ({prompts}); the built-in task's rewards would "
+                                               "score every completion 0" if mine else ""), where="reward",
+                          fix="e.g. reward=[exact_match] or [math] with an answer column, rm:<reward model dir>, "
+                              "or module:function (docs/rewards.md)" if mine else "e.g. reward=builtin_correct")
 
 
 def sum_components(components: dict[str, list], weights: dict[str, float], *, none: str | float = "propagate",

@@ -44,7 +44,7 @@ class RolloutConfig:
         "with native bf16 matmuls (AVX-512 bf16 or AMX; ~1.4x faster decoding, log-prob gap ~2e-3 "
         "nats/token, corrected by rollout.correction), else the model's dtype. model: exact (same "
         "numbers as the trainer). The trainer always recomputes log-probs in the model's dtype.",
-        "ENVIRONMENT.md decoding levers; benchmarks/generate.py")
+        "docs/rollout.md; benchmarks/generate.py")
     correction: Literal["tis", "none"] = opt(
         "tis", "Rollout-mismatch correction: tis weights each token's policy-gradient term by "
         "min(π_old/π_rollout, rollout.tis_cap) (truncated importance sampling; 1 for an exact engine); "
@@ -143,8 +143,13 @@ class RLTrainConfig(TrainConfig):
                                        "minibatch (no accumulation).")
     epochs: float = opt(1.0, "Passes over the prompt set; ignored if max_steps (RL steps) is set.")
     max_steps: int | None = opt(None, "RL steps (rollout batches) to run; overrides epochs.")
+    stop_without_signal: int = opt(10, "Stop (an error) after this many RL steps in a row without a learning "
+                                   "signal (every reward in the batch equal or missing, or a zero gradient); "
+                                   "a warning is printed at the first such step; 0 = never stop.")
 
     def validate(self) -> None:
+        if self.stop_without_signal < 0:
+            raise ConfigError("train.stop_without_signal must be >= 0", where="train.stop_without_signal")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}", where="train.lr")
         for key in ("batch_size", "micro_batch_size"):

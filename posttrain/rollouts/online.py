@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.engines.loop import between_steps
-from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir, say
+from posttrain.errors import TrainingError
 from posttrain.logprobs import entropy_from_logits
 from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
 from posttrain.models.forward import ref_logp_fn, to_layout
@@ -127,6 +128,7 @@ class Online:
     step: int
     evaluate: Callable[[], dict]
     summary: dict
+    flat_steps: int = 0          # RL steps in a row without a learning signal
 
 
 def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable = lambda m: m,
@@ -183,12 +185,47 @@ def end_rl_step(o: Online, m: dict, n_rollouts: int, t0: float) -> dict:
     due. Returns the reduced metrics row."""
     o.step += 1
     m = reduce_metrics(o.engine, m)
+    check_signal(o, m)
     if "kl" in m:
         o.kl_ctl.update(m["kl"], n_rollouts * o.engine.world_size)
     m["kl_coef"], m["step_s"] = o.kl_ctl.value, time.perf_counter() - t0
     if o.step % o.cfg.train.log_every == 0 or o.step == o.n_steps:
         o.logger.log(o.step, m)
-        o.progress.update(o.step, f"reward {m.get('reward/mean', float('nan')):.3f}  kl {m.get('kl', 0.0):.3f}")
+        o.progress.update(o.step, f"reward {m.get('reward/mean', float('nan')):.3f}  kl {m.get('kl', 0.0):.3f}  "
+                                  f"loss {m.get('train/loss', float('nan')):.3f}  {m['step_s']:.2f} s/step")
     between_steps(o.engine, o.cfg.train, o.step, o.n_steps, o.evaluate, o.logger,
                   {"rl_step": o.step, "kl_coef": o.kl_ctl.value})
     return m
+
+
+def no_signal(m: dict) -> str | None:
+    """Why an RL step carried no learning signal, or None: every reward of the batch equal (or none
+    valid), or a zero gradient norm."""
+    std, invalid, grad = m.get("reward/std"), m.get("response/invalid_frac"), m.get("train/grad_norm")
+    if invalid is not None and invalid >= 1.0:
+        return "no reward applied to any sample (response/invalid_frac 1)"
+    if std is not None and std == 0.0 and m.get("batch/rollouts", 2.0) > 1:
+        return f"every reward in the batch was equal ({m.get('reward/mean', float('nan')):.4g}; reward/std 0)"
+    if grad is not None and grad == 0.0:
+        return "the gradient was zero (train/grad_norm 0)"
+    return None
+
+
+def check_signal(o: Online, m: dict) -> None:
+    """Warn at the first RL step without a learning signal; stop after ``train.stop_without_signal`` in a
+    row (metrics that look normal while nothing learns are worse than a crash)."""
+    why = no_signal(m)
+    if why is None:
+        o.flat_steps = 0
+        return
+    o.flat_steps += 1
+    limit = o.cfg.train.stop_without_signal
+    if o.flat_steps == 1:
+        say(f"warning: RL step {o.step}: no learning signal: {why}. Check the reward against your prompts "
+            f"(it stops after {limit} such steps in a row; train.stop_without_signal)")
+    if limit and o.flat_steps >= limit:
+        raise TrainingError(f"{o.flat_steps} RL steps in a row without a learning signal (last: {why}), so "
+                            "nothing is being learned", where="reward",
+                            fix="check that the reward scores your prompts' completions (posttrain data inspect "
+                                "shows the prompts; reward/<name> in metrics.jsonl each component), or raise "
+                                "train.stop_without_signal")

@@ -132,7 +132,8 @@ def test_judge_command_over_http(server, tmp_path):
     from posttrain.judges.commands import JudgeConfig, run_judge
 
     cfg = load_config(JudgeConfig, None, [f"judge=openai:{server}#tiny", "max_pairs=2", "max_tokens=8",
-                                          f"output_dir={tmp_path / 'run'}"])
+                                          f"output_dir={tmp_path / 'run'}",
+                                          "max_unparseable=1.0"])  # the untrained tiny judge: plumbing only
     summary = run_judge(cfg)
     assert summary["pairs"] == 2 and summary["verdicts"] == 4
     assert summary["human"]["labels"] == 2
