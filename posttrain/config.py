@@ -144,6 +144,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "Replace a run already in output_dir (its metrics, checkpoints, final model and "
                           "summary are deleted first). Without it, or resume, such a directory is refused.")
     threads: int | None = opt(None, "torch intra-op threads (null = torch default).")
+    report_to: list[str] = opt(["tensorboard"], "Trackers the metrics are mirrored to besides metrics.jsonl: "
+                               "tensorboard, wandb, mlflow (the last two are optional packages; they follow "
+                               "WANDB_* / MLFLOW_* environment variables, e.g. WANDB_MODE=offline).")
     progress: bool = opt(True, "Show a progress bar on a terminal. Off a terminal (or with false), one plain "
                          "log line per logging step instead.")
 
@@ -168,6 +171,24 @@ class TrainConfig:
             raise ConfigError("train.max_steps must be positive", where="train.max_steps")
         if self.epochs <= 0:
             raise ConfigError("train.epochs must be positive", where="train.epochs")
+        check_trackers(self.report_to)
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def check_trackers(names: list[str]) -> None:
+    """Known tracker names, and the optional packages they need installed (checked before anything runs)."""
+    import importlib.util
+
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"unknown tracker(s) {unknown} in train.report_to", where="train.report_to",
+                          fix=f"choose from {list(TRACKERS)} (metrics.jsonl is always written)")
+    for n in ("wandb", "mlflow"):
+        if n in names and importlib.util.find_spec(n) is None:
+            raise ConfigError(f"train.report_to names {n}, which is not installed", where="train.report_to",
+                              fix=f"pip install 'posttrain[{n}]', or remove {n} from train.report_to")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -10,10 +10,12 @@ The stages live in ``posttrain/pipelines/demo.yaml``; ``--quick`` applies its ``
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.config import opt, read_yaml
+from posttrain.evaluation.evaluate import format_summary
 from posttrain.pipeline import run_spec
 
 SPEC = Path(__file__).parent / "pipelines" / "demo.yaml"
@@ -63,8 +65,6 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def _print_results(console, run_dir: Path, summary: dict) -> None:
-    import json
-
     from rich.table import Table
 
     t = Table(title="stages")
@@ -74,19 +74,8 @@ def _print_results(console, run_dir: Path, summary: dict) -> None:
         t.add_row(s["stage"], s["command"], f"{s.get('seconds', 0):.0f}" + (" (done before)" if s.get("skipped") else ""))
     console.print(t)
     ev_path = next((Path(s["dir"]) / "eval.json" for s in summary["stages"] if s["command"] == "eval"), None)
-    if ev_path and ev_path.exists():
-        ev = json.loads(ev_path.read_text())
-        t = Table(title=f"held-out evaluation (judge: {ev['judge']}, baseline: {ev['baseline']})")
-        for col in ("policy", "gold reward", "accuracy", "KL", "win rate [95% CI]", "gold diff [95% CI]"):
-            t.add_column(col)
-        for name, r in ev["policies"].items():
-            vs = r.get("vs_baseline", {})
-            gp = vs.get("gold_paired", {})
-            t.add_row(name, f"{r.get('gold_reward', float('nan')):.3f}", f"{r.get('accuracy', float('nan')):.3f}",
-                      f"{r.get('kl', 0):.3f}",
-                      f"{vs['win_rate']:.3f} [{vs['ci'][0]:.3f}, {vs['ci'][1]:.3f}]" if vs else "-",
-                      f"{gp['diff']:+.3f} [{gp['lo']:+.3f}, {gp['hi']:+.3f}]" if gp else "-")
-        console.print(t)
+    if ev_path and ev_path.exists():  # the same table `posttrain eval` prints, as the run's last word
+        console.print(format_summary(json.loads(ev_path.read_text())), markup=False, highlight=False)
     report = run_dir / "report.html"
     if report.exists():
         console.print(f"report: {report}")

@@ -145,7 +145,7 @@ def run(cfg: DPOConfig) -> dict:
     sampler = StepSampler(len(train_enc), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
     engine = TrainEngine(model, cfg.train, total, run_dir)
-    logger = MetricsLogger(run_dir, enabled=engine.is_main)
+    logger = MetricsLogger(run_dir, enabled=engine.is_main, report_to=cfg.train.report_to, config=cfg)
     if engine.maybe_resume() is not None:
         logger.truncate_after(engine.step_count)
     loss_fn = make_loss_fn(cfg.loss, cfg.beta, cfg.loss_args, live, cfg.nll_weight)

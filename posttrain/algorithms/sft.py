@@ -95,7 +95,7 @@ def run(cfg: SFTConfig) -> dict:
                           lengths=None if cfg.packing else [len(e) for e in train_ex])
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
     engine = TrainEngine(model, cfg.train, total, run_dir)
-    logger = MetricsLogger(run_dir, enabled=engine.is_main)
+    logger = MetricsLogger(run_dir, enabled=engine.is_main, report_to=cfg.train.report_to, config=cfg)
     extra = engine.maybe_resume()
     if extra is not None:
         logger.truncate_after(engine.step_count)

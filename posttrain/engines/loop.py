@@ -85,10 +85,28 @@ def finish(engine, logger, run_dir: Path, summary: dict, evaluate, step: int, sa
             logger.log(step, row)
         save()
         write_summary(run_dir, summary)
+        print(results_text(run_dir, summary, flatten), flush=True)
     logger.close()
     engine.accelerator.wait_for_everyone()
     summary["run_dir"] = str(run_dir)
     return summary
+
+
+def results_text(run_dir: Path, summary: dict, flatten=None) -> str:
+    """The end of a training run for the console: held-out metrics before -> after, and where the files are."""
+    before, after = _eval_row(summary.get("initial") or {}, flatten), _eval_row(summary.get("final") or {}, flatten)
+    lines = [f"results in {run_dir}:"]
+    for key, value in after.items():
+        if isinstance(value, (int, float)):
+            was = before.get(key)
+            lines.append(f"  {key:<28} {was:>10.4f} -> {value:.4f}" if isinstance(was, (int, float))
+                         else f"  {key:<28} {value:>10.4f}")
+    if len(lines) == 1:
+        lines.append("  no held-out evaluation (no held-out data)")
+    for name in ("final", "metrics.jsonl", "summary.json"):
+        if (run_dir / name).exists():
+            lines.append(f"  {name:<14} {run_dir / name}")
+    return "\n".join(lines)
 
 
 class TrainEngineAutocast:

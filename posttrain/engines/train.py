@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from posttrain.config import TrainConfig, save_config
+from posttrain.engines.trackers import check_trackers, make_trackers
 from posttrain.errors import ConfigError, TrainingError
 
 LossFn = Callable[[torch.nn.Module, Any, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -103,13 +104,16 @@ def set_rng_state(state: dict) -> None:
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors the scalars to the trackers
+    of ``report_to`` (TensorBoard by default; W&B, MLflow: ``engines/trackers.py``), started lazily at
+    the first logged row (main process only)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, report_to: list[str] | tuple[str, ...] = ("tensorboard",),
+                 config: Any = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._tb = None
-        self._tb_dir = Path(run_dir) / "tb" if tensorboard else None
+        self._names, self._config, self._trackers = list(report_to), config, None
+        check_trackers(self._names)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -117,14 +121,11 @@ class MetricsLogger:
         row = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb_dir is not None:
-            if self._tb is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self._tb_dir))
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+        if self._trackers is None:
+            run_dir = self.path.parent
+            self._trackers = make_trackers(self._names, run_dir, run_dir.name, self._config)
+        for t in self._trackers:
+            t.log(step, row)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the file matches one clean run."""
@@ -133,8 +134,9 @@ class MetricsLogger:
             self.path.write_text("".join(r + "\n" for r in rows))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for t in self._trackers or []:
+            t.close()
+        self._trackers = []
 
 
 def _scalar(v: Any) -> Any:

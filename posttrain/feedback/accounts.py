@@ -9,12 +9,16 @@ from sqlalchemy.orm import Session
 
 from posttrain.feedback import auth
 from posttrain.feedback.assign import Conflict, Invalid, NotFound
-from posttrain.feedback.db import ROLES, Membership, Project, User
+from posttrain.feedback.db import ROLES, Membership, Project, User, text_problem
 
-NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # used with fullmatch ("$" would accept a trailing newline)
+MAX_OVERLAP = 1000
+MAX_TTL_S = 365 * 24 * 3600
 
 
 def user_by_name(db: Session, name: str) -> User:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise NotFound(f"no user named {name!r}")  # never sent to the database: NUL would be a 500
     user = db.scalar(select(User).where(User.name == name))
     if user is None:
         raise NotFound(f"no user named {name!r}")
@@ -22,6 +26,8 @@ def user_by_name(db: Session, name: str) -> User:
 
 
 def project_by_name(db: Session, name: str) -> Project:
+    if not isinstance(name, str) or len(name) > 128 or text_problem(name):
+        raise NotFound(f"no project named {name!r}")
     project = db.scalar(select(Project).where(Project.name == name))
     if project is None:
         raise NotFound(f"no project named {name!r}")
@@ -29,7 +35,7 @@ def project_by_name(db: Session, name: str) -> Project:
 
 
 def create_user(db: Session, name: str, role: str, password: str, *, update: bool = False) -> User:
-    if not NAME.match(name or ""):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise Invalid("user name must be 1-64 letters, digits or _ . @ -")
     if role not in ROLES:
         raise Invalid(f"role must be one of {list(ROLES)}, got {role!r}")
@@ -49,18 +55,22 @@ def create_user(db: Session, name: str, role: str, password: str, *, update: boo
 
 
 def check_project_settings(overlap: int, gold_rate: float, ttl_s: int) -> None:
-    if overlap < 1:
-        raise Invalid(f"overlap must be at least 1, got {overlap}")
+    if not 1 <= overlap <= MAX_OVERLAP:
+        raise Invalid(f"overlap must be 1..{MAX_OVERLAP}, got {overlap}")
     if not 0.0 <= gold_rate <= 1.0:
         raise Invalid(f"gold_rate must be between 0 and 1, got {gold_rate}")
-    if ttl_s < 60:
-        raise Invalid(f"assignment_ttl_s must be at least 60 seconds, got {ttl_s}")
+    if not 60 <= ttl_s <= MAX_TTL_S:
+        raise Invalid(f"assignment_ttl_s must be 60..{MAX_TTL_S} seconds, got {ttl_s}")
 
 
 def create_project(db: Session, name: str, *, overlap: int = 3, gold_rate: float = 0.1, instructions: str = "",
                    assignment_ttl_s: int = 3600, update: bool = False) -> Project:
-    if not name or len(name) > 128:
+    if not isinstance(name, str) or not name or len(name) > 128:
         raise Invalid("project name must have 1-128 characters")
+    if text_problem(name):
+        raise Invalid(f"project name {text_problem(name)}")
+    if not isinstance(instructions, str) or text_problem(instructions):
+        raise Invalid(f"instructions {text_problem(instructions) if isinstance(instructions, str) else 'must be text'}")
     check_project_settings(overlap, gold_rate, assignment_ttl_s)
     project = db.scalar(select(Project).where(Project.name == name))
     if project is not None and not update:

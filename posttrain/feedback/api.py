@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
@@ -18,13 +18,26 @@ from posttrain.feedback.assign import (
     Invalid,
     LabelInput,
     NotFound,
+    by_id,
     get_project,
     next_assignment,
     own_assignment,
     record_label,
     skip,
 )
-from posttrain.feedback.db import FLAGS, LETTERS, Assignment, Label, Membership, Project
+from posttrain.feedback.accounts import MAX_OVERLAP, MAX_TTL_S
+from posttrain.feedback.db import (
+    FLAGS,
+    LETTERS,
+    MAX_CLIENT_MS,
+    MAX_KEY,
+    MAX_RATIONALE,
+    Assignment,
+    Label,
+    Membership,
+    Project,
+    find_text_problem,
+)
 from posttrain.feedback.deps import (
     Principal,
     Unauthorized,
@@ -43,21 +56,30 @@ router = APIRouter()
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelled field is a 422, not silently ignored
 
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        # NUL or a lone surrogate anywhere in the body would fail in the database (a 500): 422 here
+        problem = find_text_problem(data)
+        if problem:
+            raise ValueError(problem)
+        return data
+
 
 class Credentials(Strict):
-    username: str
-    password: str
+    username: str = Field(max_length=256)
+    password: str = Field(max_length=1024)
 
 
 class LabelBody(Strict):
-    idempotency_key: str | None = Field(None, min_length=1, max_length=100,
+    idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_KEY,
                                         description="Client-chosen key; a retry with the same key is a success.")
     choice: Literal["A", "B", "tie", "both_bad"] | None = None
     strength: int | None = Field(None, ge=1, le=3)
     ranking: list[str] | None = None
-    rationale: str | None = Field(None, max_length=10_000)
+    rationale: str | None = Field(None, max_length=MAX_RATIONALE)
     flags: dict[str, list[Literal[FLAGS]]] = {}  # type: ignore[valid-type]
-    client_ms: int | None = Field(None, ge=0, le=7 * 24 * 3600 * 1000)
+    client_ms: int | None = Field(None, ge=0, le=MAX_CLIENT_MS)
 
 
 class UserBody(Strict):
@@ -69,10 +91,10 @@ class UserBody(Strict):
 
 class ProjectBody(Strict):
     name: str = Field(min_length=1, max_length=128)
-    overlap: int = Field(3, ge=1)
+    overlap: int = Field(3, ge=1, le=MAX_OVERLAP)
     gold_rate: float = Field(0.1, ge=0.0, le=1.0)
     instructions: str = ""
-    assignment_ttl_s: int = Field(3600, ge=60)
+    assignment_ttl_s: int = Field(3600, ge=60, le=MAX_TTL_S)
     annotators: list[str] = []
 
 
@@ -102,7 +124,7 @@ def assignment_view(a: Assignment, label: Label | None = None) -> dict:
 
 
 def _project(db: Session, project_id: int) -> Project:
-    project = db.get(Project, project_id)
+    project = by_id(db, Project, project_id)
     if project is None:
         raise NotFound(f"no project {project_id}")
     return project

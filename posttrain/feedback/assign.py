@@ -2,7 +2,11 @@
 
 Assignment: every regular task is labeled by ``project.overlap`` distinct annotators. A task's slot
 is held by a done assignment or by a pending one younger than ``assignment_ttl_s``; skipped ones
-free it. Partly labeled tasks are served first so finished tasks accumulate early. Gold tasks (with a
+free it. A regular pending assignment older than the TTL has *expired*: its slot may go to someone
+else, so it can no longer be labeled (409) and ``next`` no longer returns it (its status becomes
+``expired``). Labeling takes the same per-project lock as assignment, so a label and a re-issue of
+the same slot can never both win: a task never gets more than ``overlap`` regular labels. Gold
+assignments hold no slot and never expire. Partly labeled tasks are served first so finished tasks accumulate early. Gold tasks (with a
 known answer) are mixed in at ``project.gold_rate`` by a schedule seeded by (project, user, count),
 so reruns are reproducible; every annotator may see every gold task once. Each assignment gets a
 fresh random candidate order, stored with it.
@@ -21,7 +25,23 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from posttrain.feedback.db import CHOICES, FLAGS, LETTERS, Assignment, Label, Membership, Project, Task, User, utcnow
+from posttrain.feedback.db import (
+    CHOICES,
+    FLAGS,
+    LETTERS,
+    MAX_CLIENT_MS,
+    MAX_KEY,
+    MAX_RATIONALE,
+    Assignment,
+    Label,
+    Membership,
+    Project,
+    Task,
+    User,
+    text_problem,
+    utcnow,
+    valid_id,
+)
 
 
 class Refused(Exception):
@@ -68,8 +88,13 @@ def can_work_on(db: Session, user: User, project: Project) -> bool:
     return db.get(Membership, (project.id, user.id)) is not None
 
 
+def by_id(db: Session, model, ident: object):
+    """``db.get`` for an id from a request: None for ids that cannot exist (out of the column's range)."""
+    return db.get(model, ident) if valid_id(ident) else None
+
+
 def get_project(db: Session, user: User, project_id: int) -> Project:
-    project = db.get(Project, project_id)
+    project = by_id(db, Project, project_id)
     if project is None:
         raise NotFound(f"no project {project_id}")
     if not can_work_on(db, user, project):
@@ -78,7 +103,7 @@ def get_project(db: Session, user: User, project_id: int) -> Project:
 
 
 def own_assignment(db: Session, user: User, assignment_id: int, *, admin_ok: bool = False) -> Assignment:
-    a = db.get(Assignment, assignment_id)
+    a = by_id(db, Assignment, assignment_id)
     if a is None:
         raise NotFound(f"no assignment {assignment_id}")
     if a.user_id != user.id and not (admin_ok and user.role == "admin"):
@@ -89,14 +114,38 @@ def own_assignment(db: Session, user: User, assignment_id: int, *, admin_ok: boo
 # ----------------------------------------------------------------------------- assignment
 
 
-def _pending(db: Session, user: User, project: Project) -> Assignment | None:
+def _cutoff(project: Project, now: datetime) -> datetime:
+    return now - timedelta(seconds=project.assignment_ttl_s)
+
+
+def _expired(a: Assignment, project: Project, now: datetime) -> bool:
+    """A regular pending assignment past the project's TTL (its slot may have been re-issued)."""
+    return a.status == "pending" and a.task.gold is None and a.served_at < _cutoff(project, now)
+
+
+def _pending(db: Session, user: User, project: Project, now: datetime) -> Assignment | None:
+    live = Task.gold.is_not(None) | (Assignment.served_at >= _cutoff(project, now))
     return db.scalar(select(Assignment).join(Task).where(
-        Assignment.user_id == user.id, Assignment.status == "pending", Task.project_id == project.id)
+        Assignment.user_id == user.id, Assignment.status == "pending", Task.project_id == project.id, live)
         .order_by(Assignment.id).limit(1))
 
 
+def _expire_stale(db: Session, user: User, project: Project, now: datetime) -> None:
+    """Mark the user's expired pending assignments in ``project`` as ``expired`` (in the open transaction)."""
+    stale = select(Task.id).where(Task.project_id == project.id, Task.gold.is_(None))
+    db.execute(update(Assignment).where(Assignment.user_id == user.id, Assignment.status == "pending",
+                                        Assignment.task_id.in_(stale), Assignment.served_at < _cutoff(project, now))
+               .values(status="expired", finished_at=now).execution_options(synchronize_session=False))
+
+
+def _lock_project(db: Session, project_id: int) -> None:
+    # the transaction's first write: SQLite takes its write lock (waiting up to busy_timeout) and
+    # PostgreSQL locks the project row, so assignment and labeling in a project are serialized
+    db.execute(update(Project).where(Project.id == project_id).values(assign_seq=Project.assign_seq + 1))
+
+
 def _regular_task(db: Session, user: User, project: Project, now: datetime) -> int | None:
-    cutoff = now - timedelta(seconds=project.assignment_ttl_s)
+    cutoff = _cutoff(project, now)
     holds = (Assignment.status == "done") | ((Assignment.status == "pending") & (Assignment.served_at >= cutoff))
     taken = (select(Assignment.task_id, func.count().label("n")).where(holds)
              .group_by(Assignment.task_id).subquery())
@@ -116,17 +165,16 @@ def _gold_task(db: Session, user: User, project: Project, rng: random.Random) ->
 
 def next_assignment(db: Session, user: User, project: Project) -> Assignment | None:
     """The user's pending assignment in ``project``, else a new one (committed), else None (done)."""
-    pending = _pending(db, user, project)
+    pending = _pending(db, user, project, utcnow())
     if pending is not None:  # a reload or a retry shows the same task in the same order
         return pending
-    # serialize assignment within the project: this UPDATE is the transaction's first statement, so
-    # SQLite takes its write lock (waiting up to busy_timeout) and PostgreSQL locks the project row
-    db.execute(update(Project).where(Project.id == project.id).values(assign_seq=Project.assign_seq + 1))
-    pending = _pending(db, user, project)  # the same user in two tabs may have raced us
+    _lock_project(db, project.id)
+    now = utcnow()
+    _expire_stale(db, user, project, now)  # never shown again: its slot may be someone else's now
+    pending = _pending(db, user, project, now)  # the same user in two tabs may have raced us
     if pending is not None:
         db.commit()
         return pending
-    now = utcnow()
     task_id = None
     if project.gold_rate > 0:
         served = db.scalar(select(func.count()).select_from(Assignment).join(Task).where(
@@ -211,19 +259,64 @@ def _replay(existing: Label, a: Assignment) -> Label:
     return existing
 
 
-def record_label(db: Session, user: User, assignment_id: int, inp: LabelInput) -> tuple[Label, bool]:
-    """Store a label once. Returns (label, created); created is False for a retry of the same key."""
-    if not inp.idempotency_key or len(inp.idempotency_key) > 100:
-        raise Invalid("idempotency_key must be a non-empty string of at most 100 characters")
-    a = own_assignment(db, user, assignment_id)
-    existing = _by_key(db, inp.idempotency_key)
-    if existing is not None:
-        return _replay(existing, a), False
+_EXPIRED = ("this assignment expired (it was not labeled within the project's assignment_ttl_s) and its task "
+            "was given to someone else; your label was not stored. Ask for the next task.")
+
+
+def _check_status(a: Assignment) -> None:
     if a.status == "done":
         raise Conflict("this assignment is already labeled (under another idempotency key)")
     if a.status == "skipped":
         raise Conflict("this assignment was skipped; ask for the next one")
+    if a.status == "expired":
+        raise Conflict(_EXPIRED)
+
+
+def check_label_input(inp: LabelInput) -> None:
+    """The limits every label passes, from the JSON API and the HTML form alike (422 with a message)."""
+    key = inp.idempotency_key
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY:
+        raise Invalid(f"idempotency_key must be a non-empty string of at most {MAX_KEY} characters")
+    if text_problem(key):
+        raise Invalid(f"idempotency_key {text_problem(key)}")
+    if inp.rationale is not None:
+        if not isinstance(inp.rationale, str) or len(inp.rationale) > MAX_RATIONALE:
+            raise Invalid(f"rationale must be text of at most {MAX_RATIONALE} characters")
+        if text_problem(inp.rationale):
+            raise Invalid(f"rationale {text_problem(inp.rationale)}")
+    ms = inp.client_ms
+    if ms is not None and (isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= MAX_CLIENT_MS):
+        raise Invalid(f"client_ms must be a whole number of milliseconds from 0 to {MAX_CLIENT_MS}")
+    if inp.strength is not None and (isinstance(inp.strength, bool) or inp.strength not in (1, 2, 3)):
+        raise Invalid("strength must be 1 (slightly), 2 (clearly) or 3 (much better) when choice is A or B")
+
+
+def record_label(db: Session, user: User, assignment_id: int, inp: LabelInput) -> tuple[Label, bool]:
+    """Store a label once. Returns (label, created); created is False for a retry of the same key."""
+    check_label_input(inp)
+    a = own_assignment(db, user, assignment_id)
+    existing = _by_key(db, inp.idempotency_key)
+    if existing is not None:
+        return _replay(existing, a), False
+    _check_status(a)
     fields = _resolve(inp, a.display_order)
+    if a.task.gold is None:
+        # take the assignment lock, then look again: an expired slot is either re-issued or labeled
+        _lock_project(db, a.task.project_id)
+        db.refresh(a)
+        existing = _by_key(db, inp.idempotency_key)  # a concurrent retry of this label committed first
+        if existing is not None:
+            db.rollback()
+            return _replay(existing, a), False
+        try:
+            _check_status(a)
+        except Conflict:
+            db.rollback()
+            raise
+        if _expired(a, db.get(Project, a.task.project_id), utcnow()):
+            a.status, a.finished_at = "expired", utcnow()
+            db.commit()
+            raise Conflict(_EXPIRED)
     now = utcnow()
     label = Label(assignment_id=a.id, idempotency_key=inp.idempotency_key, task_id=a.task_id, user_id=user.id,
                   client_ms=inp.client_ms, served_at=a.served_at, created_at=now, **fields)

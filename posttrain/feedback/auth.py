@@ -20,12 +20,13 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session, contains_eager
 
-from posttrain.feedback.db import ApiToken, User, WebSession, utcnow
+from posttrain.feedback.db import ApiToken, User, WebSession, text_problem, utcnow
 
 # scrypt cost: N=2^14, r=8 uses 16 MiB and ~50 ms per check on one core (RFC 7914's interactive
 # setting); logins are rare, API calls use tokens
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 MIN_PASSWORD = 8
+MAX_PASSWORD = 1024
 
 
 def _b64(raw: bytes) -> str:
@@ -49,7 +50,7 @@ def verify_password(password: str, stored: str) -> bool:
             return False
         got = hashlib.scrypt(password.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p),
                              dklen=len(_unb64(digest)), maxmem=256 * 1024 * 1024)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnicodeEncodeError):
         return False
     return hmac.compare_digest(got, _unb64(digest))
 
@@ -63,6 +64,10 @@ def _dummy_hash() -> str:
 def password_problem(password: str | None) -> str | None:
     if not password or len(password) < MIN_PASSWORD:
         return f"password must have at least {MIN_PASSWORD} characters"
+    if len(password) > MAX_PASSWORD:
+        return f"password must have at most {MAX_PASSWORD} characters"
+    if text_problem(password):
+        return f"password {text_problem(password)}"
     return None
 
 
@@ -82,7 +87,9 @@ def same(a: str | None, b: str | None) -> bool:
 
 
 def check_password(db: Session, name: str, password: str) -> User | None:
-    user = db.scalar(select(User).where(User.name == name))
+    # a name that cannot be stored cannot exist (and NUL would make PostgreSQL fail): no query for it
+    ok = isinstance(name, str) and len(name) <= 64 and not text_problem(name)
+    user = db.scalar(select(User).where(User.name == name)) if ok else None
     if user is None:
         verify_password(password, _dummy_hash())
         return None

@@ -44,6 +44,50 @@ LETTERS = "ABCDEFGHI"  # display slots; 9 is also the most candidates the 1..9 k
 MAX_CANDIDATES = len(LETTERS)
 
 
+# Edge limits (validated before anything reaches the database, so bad input is a 422/404, never a 500):
+# ids and stored integers fit PostgreSQL's 32-bit ``integer`` (SQLite's are 64-bit)
+MAX_ID = 2**31 - 1
+MAX_KEY = 100  # idempotency key characters
+MAX_RATIONALE = 10_000  # characters
+MAX_CLIENT_MS = 7 * 24 * 3600 * 1000  # a week of visible time
+
+
+def valid_id(value: object) -> bool:
+    """An id that can exist: a positive int within the column type (so lookups never overflow)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
+
+
+def text_problem(value: str) -> str | None:
+    """Why a string cannot be stored (PostgreSQL text has no NUL; UTF-8 has no lone surrogates), or None."""
+    if "\x00" in value:
+        return "must not contain NUL (\\u0000) characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (no lone surrogates)"
+    return None
+
+
+def find_text_problem(value: Any, where: str = "") -> str | None:
+    """The first string (or mapping key) in ``value`` that cannot be stored, as 'where: problem'."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        return f"{where or 'text'}: {problem}" if problem else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{where}.{k}" if where else str(k)
+            found = find_text_problem(k, where or "key") if isinstance(k, str) else None
+            found = found or find_text_problem(v, sub)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = find_text_problem(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)  # noqa: UP017 (datetime.UTC needs 3.11)
 

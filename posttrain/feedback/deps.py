@@ -18,8 +18,8 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from posttrain.feedback import auth
-from posttrain.feedback.assign import Forbidden, Refused
-from posttrain.feedback.db import User
+from posttrain.feedback.assign import Forbidden, Invalid, Refused
+from posttrain.feedback.db import User, text_problem
 
 SESSION_COOKIE = "pt_session"
 LOGIN_CSRF_COOKIE = "pt_login_csrf"
@@ -123,7 +123,12 @@ def api_admin_writer(p: Principal = Depends(api_writer)) -> Principal:
 async def form_fields(request: Request) -> dict[str, list]:
     """The submitted form as {name: [values]} (multi-valued fields such as checkboxes keep all)."""
     form = await request.form()
-    return {k: form.getlist(k) for k in form.keys()}
+    fields = {k: form.getlist(k) for k in form.keys()}
+    for name, values in fields.items():  # NUL would make PostgreSQL fail (a 500) wherever it is stored
+        for value in [name, *(v for v in values if isinstance(v, str))]:
+            if text_problem(value):
+                raise Invalid(f"form field {name[:40]!r}: {text_problem(value)}")
+    return fields
 
 
 def page_user(request: Request, db: Session = Depends(get_db)) -> Principal:

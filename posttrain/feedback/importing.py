@@ -30,7 +30,7 @@ from posttrain.data.layouts import RowProblem, decode_cell
 from posttrain.data.records import ReadOptions, read_record
 from posttrain.data.sources import read_source
 from posttrain.errors import DataError
-from posttrain.feedback.db import MAX_CANDIDATES, Candidate, Project, Task
+from posttrain.feedback.db import MAX_CANDIDATES, Candidate, Project, Task, find_text_problem
 
 ROLES = {"system", "user", "assistant", "tool"}
 KNOWN_KEYS = {"prompt", "responses", "chosen", "rejected", "gold", "id", "meta", "chosen_model",
@@ -114,6 +114,9 @@ def parse_record(row: Any, *, gold_from_chosen: bool = False) -> TaskSpec | None
     Raises ``_Bad`` with 'field: problem'."""
     if not isinstance(row, dict):
         raise _Bad(f"record: expected an object, got {type(row).__name__}")
+    problem = find_text_problem(row)  # NUL cannot be stored in PostgreSQL text: refuse, never a 500
+    if problem:
+        raise _Bad(problem)
     if "responses" in row:
         try:  # CSV cells hold the text of lists
             row = {**row, "prompt": decode_cell(row.get("prompt"), "prompt", False, set()),

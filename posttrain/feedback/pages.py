@@ -25,7 +25,9 @@ from posttrain.feedback.assign import (
     Conflict,
     Invalid,
     LabelInput,
+    NotFound,
     Refused,
+    by_id,
     get_project,
     next_assignment,
     record_label,
@@ -147,6 +149,17 @@ def label_page(request: Request, project_id: int, p: Principal = Depends(page_us
     return _label_page(request, p, db, project, a)
 
 
+def _form_int(fields: dict, name: str) -> int | None:
+    """A whole number from a form field: ASCII digits only (str.isdigit() accepts '²', which int() refuses),
+    at most 19 of them; None when the field is empty or missing. Range checks are the caller's."""
+    value = first(fields, name, "") or ""
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
+        raise Invalid(f"{name} must be a whole number, got {value[:40]!r}")
+    return int(value)
+
+
 def _label_input(fields: dict, k: int) -> LabelInput:
     """The label form -> LabelInput. Rank selects become a best-first list of slots."""
     choice = first(fields, "choice")
@@ -155,41 +168,41 @@ def _label_input(fields: dict, k: int) -> LabelInput:
     if k > 2:
         ranks = {}
         for slot in LETTERS[:k]:
-            value = first(fields, f"rank_{slot}", "")
-            if not value.isdigit():
+            value = first(fields, f"rank_{slot}", "") or ""
+            if not (value.isascii() and value.isdigit() and len(value) <= 2):
                 raise Invalid(f"give response {slot} a rank from 1 to {k}")
             ranks[slot] = int(value)
         if sorted(ranks.values()) != list(range(1, k + 1)):
             raise Invalid(f"give each response a different rank from 1 to {k}")
         ranking = sorted(ranks, key=ranks.get)
         choice = None
-    ms = first(fields, "client_ms", "")
+    ms = _form_int(fields, "client_ms")  # the limits are check_label_input's, shared with the JSON API
     return LabelInput(
         idempotency_key=first(fields, "idempotency_key", "") or "",
         choice=choice, ranking=ranking,
         # the form may still hold a strength picked before switching to tie / both bad: drop it
-        strength=int(strength) if strength and strength.isdigit() and choice in ("A", "B") else None,
+        strength=_form_int(fields, "strength") if strength and choice in ("A", "B") else None,
         rationale=first(fields, "rationale"),
         flags={slot: [v for v in fields.get(f"flag_{slot}", []) if isinstance(v, str)] for slot in LETTERS[:k]},
-        client_ms=int(ms) if ms.isdigit() else None)
+        client_ms=ms)
 
 
 @router.post("/projects/{project_id}/label")
 def submit_label(request: Request, project_id: int, fields: dict = Depends(form_fields),
                  p: Principal = Depends(page_writer), db: Session = Depends(get_db)) -> Response:
     project = get_project(db, p.user, project_id)
-    aid = first(fields, "assignment_id", "")
-    if not aid.isdigit():
+    aid = _form_int(fields, "assignment_id")
+    if aid is None:
         raise Invalid("assignment_id missing")
-    a = db.get(Assignment, int(aid))
+    a = by_id(db, Assignment, aid)
+    if a is None:
+        raise NotFound(f"no assignment {aid}")
     try:
-        if a is None:
-            raise Invalid("no such assignment")
         record_label(db, p.user, a.id, _label_input(fields, len(a.task.candidates)))
     except Conflict as e:
         return redirect(f"/projects/{project.id}/label", str(e))
     except Invalid as e:
-        if a is None or a.user_id != p.user.id or a.status != "pending":
+        if a.user_id != p.user.id or a.status != "pending":
             raise
         return _label_page(request, p, db, project, a, error=str(e), key=first(fields, "idempotency_key"), status=422)
     return redirect(f"/projects/{project.id}/label")
@@ -199,11 +212,11 @@ def submit_label(request: Request, project_id: int, fields: dict = Depends(form_
 def skip_task(project_id: int, fields: dict = Depends(form_fields), p: Principal = Depends(page_writer),
               db: Session = Depends(get_db)) -> Response:
     project = get_project(db, p.user, project_id)
-    aid = first(fields, "assignment_id", "")
-    if not aid.isdigit():
+    aid = _form_int(fields, "assignment_id")
+    if aid is None:
         raise Invalid("assignment_id missing")
     try:
-        skip(db, p.user, int(aid))
+        skip(db, p.user, aid)
     except Conflict as e:
         return redirect(f"/projects/{project.id}/label", str(e))
     return redirect(f"/projects/{project.id}/label")

@@ -158,7 +158,7 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
                             rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
                             rank=engine.rank, world=engine.world_size)
     kl_ctl = kl_controller(cfg.kl)
-    logger = MetricsLogger(run_dir, enabled=engine.is_main)
+    logger = MetricsLogger(run_dir, enabled=engine.is_main, report_to=cfg.train.report_to, config=cfg)
     extra, step = engine.maybe_resume(), 0
     if extra is not None:
         step, kl_ctl.value = extra["rl_step"], extra["kl_coef"]
