@@ -173,5 +173,10 @@ def run(cfg: BestOfNConfig) -> dict:
             summary["finetune"]["initial"] = builtin_task_eval(model, tokenizer, seed=cfg.train.seed)
             summary["finetune"]["final"] = builtin_task_eval(tuned, tokenizer, seed=cfg.train.seed)
     write_summary(run_dir, summary)
+    gold_text = (f"; gold {summary['gold_mean_all']:.3f} -> {summary['gold_mean_selected']:.3f} (selected)"
+                 if gold is not None else "")
+    print(f"best-of-n: {len(records)} prompts x {N} samples; proxy {summary['proxy_mean_all']:.3f} -> "
+          f"{summary['proxy_mean_selected']:.3f} (selected){gold_text}\n  selected.jsonl {run_dir / 'selected.jsonl'}"
+          f"\n  summary.json   {run_dir / 'summary.json'}", flush=True)
     summary["run_dir"] = str(run_dir)
     return summary

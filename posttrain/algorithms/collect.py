@@ -100,5 +100,7 @@ def run(cfg: CollectConfig) -> dict:
             _write(out / "heldout.jsonl", gold)
             summary["heldout_pairs"] = len(gold)
     write_summary(out, summary)
+    print("collect: " + ", ".join(f"{k} {v}" for k, v in summary.items() if isinstance(v, (int, float)))
+          + "".join(f"\n  {p.name:<16} {p}" for p in sorted(out.glob("*.json*"))), flush=True)
     summary["run_dir"] = str(out)
     return summary

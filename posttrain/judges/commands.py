@@ -339,6 +339,8 @@ def run_cai(cfg: CAIConfig) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if hasattr(policy, "close"):
         policy.close()
+    print(f"cai: {len(chains)} critique-revision chains ({cfg.rounds} round(s))"
+          + "".join(f"\n  {p.name:<16} {p}" for p in sorted(run_dir.glob("*.json*"))), flush=True)
     return {"run_dir": str(run_dir), **summary}
 
 
