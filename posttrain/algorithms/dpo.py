@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
 from posttrain.data.batching import StepSampler, shard
 from posttrain.data.formats import load_train_eval
@@ -35,17 +34,12 @@ from posttrain.data.preference import (
     micro_batches_of,
     truncation_counts,
 )
-from posttrain.engines.loop import Throughput, TrainEngineAutocast, between_steps, finish, save_final
+from posttrain.engines.loop import TrainEngineAutocast, finish, initial_eval, record_steps, save_final
 from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
 from posttrain.errors import ConfigError
-from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.models.loading import tokenizer_for
 from posttrain.models.preference import make_loss_fn, pair_eval, resolve_reference, validate_direct
-from posttrain.models.reference import (
-    LiveReference,
-    attach_reference,
-    attach_reference_in_order,
-    precompute_tables,
-)
+from posttrain.models.reference import attach_reference, attach_reference_in_order, policy_with_reference
 from posttrain.rollouts.task_eval import task_metrics
 
 
@@ -127,20 +121,11 @@ def run(cfg: DPOConfig) -> dict:
     eval_enc = [encode_pair(tokenizer, r, cfg.data.max_length) for r in eval_rows]
     reference = resolve_reference(cfg.reference, cfg.loss)
     ref_path = cfg.ref_model or cfg.model.name_or_path
-    train_cfg_autocast = TrainEngineAutocast(cfg.train)
 
-    # ---- reference pass before the policy is loaded (full fine-tuning holds one model at a time)
-    tables, ref_info = {"train": None, "eval": None}, {"cache": "none"}
-    if reference == "precompute" and not cfg.lora.enabled:
-        tables, _, ref_info = precompute_tables({"train": train_enc, "eval": eval_enc}, ref_path=ref_path,
-                                                model_cfg=cfg.model, policy=None, cache_dir=cfg.ref_cache_dir,
-                                                pad_id=pad, autocast=train_cfg_autocast)
-    model = load_policy(cfg.model, cfg.lora)
-    if reference == "precompute" and cfg.lora.enabled:
-        tables, _, ref_info = precompute_tables({"train": train_enc, "eval": eval_enc}, ref_path=ref_path,
-                                                model_cfg=cfg.model, policy=model, cache_dir=cfg.ref_cache_dir,
-                                                pad_id=pad, autocast=train_cfg_autocast)
-    live = LiveReference(model, cfg.model, ref_path) if reference == "live" else None
+    # ---- the policy and its reference (a precomputed reference pass runs before the policy loads)
+    model, tables, _, ref_info, live = policy_with_reference(
+        {"train": train_enc, "eval": eval_enc}, reference=reference, ref_path=ref_path, model_cfg=cfg.model,
+        lora=cfg.lora, cache_dir=cfg.ref_cache_dir, pad_id=pad, autocast=TrainEngineAutocast(cfg.train))
 
     sampler = StepSampler(len(train_enc), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
@@ -166,27 +151,14 @@ def run(cfg: DPOConfig) -> dict:
         return out
 
     # ---- loop
-    progress = Progress(total, cfg.loss, cfg.train.progress)
-    clock = Throughput()
-    summary: dict = {**truncation_counts(train_enc), "loss": cfg.loss, "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
-                     "train_pairs": len(train_enc), "eval_pairs": len(eval_enc), "ties_skipped": ties,
-                     "world_size": engine.world_size, "total_steps": total}
-    if engine.step_count == 0 and engine.is_main:
-        summary["initial"] = evaluate(initial=True)
-        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
-    while engine.step_count < total:
-        batches = micro_batches(engine.step_count)
-        metrics = engine.step(batches, loss_fn, count_records)
-        clock.add(sum(int(b["n_records"]) for b in batches) * engine.world_size)
-        step = engine.step_count
-        if step % cfg.train.log_every == 0 or step == total:
-            row = {f"train/{k}": v for k, v in metrics.items()}
-            row["pairs_per_s"] = clock.rate()
-            logger.log(step, row)
-            progress.update(step, f"loss {row['train/loss']:.3f} acc {row.get('train/rewards/accuracy', 0):.2f}")
-        between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step})
-    progress.close()
-    summary["pairs_per_s"] = clock.rate()
+    summary: dict = {**truncation_counts(train_enc), "loss": cfg.loss, "beta": cfg.beta, "reference": reference,
+                     "reference_cache": ref_info, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
+                     "ties_skipped": ties, "world_size": engine.world_size, "total_steps": total}
+    initial_eval(engine, logger, summary, lambda: evaluate(initial=True))
+    summary["pairs_per_s"] = record_steps(
+        engine, cfg.train, total, micro_batches, loss_fn, count_records, logger,
+        Progress(total, cfg.loss, cfg.train.progress), evaluate, rate_key="pairs_per_s",
+        describe=lambda row: f"loss {row['train/loss']:.3f} acc {row.get('train/rewards/accuracy', 0):.2f}")
     return finish(engine, logger, run_dir, summary, evaluate, engine.step_count,
                   save=lambda: save_final(engine, tokenizer, run_dir, cfg.lora))
 

@@ -39,20 +39,15 @@ from posttrain.data.preference import (
     unpair,
 )
 from posttrain.data.sources import read_source
-from posttrain.engines.loop import Throughput, TrainEngineAutocast, between_steps, finish, save_final
+from posttrain.engines.loop import TrainEngineAutocast, finish, initial_eval, record_steps, save_final
 from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.direct import kto_loss
 from posttrain.models.forward import sequence_logps
-from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.models.loading import tokenizer_for
 from posttrain.models.preference import make_loss_fn as direct_loss_fn
 from posttrain.models.preference import pair_eval
-from posttrain.models.reference import (
-    LiveReference,
-    attach_reference,
-    attach_reference_in_order,
-    precompute_tables,
-)
+from posttrain.models.reference import attach_reference, attach_reference_in_order, policy_with_reference
 from posttrain.rollouts.task_eval import task_metrics
 
 
@@ -177,22 +172,13 @@ def run(cfg: KTOConfig) -> dict:
     balance = cfg.desirable_weight * n_d / (cfg.undesirable_weight * (len(train_enc) - n_d))
     reference = "precompute" if cfg.reference == "auto" else cfg.reference
     ref_path = cfg.ref_model or cfg.model.name_or_path
-    autocast = TrainEngineAutocast(cfg.train)
 
-    tables, kl_table, ref_info = {"train": None, "eval": None}, None, {"cache": "none"}
-
-    def pre(policy):
-        t, extra, info = precompute_tables({"train": train_enc, "eval": eval_enc}, ref_path=ref_path,
-                                           model_cfg=cfg.model, policy=policy, cache_dir=cfg.ref_cache_dir,
-                                           pad_id=pad, autocast=autocast, extra={"kl": kl_exs})
-        return t, extra["kl"], info
-
-    if reference == "precompute" and not cfg.lora.enabled:
-        tables, kl_table, ref_info = pre(None)  # before the policy loads: one model in memory at a time
-    model = load_policy(cfg.model, cfg.lora)
-    if reference == "precompute" and cfg.lora.enabled:
-        tables, kl_table, ref_info = pre(model)
-    live = LiveReference(model, cfg.model, ref_path) if reference == "live" else None
+    # ---- the policy and its reference (the mismatched KL pairs' reference log-probs precomputed too)
+    model, tables, extras, ref_info, live = policy_with_reference(
+        {"train": train_enc, "eval": eval_enc}, reference=reference, ref_path=ref_path, model_cfg=cfg.model,
+        lora=cfg.lora, cache_dir=cfg.ref_cache_dir, pad_id=pad, autocast=TrainEngineAutocast(cfg.train),
+        extra={"kl": kl_exs})
+    kl_table = extras.get("kl")
 
     sampler = StepSampler(len(train_enc), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
@@ -223,8 +209,6 @@ def run(cfg: KTOConfig) -> dict:
             out.update(task_metrics(cfg, engine, tokenizer, live, ref_path, initial))
         return out
 
-    progress = Progress(total, "kto", cfg.train.progress)
-    clock = Throughput()
     summary: dict = {**truncation_counts(train_enc), "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
                      "train_examples": len(train_enc), "desirable": n_d, "undesirable": len(train_enc) - n_d,
                      "weighted_balance": balance, "eval_pairs": len(eval_enc), "world_size": engine.world_size,
@@ -232,21 +216,10 @@ def run(cfg: KTOConfig) -> dict:
     if not 1.0 <= balance <= 4 / 3 and engine.is_main:
         print(f"kto: λ_D·n_D / (λ_U·n_U) = {balance:.2f}, outside the paper's recommended [1, 4/3]; adjust "
               f"desirable_weight / undesirable_weight")
-    if engine.step_count == 0 and engine.is_main:
-        summary["initial"] = evaluate(initial=True)
-        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
-    while engine.step_count < total:
-        batches = micro_batches(engine.step_count)
-        metrics = engine.step(batches, loss_fn, count_records)
-        clock.add(sum(int(b["n_records"]) for b in batches) * engine.world_size)
-        step = engine.step_count
-        if step % cfg.train.log_every == 0 or step == total:
-            row = {f"train/{k}": v for k, v in metrics.items()}
-            row["examples_per_s"] = clock.rate()
-            logger.log(step, row)
-            progress.update(step, f"loss {row['train/loss']:.3f} kl {row['train/kl']:.3f}")
-        between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step})
-    progress.close()
-    summary["examples_per_s"] = clock.rate()
+    initial_eval(engine, logger, summary, lambda: evaluate(initial=True))
+    summary["examples_per_s"] = record_steps(
+        engine, cfg.train, total, micro_batches, loss_fn, count_records, logger,
+        Progress(total, "kto", cfg.train.progress), evaluate, rate_key="examples_per_s",
+        describe=lambda row: f"loss {row['train/loss']:.3f} kl {row['train/kl']:.3f}")
     return finish(engine, logger, run_dir, summary, evaluate, engine.step_count,
                   save=lambda: save_final(engine, tokenizer, run_dir, cfg.lora))

@@ -37,7 +37,7 @@ from posttrain.data.preference import (
     is_ranking,
     truncation_counts,
 )
-from posttrain.engines.loop import Throughput, between_steps, finish
+from posttrain.engines.loop import finish, initial_eval, record_steps
 from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
 from posttrain.errors import ConfigError
 from posttrain.evaluation.eval_reward import evaluate_scores, score_encoded
@@ -197,8 +197,6 @@ def run(cfg: RewardConfig) -> dict:
         return out
 
     # ---- loop
-    progress = Progress(total, "reward", cfg.train.progress)
-    clock = Throughput()
     summary: dict = {"train_records": len(train_enc), "eval_records": len(eval_enc), "ties": n_ties,
                      **truncation_counts(train_enc),
                      "tied_rankings": tied_rankings, "records_with_margin": n_margin, "loss": cfg.loss,
@@ -206,21 +204,10 @@ def run(cfg: RewardConfig) -> dict:
     if n_ties and engine.is_main:
         print(f"reward: {n_ties} tie record(s) train with target 0.5 (not wins); "
               f"{len(train_enc) - n_ties} strict preferences")
-    if engine.step_count == 0 and engine.is_main:
-        summary["initial"] = evaluate()
-        logger.log(0, {f"eval/{k}": v for k, v in flat(summary["initial"]).items()})
-    while engine.step_count < total:
-        batches = micro_batches(engine.step_count)
-        metrics = engine.step(batches, loss_fn, count_records)
-        clock.add(sum(int(b["n_records"]) for b in batches) * engine.world_size)
-        step = engine.step_count
-        if step % cfg.train.log_every == 0 or step == total:
-            row = {f"train/{k}": v for k, v in metrics.items()}
-            row["pairs_per_s"] = clock.rate()
-            logger.log(step, row)
-            progress.update(step, f"loss {row['train/loss']:.3f} acc {row['train/accuracy']:.2f}")
-        between_steps(engine, cfg.train, step, total, evaluate, logger, {"data_step": step}, flat)
-    progress.close()
-    summary["pairs_per_s"] = clock.rate()
+    initial_eval(engine, logger, summary, evaluate, flat)
+    summary["pairs_per_s"] = record_steps(
+        engine, cfg.train, total, micro_batches, loss_fn, count_records, logger,
+        Progress(total, "reward", cfg.train.progress), evaluate, rate_key="pairs_per_s", flatten=flat,
+        describe=lambda row: f"loss {row['train/loss']:.3f} acc {row['train/accuracy']:.2f}")
     return finish(engine, logger, run_dir, summary, evaluate, engine.step_count, flatten=flat,
                   save=lambda: save_reward_model(engine.unwrapped, tokenizer, run_dir / "final"))

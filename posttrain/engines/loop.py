@@ -92,6 +92,35 @@ def finish(engine, logger, run_dir: Path, summary: dict, evaluate, step: int, sa
     return summary
 
 
+def initial_eval(engine, logger, summary: dict, evaluate, flatten=None) -> None:
+    """Before the first step of a fresh run: evaluate once and log it at step 0 (main process only)."""
+    if engine.step_count == 0 and engine.is_main:
+        summary["initial"] = evaluate()
+        logger.log(0, _eval_row(summary["initial"], flatten))
+
+
+def record_steps(engine, train: TrainConfig, total: int, micro_batches, loss_fn, count_fn, logger, progress,
+                 evaluate, *, rate_key: str, describe, flatten=None) -> float:
+    """The loop of the offline preference commands (reward, dpo, kto): micro-batches of records ->
+    ``engine.step`` -> log every ``train.log_every`` steps (``train/<metric>`` and ``rate_key`` records
+    per second) -> checkpoint and evaluate when due. ``describe(row)`` is the progress text. Returns
+    the records-per-second rate."""
+    clock = Throughput()
+    while engine.step_count < total:
+        batches = micro_batches(engine.step_count)
+        metrics = engine.step(batches, loss_fn, count_fn)
+        clock.add(sum(int(b["n_records"]) for b in batches) * engine.world_size)
+        step = engine.step_count
+        if step % train.log_every == 0 or step == total:
+            row = {f"train/{k}": v for k, v in metrics.items()}
+            row[rate_key] = clock.rate()
+            logger.log(step, row)
+            progress.update(step, describe(row))
+        between_steps(engine, train, step, total, evaluate, logger, {"data_step": step}, flatten)
+    progress.close()
+    return clock.rate()
+
+
 def results_text(run_dir: Path, summary: dict, flatten=None) -> str:
     """The end of a training run for the console: held-out metrics before -> after, and where the files are."""
     before, after = _eval_row(summary.get("initial") or {}, flatten), _eval_row(summary.get("final") or {}, flatten)

@@ -233,3 +233,25 @@ def attach_reference_in_order(batches: list[dict], table: torch.Tensor | None) -
         attach_reference(b, table, list(range(s, s + n)))
         s += n
     return batches
+
+
+def policy_with_reference(encs_by_split: dict[str, list], *, reference: str, ref_path: str, model_cfg: ModelConfig,
+                          lora, cache_dir, pad_id: int, autocast, extra: dict[str, list] | None = None):
+    """The trainable policy and its reference, by strategy: ``precompute`` runs the reference pass
+    BEFORE the policy loads with full fine-tuning (one model in memory at a time) and after it with
+    LoRA (the same model, adapters disabled); ``live`` keeps a frozen reference (or the disabled
+    adapters); ``none`` has none. Returns (model, {split: table or None}, {extra name: tensor}, info,
+    live reference or None)."""
+    tables, extras, info = {name: None for name in encs_by_split}, {}, {"cache": "none"}
+
+    def pre(policy):
+        return precompute_tables(encs_by_split, ref_path=ref_path, model_cfg=model_cfg, policy=policy,
+                                 cache_dir=cache_dir, pad_id=pad_id, autocast=autocast, extra=extra)
+
+    if reference == "precompute" and not lora.enabled:
+        tables, extras, info = pre(None)
+    model = load_policy(model_cfg, lora)
+    if reference == "precompute" and lora.enabled:
+        tables, extras, info = pre(model)
+    live = LiveReference(model, model_cfg, ref_path) if reference == "live" else None
+    return model, tables, extras, info, live
