@@ -87,6 +87,10 @@ class PPOLossConfig:
             raise ConfigError("loss.gamma and loss.lam must be in [0, 1]", where="loss")
 
 
+# the KL defaults of PPO (Ziegler et al. 2019; TRL PPOTrainer: β 0.05, per-token KL in the reward): one source
+PPO_KL = {"beta": 0.05, "placement": "reward"}
+
+
 @dataclass
 class PPOConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="Policy to train (usually an SFT model's final/).")
@@ -99,7 +103,7 @@ class PPOConfig:
     reward_weights: list[float] = opt([], "One weight per reward (empty = all 1.0).")
     shaping: ShapingConfig = opt(factory=lambda: ShapingConfig(overlong_buffer=0),
                                  help="Truncation policy, overlong penalty, clip.")
-    kl: KLConfig = opt(factory=lambda: KLConfig(beta=0.05, estimator="k1", placement="reward"),
+    kl: KLConfig = opt(factory=lambda: KLConfig(beta=PPO_KL["beta"], estimator="k1", placement=PPO_KL["placement"]),
                        help="KL to the reference (per-token reward by default).")
     value: ValueConfig = opt(factory=ValueConfig, help="The critic.")
     loss: PPOLossConfig = opt(factory=PPOLossConfig, help="PPO loss, GAE, whitening.")
@@ -112,9 +116,9 @@ class PPOConfig:
     def __post_init__(self):
         self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_gold")
         if self.kl.beta is None:
-            self.kl.beta = 0.05
+            self.kl.beta = PPO_KL["beta"]
         if self.kl.placement is None:
-            self.kl.placement = "reward"
+            self.kl.placement = PPO_KL["placement"]
         if self.shaping.overlong_buffer is None:
             self.shaping.overlong_buffer = 0
 
