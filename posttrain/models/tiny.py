@@ -110,8 +110,69 @@ def tiny_path(arch: str = "llama", size: str = "tiny", seed: int = 0) -> Path:
     return path
 
 
+# real architectures and sizes, randomly initialised, with the tiny tokenizer (rows of the embedding
+# beyond its 512 tokens are never input): memory and speed at real shapes, offline
+SHAPES: dict[str, tuple[str, dict]] = {
+    "qwen2.5-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                                   num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True,
+                                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)),
+    "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                   num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=True,
+                                   max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)),
+}
+
+
+def shape_config(name: str, tokenizer=None):
+    """The transformers config of a real shape (``SHAPES``), with the tiny tokenizer's special tokens."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    if name not in SHAPES:
+        from posttrain.errors import ConfigError
+
+        raise ConfigError(f"unknown model shape '{name}'", where="model.name_or_path",
+                          fix=f"use shape:<one of {', '.join(SHAPES)}>")
+    arch, dims = SHAPES[name]
+    tokenizer = tokenizer or build_tokenizer()
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](
+        **dims, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+
+
+def save_shape(path: Path, name: str, seed: int = 0) -> Path:
+    """Build a randomly initialised model of shape ``name`` and the tiny tokenizer into ``path`` (atomic)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(shape_config(name, tokenizer), attn_implementation="sdpa")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "posttrain_shape.json").write_text(json.dumps({"shape": name, "seed": seed}))
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    os.replace(tmp, path)
+    return path
+
+
 def resolve(name_or_path: str) -> str:
-    """'tiny', 'tiny-qwen2', 'tiny-llama-small' -> a built local path; anything else unchanged."""
+    """'tiny', 'tiny-qwen2', 'tiny-llama-small', 'shape:qwen2.5-0.5b' -> a built local path (cached);
+    anything else unchanged."""
+    if name_or_path.startswith("shape:"):
+        name = name_or_path.split(":", 1)[1]
+        shape_config(name)  # an unknown shape is an error before anything is built
+        root = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+        key = hashlib.sha256(Path(__file__).read_bytes() + name.encode()).hexdigest()[:12]
+        path = root / f"shape-{name}-{key}"
+        if not path.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            save_shape(path, name)
+        return str(path)
     if not name_or_path.startswith("tiny") or os.path.exists(name_or_path):
         return name_or_path
     parts = name_or_path.split("-")[1:]
