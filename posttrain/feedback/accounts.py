@@ -50,8 +50,22 @@ def create_user(db: Session, name: str, role: str, password: str, *, update: boo
         db.add(user)
     else:
         user.role, user.password_hash, user.active = role, auth.hash_password(password), True
+        db.commit()
+        auth.revoke_credentials(db, user)  # a new password ends every token and session of the old one
     db.commit()
     return user
+
+
+def set_access(db: Session, user: User, *, revoke: bool = True, active: bool | None = None) -> dict:
+    """Revoke ``user``'s API tokens and browser sessions and/or (de)activate the account. Deactivating
+    always revokes: an inactive user can neither log in nor use a token."""
+    if active is not None:
+        user.active = active
+        db.commit()
+    tokens = sessions = 0
+    if revoke or active is False:
+        tokens, sessions = auth.revoke_credentials(db, user)
+    return {"user": user.name, "active": user.active, "tokens_revoked": tokens, "sessions_ended": sessions}
 
 
 def check_project_settings(overlap: int, gold_rate: float, ttl_s: int) -> None:

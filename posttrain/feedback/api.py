@@ -47,6 +47,7 @@ from posttrain.feedback.deps import (
     api_writer,
     from_header,
     get_db,
+    token_days,
 )
 from posttrain.feedback.export import ExportOptions, export_project
 
@@ -155,7 +156,7 @@ def token(request: Request, body: Credentials | None = None, db: Session = Depen
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("basic "):
             raise Unauthorized("send Basic credentials or a JSON body {username, password}")
-        user = from_header(db, header).user
+        user = from_header(db, header, token_days(request)).user
     return {"token": auth.issue_token(db, user), "user": user.name, "role": user.role}
 
 

@@ -7,11 +7,13 @@ SQLAlchemy session, which is what SQLite (one writer, busy timeout) and PostgreS
 
 from __future__ import annotations
 
+import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import anyio
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,11 +21,13 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException
+from starlette.requests import cookie_parser
 
 from posttrain.feedback import api, pages
 from posttrain.feedback.assign import Refused
 from posttrain.feedback.db import make_engine, make_sessionmaker
-from posttrain.feedback.deps import LoginRequired
+from posttrain.feedback.deps import PRINCIPAL_KEY, SESSION_COOKIE, LoginRequired, credentials
 
 HERE = Path(__file__).parent
 
@@ -43,6 +47,129 @@ SECURITY_HEADERS = [
 class Settings:
     session_hours: float = 12.0
     secure_cookies: bool = False  # set when served over HTTPS (behind a proxy)
+    token_days: float | None = 30.0  # API tokens older than this are refused (401); None: never expire
+    max_body_bytes: int = 1024 * 1024  # JSON and form bodies
+    max_upload_bytes: int = 50 * 1024 * 1024  # task imports: the admin page's file upload and POST .../tasks
+
+
+MiB = 1024 * 1024
+AUTH_BODY_BYTES = 64 * 1024  # /login and /api/token: a user name and a password
+PUBLIC_POSTS = {"/login", "/api/token"}  # the only bodies read before authentication (capped at 64 KiB)
+UPLOADS = re.compile(r"^/(admin/projects/[^/]+/import|api/projects/[^/]+/tasks)$")
+ADMIN_ONLY = re.compile(r"^/(admin/.*|api/users|api/projects(/[^/]+/(tasks|members))?)$")
+NO_BODY = {"GET", "HEAD", "OPTIONS"}
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a body passes its route's cap (FastAPI re-raises HTTPExceptions
+    from body parsing, so the client gets this 413, not a parse error)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body too large: this endpoint accepts at most {_size(limit)}",
+                         headers={"Connection": "close"})
+
+
+def _size(n: int) -> str:
+    return f"{n / MiB:g} MiB" if n >= MiB else f"{n / 1024:g} KiB"
+
+
+class BodyGuard:
+    """Request bodies: a per-route size cap, and authentication before the first byte is read.
+
+    * The cap: 64 KiB for /login and /api/token, ``max_upload_bytes`` for task imports, else
+      ``max_body_bytes``. A larger ``Content-Length`` is answered 413 at once (with ``Connection:
+      close``: the rest is never read); a chunked body is counted while it is read.
+    * Credentials in headers (Bearer/Basic, the session cookie) are checked first for every request
+      with a body except /login and /api/token, and admin-only routes need an admin: an anonymous or
+      unauthorized client gets its 401/303/403 without the server reading (or spooling) its upload.
+      The handler reuses the principal found here.
+    """
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    def _limit(self, path: str) -> int:
+        settings = self.state.settings
+        if path in PUBLIC_POSTS:
+            return min(AUTH_BODY_BYTES, settings.max_body_bytes)
+        return settings.max_upload_bytes if UPLOADS.match(path) else settings.max_body_bytes
+
+    def _who(self, header: str | None, sid: str | None):
+        with self.state.sessionmaker() as db:
+            return credentials(db, header, sid, self.state.settings.token_days)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, limit = scope["path"], self._limit(scope["path"])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length")
+        if length is not None:
+            if not (length.isascii() and length.isdigit()):
+                return await self._reply(scope, send, 400, "malformed Content-Length")
+            if len(length) > 15 or int(length) > limit:
+                return await self._reply(scope, send, 413, BodyTooLarge(limit).detail)
+        has_body = scope["method"] not in NO_BODY and (length not in (None, "0")
+                                                       or "transfer-encoding" in headers)
+        if has_body and path not in PUBLIC_POSTS:
+            sid = cookie_parser(headers.get("cookie", "")).get(SESSION_COOKIE)  # as Request.cookies parses
+            try:
+                p = await anyio.to_thread.run_sync(self._who, headers.get("authorization"), sid)
+            except Refused as e:
+                return await self._reply(scope, send, e.status, str(e))
+            except OperationalError:
+                return await self._reply(scope, send, 503, "database unavailable, retry", {"Retry-After": "1"})
+            if p is None:
+                if not path.startswith("/api/"):
+                    query = scope.get("query_string", b"").decode("latin-1")
+                    target = path + (f"?{query}" if query else "")
+                    return await self._reply(scope, send, 303, "", {"Location": f"/login?next={quote(target)}"})
+                return await self._reply(scope, send, 401, "authentication required: send Authorization: "
+                                         "Bearer <token> (POST /api/token)")
+            if ADMIN_ONLY.match(path) and not p.is_admin:
+                return await self._reply(scope, send, 403, "admin only")
+            scope[PRINCIPAL_KEY] = p
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as e:  # raised where nothing turned it into a response
+            if started:
+                raise
+            await self._reply(scope, send, 413, e.detail)
+
+    @staticmethod
+    async def _reply(scope, send, status: int, message: str, headers: dict | None = None) -> None:
+        extra = {**(headers or {}), "Connection": "close"}  # the unread body is never read: close
+        if status == 401 and scope["path"].startswith("/api/"):
+            extra["WWW-Authenticate"] = 'Bearer realm="posttrain-label"'
+        if status == 303:
+            response = Response(status_code=303, headers=extra)
+        elif scope["path"].startswith("/api/"):
+            response = JSONResponse({"detail": message}, status_code=status, headers=extra)
+        else:
+            response = Response(message, status_code=status, media_type="text/plain; charset=utf-8", headers=extra)
+        await response(scope, _no_body, send)
+
+
+async def _no_body():
+    return {"type": "http.disconnect"}
 
 
 class SecurityHeaders:
@@ -130,6 +257,7 @@ def create_app(db_url: str, settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(pages.router)
     _add_error_handlers(app)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyGuard, state=app.state)
+    app.add_middleware(SecurityHeaders)  # outermost: BodyGuard's own answers get the headers too
     return app
 

@@ -6,10 +6,10 @@ free it. A regular pending assignment older than the TTL has *expired*: its slot
 else, so it can no longer be labeled (409) and ``next`` no longer returns it (its status becomes
 ``expired``). Labeling takes the same per-project lock as assignment, so a label and a re-issue of
 the same slot can never both win: a task never gets more than ``overlap`` regular labels. Gold
-assignments hold no slot and never expire. Partly labeled tasks are served first so finished tasks accumulate early. Gold tasks (with a
-known answer) are mixed in at ``project.gold_rate`` by a schedule seeded by (project, user, count),
-so reruns are reproducible; every annotator may see every gold task once. Each assignment gets a
-fresh random candidate order, stored with it.
+assignments hold no slot and never expire. Partly labeled tasks are served first so finished tasks
+accumulate early. Gold tasks (with a known answer) are mixed in at ``project.gold_rate`` by a
+schedule seeded by (project, user, count), so reruns are reproducible; every annotator may see every
+gold task once. Each assignment gets a fresh random candidate order, stored with it.
 
 Labels: a label names its assignment and a client idempotency key. A retry with the same key is a
 success that returns the stored label; nothing is acknowledged before the commit.

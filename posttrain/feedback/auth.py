@@ -17,7 +17,7 @@ import hmac
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, contains_eager
 
 from posttrain.feedback.db import ApiToken, User, WebSession, text_problem, utcnow
@@ -106,10 +106,39 @@ def issue_token(db: Session, user: User) -> str:
     return token
 
 
-def check_token(db: Session, token: str) -> User | None:
-    # one statement: this runs on every API call
-    return db.scalar(select(User).join(ApiToken, ApiToken.user_id == User.id).where(
-        ApiToken.token_hash == sha256(token), ApiToken.revoked.is_(False), User.active.is_(True)))
+def find_token(db: Session, token: str) -> ApiToken | None:
+    """The token's row with its user (one statement: this runs on every API call), or None."""
+    return db.scalar(select(ApiToken).join(User, User.id == ApiToken.user_id)
+                     .where(ApiToken.token_hash == sha256(token)).options(contains_eager(ApiToken.user)))
+
+
+def token_problem(row: ApiToken | None, max_age_days: float | None) -> str | None:
+    """Why the token cannot be used (the 401 message), or None when it is good."""
+    if row is None:
+        return "invalid API token"
+    if row.revoked:
+        return "API token revoked (a password change or an admin ended it): get a new one with POST /api/token"
+    if not row.user.active:
+        return "this account is deactivated"
+    if max_age_days is not None and row.created_at < utcnow() - timedelta(days=max_age_days):
+        return (f"API token expired (tokens last {max_age_days:g} days): get a new one with POST /api/token")
+    return None
+
+
+def check_token(db: Session, token: str, max_age_days: float | None = None) -> User | None:
+    row = find_token(db, token)
+    return None if token_problem(row, max_age_days) else row.user
+
+
+def revoke_credentials(db: Session, user: User) -> tuple[int, int]:
+    """End every API token and browser session of ``user`` (committed): (tokens, sessions) ended.
+    Basic credentials stop working when the password changes or the account is deactivated."""
+    tokens = db.execute(update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked.is_(False))
+                        .values(revoked=True).execution_options(synchronize_session=False)).rowcount
+    sessions = db.execute(delete(WebSession).where(WebSession.user_id == user.id)
+                          .execution_options(synchronize_session=False)).rowcount
+    db.commit()
+    return tokens or 0, sessions or 0
 
 
 def open_session(db: Session, user: User, hours: float) -> tuple[str, WebSession]:

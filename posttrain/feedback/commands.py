@@ -1,6 +1,8 @@
 """``posttrain label <sub>``: configs and run functions of the labeling app's commands.
 
     posttrain label add-user name=alice role=admin          # password from $POSTTRAIN_LABEL_PASSWORD
+    posttrain label add-user name=bob revoke=true           # end bob's API tokens and browser sessions
+    posttrain label add-user name=bob active=false          # deactivate bob (also revokes)
     posttrain label create-project name=helpful overlap=3 annotators=[bob,carol]
     posttrain label generate model=runs/sft/final prompts=prompts.jsonl k=2 output=candidates.jsonl
     posttrain label import project=helpful file=candidates.jsonl
@@ -53,6 +55,12 @@ class LabelServeConfig:
                     "(put it behind HTTPS and set secure_cookies=true).")
     port: int = opt(8600, "TCP port.")
     session_hours: float = opt(12.0, "Browser sessions expire after this many hours.")
+    token_days: float = opt(30.0, "API tokens expire this many days after they were issued (401 after that; "
+                            "get a new one with POST /api/token).")
+    max_body_bytes: int = opt(1024 * 1024, "Largest JSON or form request body (413 beyond; a larger declared "
+                              "Content-Length is refused before anything is read).")
+    max_upload_bytes: int = opt(50 * 1024 * 1024, "Largest task import (admin page upload, POST "
+                                "/api/projects/{id}/tasks).")
     secure_cookies: bool = opt(False, "Mark the session cookie Secure (required when served over HTTPS).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("warning", "uvicorn log level.")
     access_log: bool = opt(False, "Log every request.")
@@ -62,13 +70,20 @@ class LabelServeConfig:
             raise ConfigError(f"port must be 1..65535, got {self.port}", where="port")
         if self.session_hours <= 0:
             raise ConfigError("session_hours must be positive", where="session_hours")
+        if self.token_days <= 0:
+            raise ConfigError("token_days must be positive", where="token_days")
+        if self.max_body_bytes < 4096 or self.max_upload_bytes < self.max_body_bytes:
+            raise ConfigError("max_body_bytes must be at least 4096 and max_upload_bytes at least max_body_bytes",
+                              where="max_body_bytes/max_upload_bytes")
 
 
 def run_serve(cfg: LabelServeConfig) -> dict:
     import uvicorn
 
 
-    app = create_app(cfg.db, Settings(session_hours=cfg.session_hours, secure_cookies=cfg.secure_cookies))
+    app = create_app(cfg.db, Settings(session_hours=cfg.session_hours, secure_cookies=cfg.secure_cookies,
+                                      token_days=cfg.token_days, max_body_bytes=cfg.max_body_bytes,
+                                      max_upload_bytes=cfg.max_upload_bytes))
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.secure_cookies:
         print("warning: serving beyond loopback without secure_cookies=true; passwords and session cookies "
               "travel in clear text unless a HTTPS proxy is in front", file=sys.stderr)
@@ -92,13 +107,37 @@ class LabelAddUserConfig:
     projects: list[str] = opt([], "Projects to add the user to.")
     update: bool = opt(False, "Reset the password and role of an existing user instead of failing.")
     token: bool = opt(False, "Also print a new API token for the user (shown once).")
+    revoke: bool = opt(False, "Revoke the existing user's API tokens and end their browser sessions; without "
+                       "update=true nothing else changes and no password is needed. A password reset "
+                       "(update=true) always does this.")
+    active: bool | None = opt(None, "active=false deactivates the existing user (no login, no tokens; also revokes); "
+                              "active=true reactivates. Without update=true no password is needed.")
 
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("name is required", where="name", fix="e.g. name=alice")
 
 
+def _access_only(cfg: LabelAddUserConfig) -> bool:
+    return (cfg.revoke or cfg.active is not None) and not cfg.update
+
+
+def run_access(cfg: LabelAddUserConfig) -> dict:
+    """revoke=true / active=false|true on an existing user, without touching the password."""
+    with _session(cfg.db) as db:
+        try:
+            user = accounts.user_by_name(db, cfg.name)
+        except Refused as e:
+            raise _refused(e, "name") from None
+        out = accounts.set_access(db, user, revoke=cfg.revoke, active=cfg.active)
+    print(f"{out['user']}: {'active' if out['active'] else 'deactivated'}; revoked {out['tokens_revoked']} API "
+          f"token(s), ended {out['sessions_ended']} browser session(s)")
+    return out
+
+
 def run_add_user(cfg: LabelAddUserConfig) -> dict:
+    if _access_only(cfg):
+        return run_access(cfg)
     password = cfg.password or os.environ.get(cfg.password_env)
     if not password:
         raise ConfigError("no password given", where="password",
@@ -109,6 +148,8 @@ def run_add_user(cfg: LabelAddUserConfig) -> dict:
             user = accounts.create_user(db, cfg.name, cfg.role, password, update=cfg.update)
             for project in projects:
                 accounts.add_members(db, project, [user.name])
+            if cfg.revoke or cfg.active is not None:
+                accounts.set_access(db, user, revoke=cfg.revoke, active=cfg.active)
         except Refused as e:
             raise _refused(e, "name" if "user" in str(e) else "projects") from None
         out = {"user": user.name, "role": user.role, "projects": cfg.projects}

@@ -5,6 +5,9 @@ Credentials, in order: an ``Authorization`` header (``Bearer <token>`` or ``Basi
 cookie must carry the session's CSRF token (``X-CSRF-Token`` header or ``csrf_token`` form field);
 header-authenticated requests need none, because browsers never attach those headers on their own
 (the API's 401 challenges with ``Bearer``, never ``Basic``, so no browser caches Basic credentials).
+
+For requests with a body, app.BodyGuard checks the credentials before the body is read and leaves
+the principal in the request scope (``PRINCIPAL_KEY``); ``authenticate`` reuses it.
 """
 
 from __future__ import annotations
@@ -53,14 +56,15 @@ def get_db(request: Request) -> Iterator[Session]:
         db.close()
 
 
-def from_header(db: Session, header: str) -> Principal:
+def from_header(db: Session, header: str, token_days: float | None = None) -> Principal:
     scheme, _, value = header.partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer":
-        user = auth.check_token(db, value.strip())
-        if user is None:
-            raise Unauthorized("invalid or revoked API token")
-        return Principal(user, "token")
+        row = auth.find_token(db, value.strip())
+        problem = auth.token_problem(row, token_days)
+        if problem:
+            raise Unauthorized(problem)
+        return Principal(row.user, "token")
     if scheme == "basic":
         try:
             name, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
@@ -73,16 +77,31 @@ def from_header(db: Session, header: str) -> Principal:
     raise Unauthorized("unsupported Authorization scheme; use Bearer <token> or Basic")
 
 
-def authenticate(request: Request, db: Session) -> Principal | None:
-    header = request.headers.get("authorization")
+def token_days(request: Request) -> float | None:
+    return getattr(request.app.state.settings, "token_days", None)
+
+
+def credentials(db: Session, header: str | None, sid: str | None, days: float | None) -> Principal | None:
+    """Who sends these credentials (an Authorization header wins over the session cookie); None for none."""
     if header:
-        return from_header(db, header)
-    sid = request.cookies.get(SESSION_COOKIE)
+        return from_header(db, header, days)
     if sid:
         row = auth.find_session(db, sid)
         if row is not None:
             return Principal(row.user, "session", row.csrf_token)
     return None
+
+
+PRINCIPAL_KEY = "posttrain.principal"  # set in the request scope by app.BodyGuard, which checks first
+
+
+def authenticate(request: Request, db: Session) -> Principal | None:
+    # BodyGuard already checked the credentials of requests with a body (before reading it)
+    found = request.scope.get(PRINCIPAL_KEY)
+    if found is not None:
+        return found
+    return credentials(db, request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE),
+                       token_days(request))
 
 
 def check_csrf(p: Principal, sent: str | None) -> None:

@@ -255,6 +255,27 @@ def admin_create_user(fields: dict = Depends(form_fields), p: Principal = Depend
     return _admin_action(act)
 
 
+@router.post("/admin/users/{user_id}/access")
+def admin_user_access(user_id: int, fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
+                      db: Session = Depends(get_db)) -> Response:
+    """revoke: end the user's API tokens and browser sessions; deactivate (also revokes) / activate."""
+    def act() -> str:
+        user = by_id(db, User, user_id)
+        if user is None:
+            raise NotFound(f"no user {user_id}")
+        action = first(fields, "action", "")
+        if action not in ("revoke", "deactivate", "activate"):
+            raise Invalid("action must be revoke, deactivate or activate")
+        if action == "deactivate" and user.id == p.user.id:
+            raise Invalid("you cannot deactivate your own account")
+        active = {"deactivate": False, "activate": True}.get(action)
+        out = accounts.set_access(db, user, revoke=action == "revoke", active=active)
+        state = "active" if out["active"] else "deactivated"
+        return (f"{user.name}: {state}; revoked {out['tokens_revoked']} API token(s), ended "
+                f"{out['sessions_ended']} browser session(s).")
+    return _admin_action(act)
+
+
 @router.post("/admin/projects")
 def admin_create_project(fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
                          db: Session = Depends(get_db)) -> Response:
