@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from posttrain.errors import ConfigError
 
-__all__ = ["selective_log_softmax", "entropy_from_logits", "token_logps"]
+__all__ = ["selective_log_softmax", "entropy_from_logits", "token_logps", "lm_head_logps"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -175,3 +175,70 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: int =
                           f"{tuple(logits.shape)} and {tuple(input_ids.shape)}")
     targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
     return selective_log_softmax(logits, targets, chunk_size, temperature=temperature)[:, :-1]
+
+
+# ----------------------------------------------------------------------------- the LM head fused in
+
+
+class _LMHeadLogps(torch.autograd.Function):
+    """log p(id) of logits = hidden @ Wᵀ (/τ), row chunk by row chunk: the [rows, V] logits exist one
+    chunk at a time, in the forward and again in the backward (recomputed), never for all rows.
+
+    ∂/∂hidden = G @ W and ∂/∂W = Gᵀ @ hidden with G = (1[v = id] − softmax(x))·g/τ per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, chunk_size: int, temperature: float):
+        dt = _compute_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=dt, device=hidden.device)
+        lse = torch.empty(n, dtype=dt, device=hidden.device)
+        for a in range(0, n, chunk_size):
+            x = (hidden[a:a + chunk_size] @ weight.t()).to(dt)
+            if temperature != 1.0:
+                x = x / temperature
+            z = torch.logsumexp(x, dim=-1)
+            lse[a:a + chunk_size] = z
+            out[a:a + chunk_size] = x.gather(-1, ids[a:a + chunk_size, None]).squeeze(-1) - z
+        ctx.save_for_backward(hidden, weight, ids, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, ids, lse = ctx.saved_tensors
+        tau, c = ctx.temperature, ctx.chunk_size
+        dt = lse.dtype
+        g_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        g_weight = torch.zeros(weight.shape, dtype=dt, device=weight.device) if ctx.needs_input_grad[1] else None
+        for a in range(0, hidden.shape[0], c):
+            h = hidden[a:a + c]
+            x = (h @ weight.t()).to(dt)
+            if tau != 1.0:
+                x.div_(tau)
+            g_out = grad_out[a:a + c].to(dt)[:, None] / tau
+            g = x.sub_(lse[a:a + c, None]).exp_().mul_(-g_out)  # −softmax · g/τ
+            g.scatter_add_(-1, ids[a:a + c, None], g_out)        # + g/τ at the taken token
+            if g_hidden is not None:
+                g_hidden[a:a + c] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if g_weight is not None:
+                g_weight += g.t() @ h.to(dt)
+        return g_hidden, None if g_weight is None else g_weight.to(weight.dtype), None, None, None
+
+
+def lm_head_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int = 1024, *,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(hidden @ Wᵀ / τ)[ids]: the LM head and the selective log-softmax fused, so the [N, V]
+    logits (and their gradient) are never held for all N rows — one [chunk_size, V] fp32 block at a time.
+
+    Shapes: hidden [N, H] (the final hidden states of the positions that predict), weight [V, H] (the
+    output embedding, tied or not; no bias), ids [N]. Returns [N] in fp32 (fp64 for fp64 inputs), equal
+    to ``selective_log_softmax(hidden @ weight.T, ids)``; the gradient flows to ``hidden`` and ``weight``.
+    With a real vocabulary (V ≈ 152k) a packed batch of thousands of tokens otherwise holds gigabytes
+    of logits: ``[tokens, V]`` in fp32 is 0.6 MB per token."""
+    if hidden.dim() != 2 or ids.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
+        raise ConfigError(f"lm_head_logps: expected hidden [N, H], weight [V, H], ids [N], got "
+                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(ids.shape)}")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _LMHeadLogps.apply(hidden, weight, ids.long(), chunk_size, float(temperature))

@@ -13,7 +13,7 @@ import torch
 
 from posttrain.data.batching import collate, pack_shared
 from posttrain.data.chat import Example
-from posttrain.logprobs import selective_log_softmax, token_logps
+from posttrain.logprobs import lm_head_logps, selective_log_softmax, token_logps
 from posttrain.models.attention import model_inputs
 from posttrain.models.heads import backbone_and_head
 from posttrain.models.loading import eval_mode
@@ -169,16 +169,25 @@ def per_sequence_sum(values: torch.Tensor, batch: dict, mask: torch.Tensor) -> t
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of response-token log-probs [n_seqs], response token counts [n_seqs]) from one forward.
 
-    Uses the gather-based ``token_logps`` (never a full [B, T, V] log-softmax); a packed batch has no
-    padding compute."""
-    logits = model(**model_inputs(model, batch)).logits
+    For Llama/Qwen2/Qwen3/Mistral the LM head runs only at the positions that predict a response token,
+    fused with the log-softmax chunk by chunk (``logprobs.lm_head_logps``): no [tokens, vocab] logits
+    exist for the batch, and prompt positions get no LM head at all. Other architectures run their full
+    forward and gather (``token_logps``, never a full log-softmax). A packed batch has no padding compute."""
+    n = int(batch["n_seqs"])
     if "src" in batch:  # shared-prompt layout: explicit (predicting position, target token) pairs
-
-        flat = logits.reshape(-1, logits.shape[-1])
-        lp = selective_log_softmax(flat[batch["src"]], batch["input_ids"].reshape(-1)[batch["tgt"]]).float()
-        n, seq = int(batch["n_seqs"]), batch["tgt_seq"]
-        sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
-        return sums, torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, torch.ones_like(lp))
-    logp = token_logps(logits, batch["input_ids"]).float()
-    mask = response_mask(batch)
-    return per_sequence_sum(logp, batch, mask), per_sequence_sum(mask, batch, mask)
+        pos, targets, seq = batch["src"], batch["input_ids"].reshape(-1)[batch["tgt"]], batch["tgt_seq"]
+    else:
+        mask = response_mask(batch).bool()
+        rows, cols = mask.nonzero(as_tuple=True)
+        L = batch["input_ids"].shape[1]
+        pos, targets, seq = rows * L + cols, batch["input_ids"][rows, cols + 1], batch["seq_index"][rows, cols + 1]
+    base = _base_lm(model)
+    head = base.get_output_embeddings() if type(base).__name__ in _HEAD_SLICE_ARCHS else None
+    if head is not None and getattr(head, "bias", None) is None:
+        hidden = base.get_decoder()(**model_inputs(base, batch)).last_hidden_state
+        lp = lm_head_logps(hidden.reshape(-1, hidden.shape[-1])[pos], head.weight, targets).float()
+    else:
+        logits = model(**model_inputs(model, batch)).logits
+        lp = selective_log_softmax(logits.reshape(-1, logits.shape[-1])[pos], targets).float()
+    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
+    return sums, torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, torch.ones_like(lp))

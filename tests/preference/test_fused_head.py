@@ -1,0 +1,59 @@
+"""The LM head fused with the log-softmax (no [tokens, vocab] logits for the batch) gives the same
+sequence log-probs and gradients as the full forward, on both packed layouts; and lm_head_logps equals
+selective_log_softmax of the full logits (values and gradients, fp32 and fp64, with a temperature)."""
+
+import pytest
+import torch
+
+from posttrain.logprobs import lm_head_logps, selective_log_softmax
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_lm_head_logps_equals_the_unfused_path(dtype, tol, temperature):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, dtype=dtype, generator=g, requires_grad=True)
+    w = torch.randn(101, 16, dtype=dtype, generator=g, requires_grad=True)
+    ids = torch.randint(0, 101, (37,), generator=g)
+    a = lm_head_logps(h, w, ids, chunk_size=8, temperature=temperature)
+    b = selective_log_softmax(h @ w.t(), ids, temperature=temperature)
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    up = torch.randn(37, dtype=a.dtype, generator=g)
+    ga, gb = torch.autograd.grad((a * up).sum(), (h, w)), torch.autograd.grad((b * up).sum(), (h, w))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+def test_lm_head_logps_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    ids = torch.tensor([0, 3, 6, 1, 2])
+    assert torch.autograd.gradcheck(lambda h, w: lm_head_logps(h, w, ids, 2, temperature=1.3), (h, w))
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_sequence_logps_fused_equals_full_forward(tiny_model, shared_prompt, monkeypatch):
+    from posttrain.data.preference import batch_records, encode_pair
+    from posttrain.models import forward
+    from posttrain.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    rows = [{"prompt": f"Sort the numbers {i} 3 1.", "chosen": "1 3 " + str(i), "rejected": "no idea " * (i % 3 + 1)}
+            for i in range(6)]
+    batch = batch_records([encode_pair(tok, r, 64) for r in rows], shared_prompt=shared_prompt, packing=True,
+                          pad_id=tok.pad_token_id)
+
+    def run():
+        tiny_model.zero_grad()
+        sums, counts = forward.sequence_logps(tiny_model, batch)
+        (sums * torch.linspace(-1, 1, sums.numel())).sum().backward()
+        return sums.detach(), counts, [p.grad.clone() for p in tiny_model.parameters() if p.grad is not None]
+
+    fused = run()
+    monkeypatch.setattr(forward, "_HEAD_SLICE_ARCHS", ())  # the full forward + gather path
+    full = run()
+    torch.testing.assert_close(fused[0], full[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused[1], full[1]) and fused[1].sum() > 0
+    for a, b in zip(fused[2], full[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
