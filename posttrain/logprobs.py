@@ -192,6 +192,7 @@ class _LMHeadLogps(torch.autograd.Function):
         n = hidden.shape[0]
         out = torch.empty(n, dtype=dt, device=hidden.device)
         lse = torch.empty(n, dtype=dt, device=hidden.device)
+        hits = torch.empty(n, dtype=torch.bool, device=hidden.device)
         for a in range(0, n, chunk_size):
             x = (hidden[a:a + chunk_size] @ weight.t()).to(dt)
             if temperature != 1.0:
@@ -199,13 +200,15 @@ class _LMHeadLogps(torch.autograd.Function):
             z = torch.logsumexp(x, dim=-1)
             lse[a:a + chunk_size] = z
             out[a:a + chunk_size] = x.gather(-1, ids[a:a + chunk_size, None]).squeeze(-1) - z
+            hits[a:a + chunk_size] = x.argmax(-1) == ids[a:a + chunk_size]
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        return out
+        ctx.mark_non_differentiable(hits)
+        return out, hits
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_hits):
         hidden, weight, ids, lse = ctx.saved_tensors
         tau, c = ctx.temperature, ctx.chunk_size
         dt = lse.dtype
@@ -227,7 +230,7 @@ class _LMHeadLogps(torch.autograd.Function):
 
 
 def lm_head_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int = 1024, *,
-                  temperature: float = 1.0) -> torch.Tensor:
+                  temperature: float = 1.0, return_hits: bool = False):
     """log softmax(hidden @ Wᵀ / τ)[ids]: the LM head and the selective log-softmax fused, so the [N, V]
     logits (and their gradient) are never held for all N rows — one [chunk_size, V] fp32 block at a time.
 
@@ -235,10 +238,12 @@ def lm_head_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
     output embedding, tied or not; no bias), ids [N]. Returns [N] in fp32 (fp64 for fp64 inputs), equal
     to ``selective_log_softmax(hidden @ weight.T, ids)``; the gradient flows to ``hidden`` and ``weight``.
     With a real vocabulary (V ≈ 152k) a packed batch of thousands of tokens otherwise holds gigabytes
-    of logits: ``[tokens, V]`` in fp32 is 0.6 MB per token."""
+    of logits: ``[tokens, V]`` in fp32 is 0.6 MB per token. ``return_hits``: also [N] bool, whether
+    ``ids`` is the arg-max of each row (token accuracy, free in the same pass)."""
     if hidden.dim() != 2 or ids.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
         raise ConfigError(f"lm_head_logps: expected hidden [N, H], weight [V, H], ids [N], got "
                           f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(ids.shape)}")
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _LMHeadLogps.apply(hidden, weight, ids.long(), chunk_size, float(temperature))
+    out, hits = _LMHeadLogps.apply(hidden, weight, ids.long(), chunk_size, float(temperature))
+    return (out, hits) if return_hits else out

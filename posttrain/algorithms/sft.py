@@ -22,9 +22,8 @@ from posttrain.data.chat import encode_sft, truncation_counts
 from posttrain.data.formats import holdout, load_records, read_options
 from posttrain.engines.loop import Throughput, between_steps, eval_loss, finish, save_final
 from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
-from posttrain.logprobs import token_logps
 from posttrain.losses.sft import nll_loss
-from posttrain.models.attention import model_inputs
+from posttrain.models.forward import position_logps
 from posttrain.models.loading import load_policy, tokenizer_for
 from posttrain.rollouts.task_eval import builtin_task_eval
 
@@ -47,14 +46,16 @@ class SFTConfig:
 
 
 def sft_loss(model, batch: dict, n_tokens: torch.Tensor):
-    """NLL over trained tokens / the step's trained-token count; also token accuracy."""
-    logits = model(**model_inputs(model, batch)).logits
+    """NLL over trained tokens / the step's trained-token count; also token accuracy. The LM head runs
+    only at positions that predict a trained token (``models.forward.position_logps``: fused with the
+    log-softmax for Llama/Qwen-style models, so no [tokens, vocab] logits exist for the batch)."""
     mask = target_mask(batch)
-    logp = token_logps(logits, batch["input_ids"])
+    rows, cols = mask.bool().nonzero(as_tuple=True)
+    L = batch["input_ids"].shape[1]
+    lp, hits = position_logps(model, batch, rows * L + cols, batch["input_ids"][rows, cols + 1], return_hits=True)
+    logp = lp.new_zeros(mask.shape).index_put((rows, cols), lp)
     loss, metrics = nll_loss(logp, mask, num_items=n_tokens)
-    with torch.no_grad():
-        hit = (logits[:, :-1].argmax(-1) == batch["input_ids"][:, 1:]) & mask.bool()
-        metrics["token_accuracy"] = hit.sum() / mask.sum().clamp(min=1)
+    metrics["token_accuracy"] = hits.sum() / mask.sum().clamp(min=1)
     return loss, metrics
 
 

@@ -181,13 +181,26 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = mask.nonzero(as_tuple=True)
         L = batch["input_ids"].shape[1]
         pos, targets, seq = rows * L + cols, batch["input_ids"][rows, cols + 1], batch["seq_index"][rows, cols + 1]
+    lp = position_logps(model, batch, pos, targets)
+    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
+    return sums, torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, torch.ones_like(lp))
+
+
+def position_logps(model, batch: dict, pos: torch.Tensor, targets: torch.Tensor, return_hits: bool = False):
+    """log π(targets | prefix) at flat row positions ``pos`` of a packed batch ([K] fp32; with
+    ``return_hits`` also [K] bool: the target is the arg-max). For Llama/Qwen2/Qwen3/Mistral the LM head
+    runs only at ``pos``, fused with the log-softmax chunk by chunk (``logprobs.lm_head_logps``), so no
+    [tokens, vocab] logits exist for the batch; other architectures, and a model wrapped for DDP (its
+    forward must run for the gradient sync), run their full forward and gather."""
     base = _base_lm(model)
     head = base.get_output_embeddings() if type(base).__name__ in _HEAD_SLICE_ARCHS else None
     if head is not None and getattr(head, "bias", None) is None:
         hidden = base.get_decoder()(**model_inputs(base, batch)).last_hidden_state
-        lp = lm_head_logps(hidden.reshape(-1, hidden.shape[-1])[pos], head.weight, targets).float()
+        out = lm_head_logps(hidden.reshape(-1, hidden.shape[-1])[pos], head.weight, targets, return_hits=True)
+        lp, hits = out[0].float(), out[1]
     else:
         logits = model(**model_inputs(model, batch)).logits
-        lp = selective_log_softmax(logits.reshape(-1, logits.shape[-1])[pos], targets).float()
-    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
-    return sums, torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, torch.ones_like(lp))
+        logits = logits.reshape(-1, logits.shape[-1])[pos]
+        lp = selective_log_softmax(logits, targets).float()
+        hits = logits.detach().argmax(-1) == targets
+    return (lp, hits) if return_hits else lp

@@ -57,3 +57,33 @@ def test_sequence_logps_fused_equals_full_forward(tiny_model, shared_prompt, mon
     assert torch.equal(fused[1], full[1]) and fused[1].sum() > 0
     for a, b in zip(fused[2], full[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_loss_fused_equals_full_forward(tiny_model, monkeypatch):
+    """SFT's loss, gradient and token accuracy with the fused head equal the full-logits path."""
+    from posttrain.algorithms.sft import count_tokens, sft_loss
+    from posttrain.data.batching import collate
+    from posttrain.data.chat import encode_sft
+    from posttrain.models import forward
+    from posttrain.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    exs = [encode_sft(tok, {"messages": [{"role": "user", "content": f"Sort the numbers {i} 2 7."},
+                                         {"role": "assistant", "content": f"2 {i} 7"},
+                                         {"role": "user", "content": "Again?"},
+                                         {"role": "assistant", "content": "Yes."}]}, 128) for i in range(5)]
+    batch = collate(exs, packing=True, pad_id=tok.pad_token_id)
+
+    def run():
+        tiny_model.zero_grad()
+        loss, m = sft_loss(tiny_model, batch, count_tokens(batch))
+        loss.backward()
+        return loss.detach(), m["token_accuracy"], [p.grad.clone() for p in tiny_model.parameters() if p.grad is not None]
+
+    fused = run()
+    monkeypatch.setattr(forward, "_HEAD_SLICE_ARCHS", ())
+    full = run()
+    torch.testing.assert_close(fused[0], full[0], rtol=1e-6, atol=1e-6)
+    assert float(fused[1]) == float(full[1])
+    for a, b in zip(fused[2], full[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
