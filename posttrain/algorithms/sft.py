@@ -19,7 +19,7 @@ import torch
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
 from posttrain.data.batching import StepSampler, collate, shard
 from posttrain.data.chat import encode_sft, truncation_counts
-from posttrain.data.formats import holdout, load_records, read_options
+from posttrain.data.formats import load_train_eval
 from posttrain.engines.loop import Throughput, between_steps, eval_loss, finish, save_final
 from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
 from posttrain.losses.sft import nll_loss
@@ -73,13 +73,7 @@ def count_tokens(batch: dict) -> torch.Tensor:
 def run(cfg: SFTConfig) -> dict:
     # ---- data first: bad rows stop the run before any model loads
     d = cfg.data
-    opts = read_options(d)
-    train_rows = load_records(d.train, "sft", columns=d.columns, split=d.split, max_rows=d.max_rows,
-                              max_errors=d.max_errors, options=opts)
-    eval_source = d.eval_source()
-    eval_rows = (load_records(eval_source, "sft", columns=d.columns, max_errors=d.max_errors, options=opts)
-                 if eval_source else [])
-    train_rows, eval_rows = holdout(train_rows, eval_rows, fraction=d.eval_fraction)
+    train_rows, eval_rows = load_train_eval(d, "sft")
     if not eval_rows:
         print("sft: no held-out data, so no evaluation loss (set data.eval=FILE or data.eval_fraction=0.05)",
               file=sys.stderr)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import check_trackers
-from posttrain.errors import ConfigError
 
 def _finite(row: dict) -> dict[str, float]:
     return {k: float(v) for k, v in row.items()
@@ -53,11 +52,8 @@ class TensorBoardTracker:
 
 class WandbTracker:
     def __init__(self, run_dir: Path, run_name: str, config: Any):
-        try:
-            import wandb  # optional package
-        except ImportError:
-            raise ConfigError("train.report_to names wandb, which is not installed", where="train.report_to",
-                              fix="pip install 'posttrain[wandb]' (or wandb), or remove wandb from train.report_to") from None
+        import wandb  # optional package: config.check_trackers has already refused it when missing
+
         self._wandb = wandb
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "posttrain"), name=run_name,
                                dir=str(run_dir), config=_flat(config), reinit="finish_previous")
@@ -71,11 +67,8 @@ class WandbTracker:
 
 class MlflowTracker:
     def __init__(self, run_dir: Path, run_name: str, config: Any):
-        try:
-            import mlflow  # optional package
-        except ImportError:
-            raise ConfigError("train.report_to names mlflow, which is not installed", where="train.report_to",
-                              fix="pip install 'posttrain[mlflow]' (or mlflow), or remove mlflow from train.report_to") from None
+        import mlflow  # optional package: config.check_trackers has already refused it when missing
+
         self._mlflow = mlflow
         if os.environ.get("MLFLOW_EXPERIMENT_NAME") is None:
             mlflow.set_experiment("posttrain")
