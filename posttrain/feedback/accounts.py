@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,6 +15,14 @@ from posttrain.feedback.db import ROLES, Membership, Project, User, text_problem
 NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # used with fullmatch ("$" would accept a trailing newline)
 MAX_OVERLAP = 1000
 MAX_TTL_S = 365 * 24 * 3600
+# control, format (bidi overrides, zero-width) and line/paragraph separators: a name is one line of
+# plain text, shown on every page, and must not reorder or hide what is around it
+HIDDEN = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def name_problem(name: str) -> str | None:
+    bad = next((c for c in name if unicodedata.category(c) in HIDDEN), None)
+    return None if bad is None else f"must not contain control or invisible characters (found U+{ord(bad):04X})"
 
 
 def user_by_name(db: Session, name: str) -> User:
@@ -36,15 +45,15 @@ def project_by_name(db: Session, name: str) -> Project:
 
 def create_user(db: Session, name: str, role: str, password: str, *, update: bool = False) -> User:
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise Invalid("user name must be 1-64 letters, digits or _ . @ -")
+        raise Invalid("user name must be 1-64 letters, digits or _ . @ -", field="name")
     if role not in ROLES:
-        raise Invalid(f"role must be one of {list(ROLES)}, got {role!r}")
-    problem = auth.password_problem(password)
+        raise Invalid(f"role must be one of {list(ROLES)}, got {role!r}", field="role")
+    problem = auth.password_problem(password, name)
     if problem:
-        raise Invalid(problem)
+        raise Invalid(problem, field="password")
     user = db.scalar(select(User).where(User.name == name))
     if user is not None and not update:
-        raise Conflict(f"user {name!r} already exists")
+        raise Conflict(f"user {name!r} already exists", field="name")
     if user is None:
         user = User(name=name, role=role, password_hash=auth.hash_password(password))
         db.add(user)
@@ -81,8 +90,8 @@ def create_project(db: Session, name: str, *, overlap: int = 3, gold_rate: float
                    assignment_ttl_s: int = 3600, update: bool = False) -> Project:
     if not isinstance(name, str) or not name or len(name) > 128:
         raise Invalid("project name must have 1-128 characters")
-    if text_problem(name):
-        raise Invalid(f"project name {text_problem(name)}")
+    if text_problem(name) or name_problem(name):
+        raise Invalid(f"project name {text_problem(name) or name_problem(name)}", field="name")
     if not isinstance(instructions, str) or text_problem(instructions):
         raise Invalid(f"instructions {text_problem(instructions) if isinstance(instructions, str) else 'must be text'}")
     check_project_settings(overlap, gold_rate, assignment_ttl_s)

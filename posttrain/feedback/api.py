@@ -17,6 +17,7 @@ from posttrain.feedback import accounts, auth, importing, quality
 from posttrain.feedback.assign import (
     Invalid,
     LabelInput,
+    MethodNotAllowed,
     NotFound,
     by_id,
     get_project,
@@ -45,8 +46,10 @@ from posttrain.feedback.deps import (
     api_admin_writer,
     api_user,
     api_writer,
+    client_address,
     from_header,
     get_db,
+    login_limits,
     token_days,
 )
 from posttrain.feedback.export import ExportOptions, export_project
@@ -148,15 +151,16 @@ def healthz(db: Session = Depends(get_db)) -> dict:
 @router.post("/api/token", status_code=201)
 def token(request: Request, body: Credentials | None = None, db: Session = Depends(get_db)) -> dict:
     """A new API token, for Basic credentials or a JSON {username, password} body."""
+    address, limits = client_address(request.scope), login_limits(request.app.state.settings)
     if body is not None:
-        user = auth.check_password(db, body.username, body.password)
+        user = auth.check_password(db, body.username, body.password, address=address, limits=limits)
         if user is None:
             raise Unauthorized("wrong user name or password")
     else:
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("basic "):
             raise Unauthorized("send Basic credentials or a JSON body {username, password}")
-        user = from_header(db, header, token_days(request)).user
+        user = from_header(db, header, token_days(request), address=address, limits=limits).user
     return {"token": auth.issue_token(db, user), "user": user.name, "role": user.role}
 
 
@@ -173,11 +177,19 @@ def projects(p: Principal = Depends(api_user), db: Session = Depends(get_db)) ->
     return [_project_json(x) for x in db.scalars(q)]
 
 
-@router.get("/api/projects/{project_id}/next")
-def next_task(project_id: int, p: Principal = Depends(api_user), db: Session = Depends(get_db)) -> dict:
+@router.post("/api/projects/{project_id}/next")
+def next_task(project_id: int, p: Principal = Depends(api_writer), db: Session = Depends(get_db)) -> dict:
+    """The caller's pending assignment, else a new one, else {"done": true}. A POST (with the CSRF
+    header for cookie sessions): it creates an assignment, which no link or image may do."""
     project = get_project(db, p.user, project_id)
     a = next_assignment(db, p.user, project)
     return {"done": True} if a is None else {"done": False, **assignment_view(a)}
+
+
+@router.api_route("/api/projects/{project_id}/next", methods=["GET", "HEAD"], include_in_schema=False)
+def next_task_get(project_id: str) -> None:
+    raise MethodNotAllowed("use POST /api/projects/{id}/next: asking for a task creates an assignment, "
+                           "so a GET never does")
 
 
 @router.get("/api/assignments/{assignment_id}")

@@ -16,6 +16,7 @@ from urllib.parse import quote
 import anyio
 import jinja2
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -26,8 +27,8 @@ from starlette.requests import cookie_parser
 
 from posttrain.feedback import api, pages
 from posttrain.feedback.assign import Refused
-from posttrain.feedback.db import make_engine, make_sessionmaker
-from posttrain.feedback.deps import PRINCIPAL_KEY, SESSION_COOKIE, LoginRequired, credentials
+from posttrain.feedback.db import MAX_DEPTH, make_engine, make_sessionmaker, server_secret
+from posttrain.feedback.deps import PRINCIPAL_KEY, SESSION_COOKIE, LoginRequired, client_address, credentials
 
 HERE = Path(__file__).parent
 
@@ -43,13 +44,21 @@ SECURITY_HEADERS = [
 ]
 
 
+# Host headers a server answers by default (the serve command adds its bind address): a DNS-rebinding
+# page reaches a loopback server under its own name, which is never one of these
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 @dataclass
 class Settings:
     session_hours: float = 12.0
-    secure_cookies: bool = False  # set when served over HTTPS (behind a proxy)
+    secure_cookies: bool = False  # Secure cookies on plain HTTP too (a TLS proxy in front); https gets them anyway
     token_days: float | None = 30.0  # API tokens older than this are refused (401); None: never expire
     max_body_bytes: int = 1024 * 1024  # JSON and form bodies
     max_upload_bytes: int = 50 * 1024 * 1024  # task imports: the admin page's file upload and POST .../tasks
+    allowed_hosts: tuple[str, ...] | None = None  # Host names answered (others: 400); None: LOOPBACK_HOSTS; "*": any
+    login_max_failures: int = 10  # failed logins per user name and per client address in the window (then 429); 0: off
+    login_window_s: float = 900.0  # the window of login_max_failures, and the longest lockout
 
 
 MiB = 1024 * 1024
@@ -94,9 +103,9 @@ class BodyGuard:
             return min(AUTH_BODY_BYTES, settings.max_body_bytes)
         return settings.max_upload_bytes if UPLOADS.match(path) else settings.max_body_bytes
 
-    def _who(self, header: str | None, sid: str | None):
+    def _who(self, header: str | None, sid: str | None, address: str):
         with self.state.sessionmaker() as db:
-            return credentials(db, header, sid, self.state.settings.token_days)
+            return credentials(db, header, sid, self.state.settings, address)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -114,9 +123,9 @@ class BodyGuard:
         if has_body and path not in PUBLIC_POSTS:
             sid = cookie_parser(headers.get("cookie", "")).get(SESSION_COOKIE)  # as Request.cookies parses
             try:
-                p = await anyio.to_thread.run_sync(self._who, headers.get("authorization"), sid)
+                p = await anyio.to_thread.run_sync(self._who, headers.get("authorization"), sid, client_address(scope))
             except Refused as e:
-                return await self._reply(scope, send, e.status, str(e))
+                return await self._reply(scope, send, e.status, str(e), e.headers)
             except OperationalError:
                 return await self._reply(scope, send, 503, "database unavailable, retry", {"Retry-After": "1"})
             if p is None:
@@ -172,8 +181,38 @@ async def _no_body():
     return {"type": "http.disconnect"}
 
 
+def host_name(value: str) -> str:
+    """'Example.COM:8600' -> 'example.com', '[::1]:8600' -> '::1' (a Host header or an allowed_hosts entry)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return (value.rsplit(":", 1)[0] if value.count(":") == 1 else value).rstrip(".")
+
+
+class HostGuard:
+    """Answer only the Host names in ``settings.allowed_hosts``: a DNS-rebinding page (evil.example
+    resolving to 127.0.0.1) reaches a loopback server with its own name in Host and gets a 400."""
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":  # lifespan; the app has no websockets
+            return await self.app(scope, receive, send)
+        allowed = self.state.settings.allowed_hosts or LOOPBACK_HOSTS  # read per request: tests add theirs
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        if "*" not in allowed and host_name(host) not in {host_name(h) for h in allowed}:
+            message = f"Host {host[:100]!r} is not served here: add it to the serve option allowed_hosts"
+            response = Response(message, status_code=400, media_type="text/plain; charset=utf-8",
+                                headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class SecurityHeaders:
-    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware on the load path)."""
+    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware on the load path). An unhandled error
+    is answered 500 here, with the headers, before it propagates: Starlette's outer error middleware
+    would send its 500 without them."""
 
     def __init__(self, app):
         self.app = app
@@ -182,16 +221,27 @@ class SecurityHeaders:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         static = scope["path"].startswith("/static/")
+        started = False
 
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 names = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k, v) for k, v in SECURITY_HEADERS
                          if k not in names and not (static and k == b"cache-control")]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if not started:
+                detail = "internal server error: retry (with the same idempotency key for a label)"
+                response = (JSONResponse({"detail": detail}, status_code=500) if scope["path"].startswith("/api/")
+                            else Response(detail, status_code=500, media_type="text/plain; charset=utf-8"))
+                await response(scope, receive, send_with_headers)
+            raise  # logged by the server; the error middleware sees the answer started and sends nothing
 
 
 def _is_api(request: Request) -> bool:
@@ -208,9 +258,27 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> Response:
         if _is_api(request):
-            headers = {"WWW-Authenticate": 'Bearer realm="posttrain-label"'} if exc.status == 401 else None
-            return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
-        return _error_page(request, exc.status, str(exc))
+            headers = {"WWW-Authenticate": 'Bearer realm="posttrain-label"'} if exc.status == 401 else {}
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers={**headers, **exc.headers})
+        response = _error_page(request, exc.status, str(exc))
+        response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code != 400:
+            return await http_exception_handler(request, exc)
+        # FastAPI and Starlette answer a body they cannot parse with 400; the app promises 422
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            problem = "the body is not valid UTF-8: send JSON as UTF-8 text"
+        elif isinstance(cause, RecursionError):
+            problem = f"JSON nested too deeply: at most {MAX_DEPTH} levels"
+        else:
+            problem = f"the body could not be parsed ({exc.detail})"
+        if not _is_api(request):
+            return _error_page(request, 422, f"malformed request: {problem}")
+        return JSONResponse({"detail": f"malformed request: {problem}"}, status_code=422)
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired) -> Response:
@@ -251,6 +319,8 @@ def create_app(db_url: str, settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.settings = settings or Settings()
+    with app.state.sessionmaker() as db:
+        app.state.secret = server_secret(db)  # HMAC key, kept in the database: the same after a restart
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
     app.state.templates = Jinja2Templates(env=env)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -258,6 +328,7 @@ def create_app(db_url: str, settings: Settings | None = None) -> FastAPI:
     app.include_router(pages.router)
     _add_error_handlers(app)
     app.add_middleware(BodyGuard, state=app.state)
-    app.add_middleware(SecurityHeaders)  # outermost: BodyGuard's own answers get the headers too
+    app.add_middleware(HostGuard, state=app.state)  # an unknown Host is refused before anything else
+    app.add_middleware(SecurityHeaders)  # outermost: the guards' own answers and 500s get the headers too
     return app
 

@@ -8,15 +8,19 @@ else, so it can no longer be labeled (409) and ``next`` no longer returns it (it
 the same slot can never both win: a task never gets more than ``overlap`` regular labels. Gold
 assignments hold no slot and never expire. Partly labeled tasks are served first so finished tasks
 accumulate early. Gold tasks (with a known answer) are mixed in at ``project.gold_rate`` by a
-schedule seeded by (project, user, count), so reruns are reproducible; every annotator may see every
+schedule seeded by an HMAC of (project, user, count) under the server secret: reproducible for the
+server, unpredictable for an annotator who has seen earlier draws; every annotator may see every
 gold task once. Each assignment gets a fresh random candidate order, stored with it.
 
-Labels: a label names its assignment and a client idempotency key. A retry with the same key is a
-success that returns the stored label; nothing is acknowledged before the commit.
+Labels: a label names its assignment and a client idempotency key. A retry with the same key and
+the same label is a success that returns the stored label; the same key with a different label is a
+409. Nothing is acknowledged before the commit.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -38,6 +42,7 @@ from posttrain.feedback.db import (
     Project,
     Task,
     User,
+    server_secret,
     text_problem,
     utcnow,
     valid_id,
@@ -45,9 +50,15 @@ from posttrain.feedback.db import (
 
 
 class Refused(Exception):
-    """A request the app turns down; ``status`` is the HTTP status it maps to."""
+    """A request the app turns down; ``status`` is the HTTP status it maps to, ``headers`` go with the
+    answer, ``field`` names the input at fault (the command line reports it)."""
 
     status = 400
+    headers: dict[str, str] = {}
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class NotFound(Refused):
@@ -64,6 +75,11 @@ class Conflict(Refused):
 
 class Invalid(Refused):
     status = 422
+
+
+class MethodNotAllowed(Refused):
+    status = 405
+    headers = {"Allow": "POST"}
 
 
 @dataclass
@@ -163,11 +179,30 @@ def _gold_task(db: Session, user: User, project: Project, rng: random.Random) ->
     return rng.choice(ids) if ids else None
 
 
+def pending_assignment(db: Session, user: User, project: Project) -> Assignment | None:
+    """The user's live pending assignment in ``project``, or None; creates nothing."""
+    return _pending(db, user, project, utcnow())
+
+
+def has_work(db: Session, user: User, project: Project) -> bool:
+    """Whether ``next_assignment`` would give the user a task (read only). It always does while a
+    regular task has a free slot; once they run out the annotator is done, gold or not."""
+    return _regular_task(db, user, project, utcnow()) is not None
+
+
+def gold_rng(secret: bytes, project_id: int, user_id: int, served: int) -> random.Random:
+    """The gold draw for the user's ``served``-th assignment: keyed by the server secret, so the
+    schedule cannot be predicted from (project, user, count) as a plain seed could."""
+    mac = hmac.new(secret, f"gold:{project_id}:{user_id}:{served}".encode(), hashlib.sha256).digest()
+    return random.Random(int.from_bytes(mac, "big"))
+
+
 def next_assignment(db: Session, user: User, project: Project) -> Assignment | None:
     """The user's pending assignment in ``project``, else a new one (committed), else None (done)."""
     pending = _pending(db, user, project, utcnow())
     if pending is not None:  # a reload or a retry shows the same task in the same order
         return pending
+    secret = server_secret(db) if project.gold_rate > 0 else b""  # may commit: before the lock
     _lock_project(db, project.id)
     now = utcnow()
     _expire_stale(db, user, project, now)  # never shown again: its slot may be someone else's now
@@ -179,7 +214,7 @@ def next_assignment(db: Session, user: User, project: Project) -> Assignment | N
     if project.gold_rate > 0:
         served = db.scalar(select(func.count()).select_from(Assignment).join(Task).where(
             Assignment.user_id == user.id, Task.project_id == project.id)) or 0
-        rng = random.Random(f"{project.id}:{user.id}:{served}")
+        rng = gold_rng(secret, project.id, user.id, served)
         if rng.random() < project.gold_rate:
             task_id = _gold_task(db, user, project, rng)
     if task_id is None:
@@ -253,9 +288,16 @@ def _by_key(db: Session, key: str) -> Label | None:
     return db.scalar(select(Label).where(Label.idempotency_key == key))
 
 
-def _replay(existing: Label, a: Assignment) -> Label:
+def _replay(existing: Label, a: Assignment, fields: dict, client_ms: int | None) -> Label:
+    """The stored label for a retry; a key reused for another assignment or another label is a 409."""
     if existing.assignment_id != a.id:
         raise Conflict("this idempotency key was already used for another assignment; use a new key")
+    stored = {"choice": existing.choice, "winner": existing.winner, "strength": existing.strength,
+              "ranks": existing.ranks, "flags": existing.flags or {}, "rationale": existing.rationale,
+              "client_ms": existing.client_ms}
+    if stored != {**fields, "client_ms": client_ms}:
+        raise Conflict("this idempotency key was already used with a different label for this assignment: a "
+                       "retry must resend the same body; the stored label stays")
     return existing
 
 
@@ -293,13 +335,13 @@ def check_label_input(inp: LabelInput) -> None:
 
 def record_label(db: Session, user: User, assignment_id: int, inp: LabelInput) -> tuple[Label, bool]:
     """Store a label once. Returns (label, created); created is False for a retry of the same key."""
+    a = own_assignment(db, user, assignment_id)  # 404/403 first: nothing about another's task leaks
     check_label_input(inp)
-    a = own_assignment(db, user, assignment_id)
+    fields = _resolve(inp, a.display_order)
     existing = _by_key(db, inp.idempotency_key)
     if existing is not None:
-        return _replay(existing, a), False
+        return _replay(existing, a, fields, inp.client_ms), False
     _check_status(a)
-    fields = _resolve(inp, a.display_order)
     if a.task.gold is None:
         # take the assignment lock, then look again: an expired slot is either re-issued or labeled
         _lock_project(db, a.task.project_id)
@@ -307,7 +349,7 @@ def record_label(db: Session, user: User, assignment_id: int, inp: LabelInput) -
         existing = _by_key(db, inp.idempotency_key)  # a concurrent retry of this label committed first
         if existing is not None:
             db.rollback()
-            return _replay(existing, a), False
+            return _replay(existing, a, fields, inp.client_ms), False
         try:
             _check_status(a)
         except Conflict:
@@ -330,5 +372,5 @@ def record_label(db: Session, user: User, assignment_id: int, inp: LabelInput) -
         existing = _by_key(db, inp.idempotency_key)
         if existing is None:
             raise Conflict("this assignment is already labeled (under another idempotency key)") from None
-        return _replay(existing, a), False
+        return _replay(existing, a, fields, inp.client_ms), False
     return label, True

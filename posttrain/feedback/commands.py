@@ -26,7 +26,7 @@ from posttrain.data.formats import load_records
 from posttrain.data.records import ReadOptions
 from posttrain.errors import ConfigError, DataError
 from posttrain.feedback import accounts, auth, importing
-from posttrain.feedback.app import Settings, create_app
+from posttrain.feedback.app import LOOPBACK_HOSTS, Settings, create_app
 from posttrain.feedback.assign import Refused
 from posttrain.feedback.db import MAX_CANDIDATES, make_engine, make_sessionmaker, safe_url
 from posttrain.feedback.export import ExportOptions, export_project, write_records
@@ -61,7 +61,15 @@ class LabelServeConfig:
                               "Content-Length is refused before anything is read).")
     max_upload_bytes: int = opt(50 * 1024 * 1024, "Largest task import (admin page upload, POST "
                                 "/api/projects/{id}/tasks).")
-    secure_cookies: bool = opt(False, "Mark the session cookie Secure (required when served over HTTPS).")
+    secure_cookies: bool = opt(False, "Mark the cookies Secure even on plain-HTTP requests (set it behind a TLS "
+                               "proxy; requests that arrive as https get Secure cookies anyway).")
+    allowed_hosts: list[str] = opt([], "Host header names the app answers (others get 400: DNS-rebinding "
+                                   "protection). Empty: the bind address plus localhost, 127.0.0.1 and ::1. Behind a "
+                                   "proxy list the public name, e.g. [labels.example.com]; '*' turns the check off.")
+    login_max_failures: int = opt(10, "Failed logins (login form, POST /api/token, HTTP Basic) allowed per user "
+                                  "name and per client address within login_window_s; then 429 with Retry-After. "
+                                  "0: no limit.")
+    login_window_s: float = opt(900.0, "The window of login_max_failures in seconds (also the longest lockout).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("warning", "uvicorn log level.")
     access_log: bool = opt(False, "Log every request.")
 
@@ -72,21 +80,33 @@ class LabelServeConfig:
             raise ConfigError("session_hours must be positive", where="session_hours")
         if self.token_days <= 0:
             raise ConfigError("token_days must be positive", where="token_days")
+        if self.login_max_failures < 0 or self.login_window_s <= 0:
+            raise ConfigError("login_max_failures must be 0 (no limit) or more and login_window_s positive",
+                              where="login_max_failures/login_window_s")
         if self.max_body_bytes < 4096 or self.max_upload_bytes < self.max_body_bytes:
             raise ConfigError("max_body_bytes must be at least 4096 and max_upload_bytes at least max_body_bytes",
                               where="max_body_bytes/max_upload_bytes")
 
 
+def serve_settings(cfg: LabelServeConfig) -> Settings:
+    # the bind address is a name clients may use; a wildcard address (0.0.0.0, ::) is not a Host name
+    bind = () if cfg.host in ("0.0.0.0", "::") else (cfg.host,)
+    hosts = tuple(cfg.allowed_hosts) or tuple(dict.fromkeys((*bind, *LOOPBACK_HOSTS)))
+    return Settings(session_hours=cfg.session_hours, secure_cookies=cfg.secure_cookies, token_days=cfg.token_days,
+                    max_body_bytes=cfg.max_body_bytes, max_upload_bytes=cfg.max_upload_bytes, allowed_hosts=hosts,
+                    login_max_failures=cfg.login_max_failures, login_window_s=cfg.login_window_s)
+
+
 def run_serve(cfg: LabelServeConfig) -> dict:
     import uvicorn
 
-
-    app = create_app(cfg.db, Settings(session_hours=cfg.session_hours, secure_cookies=cfg.secure_cookies,
-                                      token_days=cfg.token_days, max_body_bytes=cfg.max_body_bytes,
-                                      max_upload_bytes=cfg.max_upload_bytes))
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.secure_cookies:
+    app = create_app(cfg.db, serve_settings(cfg))
+    if cfg.host not in LOOPBACK_HOSTS and not cfg.secure_cookies:
         print("warning: serving beyond loopback without secure_cookies=true; passwords and session cookies "
               "travel in clear text unless a HTTPS proxy is in front", file=sys.stderr)
+    if cfg.host in ("0.0.0.0", "::") and not cfg.allowed_hosts:
+        print(f"warning: host={cfg.host} answers only the Host names localhost, 127.0.0.1 and ::1; set "
+              "allowed_hosts=[the.name.clients.use] (others get 400)", file=sys.stderr)
     print(f"posttrain label: http://{cfg.host}:{cfg.port}/ (db {safe_url(cfg.db)})", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log)
     return {}
@@ -151,7 +171,7 @@ def run_add_user(cfg: LabelAddUserConfig) -> dict:
             if cfg.revoke or cfg.active is not None:
                 accounts.set_access(db, user, revoke=cfg.revoke, active=cfg.active)
         except Refused as e:
-            raise _refused(e, "name" if "user" in str(e) else "projects") from None
+            raise _refused(e, e.field or ("name" if "user" in str(e) else "projects")) from None
         out = {"user": user.name, "role": user.role, "projects": cfg.projects}
         if cfg.token:
             out["token"] = auth.issue_token(db, user)

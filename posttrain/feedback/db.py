@@ -14,6 +14,7 @@ Durability rules the rest of the app relies on:
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from posttrain.errors import ConfigError
 
@@ -50,6 +52,7 @@ MAX_ID = 2**31 - 1
 MAX_KEY = 100  # idempotency key characters
 MAX_RATIONALE = 10_000  # characters
 MAX_CLIENT_MS = 7 * 24 * 3600 * 1000  # a week of visible time
+MAX_DEPTH = 32  # JSON nesting in bodies and imported records (a task record needs about 5)
 
 
 def valid_id(value: object) -> bool:
@@ -69,22 +72,26 @@ def text_problem(value: str) -> str | None:
 
 
 def find_text_problem(value: Any, where: str = "") -> str | None:
-    """The first string (or mapping key) in ``value`` that cannot be stored, as 'where: problem'."""
-    if isinstance(value, str):
-        problem = text_problem(value)
-        return f"{where or 'text'}: {problem}" if problem else None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            sub = f"{where}.{k}" if where else str(k)
-            found = find_text_problem(k, where or "key") if isinstance(k, str) else None
-            found = found or find_text_problem(v, sub)
-            if found:
-                return found
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            found = find_text_problem(v, f"{where}[{i}]")
-            if found:
-                return found
+    """The first string (or mapping key) in ``value`` that cannot be stored, as 'where: problem', or
+    nesting deeper than MAX_DEPTH. Walked with a stack, not recursion: a hostile document nested
+    900 levels deep must be a 422, not a RecursionError (a 500)."""
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while stack:
+        item, at, depth = stack.pop()
+        if isinstance(item, str):
+            problem = text_problem(item)
+            if problem:
+                return f"{at or 'text'}: {problem}"
+        elif isinstance(item, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                return f"{at or 'value'}: nested deeper than {MAX_DEPTH} levels"
+            if isinstance(item, dict):
+                children = []
+                for k, v in item.items():
+                    children += [(k, at or "key", depth), (v, f"{at}.{k}" if at else str(k), depth + 1)]
+            else:
+                children = [(v, f"{at}[{i}]", depth + 1) for i, v in enumerate(item)]
+            stack.extend(reversed(children))  # depth first, in document order
     return None
 
 
@@ -130,6 +137,27 @@ class WebSession(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
     user: Mapped[User] = relationship()
+
+
+class AppSecret(Base):
+    """Server-side secrets (HMAC keys), created once and kept in the database so they survive restarts
+    and every worker shares them: login-form tokens, banner messages and gold schedules are keyed by it."""
+
+    __tablename__ = "app_secrets"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))  # hex
+
+
+class LoginFailure(Base):
+    """One failed password check (login form, POST /api/token, HTTP Basic). Counted per user name and
+    per client address over a window (auth.LoginLimits); in the database so every worker sees them."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_fail_name", "name", "at"), Index("ix_login_fail_addr", "address", "at"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))  # "" for a name that cannot exist
+    address: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime, index=True, default=utcnow)
 
 
 class Project(Base):
@@ -275,3 +303,17 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker:
     # objects stay readable after commit: handlers commit, then build the response from them
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def server_secret(db: Session) -> bytes:
+    """The server's HMAC key: read from ``app_secrets``, created on first use (committed). Call it
+    outside a transaction that holds locks: creating the row commits."""
+    row = db.get(AppSecret, "server")
+    if row is None:
+        db.add(AppSecret(name="server", value=secrets.token_hex(32)))
+        try:
+            db.commit()
+        except IntegrityError:  # another worker created it first: use theirs
+            db.rollback()
+        row = db.get(AppSecret, "server")
+    return bytes.fromhex(row.value)

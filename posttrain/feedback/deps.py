@@ -56,7 +56,8 @@ def get_db(request: Request) -> Iterator[Session]:
         db.close()
 
 
-def from_header(db: Session, header: str, token_days: float | None = None) -> Principal:
+def from_header(db: Session, header: str, token_days: float | None = None, *, address: str | None = None,
+                limits: auth.LoginLimits | None = None) -> Principal:
     scheme, _, value = header.partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer":
@@ -70,7 +71,7 @@ def from_header(db: Session, header: str, token_days: float | None = None) -> Pr
             name, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Unauthorized("malformed Basic credentials") from None
-        user = auth.check_password(db, name, password)
+        user = auth.check_password(db, name, password, address=address, limits=limits)  # Basic guesses count too
         if user is None:
             raise Unauthorized("wrong user name or password")
         return Principal(user, "basic")
@@ -81,10 +82,20 @@ def token_days(request: Request) -> float | None:
     return getattr(request.app.state.settings, "token_days", None)
 
 
-def credentials(db: Session, header: str | None, sid: str | None, days: float | None) -> Principal | None:
+def login_limits(settings) -> auth.LoginLimits:
+    return auth.LoginLimits(settings.login_max_failures, settings.login_window_s)
+
+
+def client_address(scope) -> str:
+    """The client's address (uvicorn puts a trusted proxy's X-Forwarded-For there); '' if unknown."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def credentials(db: Session, header: str | None, sid: str | None, settings, address: str) -> Principal | None:
     """Who sends these credentials (an Authorization header wins over the session cookie); None for none."""
     if header:
-        return from_header(db, header, days)
+        return from_header(db, header, settings.token_days, address=address, limits=login_limits(settings))
     if sid:
         row = auth.find_session(db, sid)
         if row is not None:
@@ -101,7 +112,7 @@ def authenticate(request: Request, db: Session) -> Principal | None:
     if found is not None:
         return found
     return credentials(db, request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE),
-                       token_days(request))
+                       request.app.state.settings, client_address(request.scope))
 
 
 def check_csrf(p: Principal, sent: str | None) -> None:

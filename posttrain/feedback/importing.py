@@ -30,9 +30,10 @@ from posttrain.data.layouts import RowProblem, decode_cell
 from posttrain.data.records import ReadOptions, read_record
 from posttrain.data.sources import read_source
 from posttrain.errors import DataError
-from posttrain.feedback.db import MAX_CANDIDATES, Candidate, Project, Task, find_text_problem
+from posttrain.feedback.db import MAX_CANDIDATES, MAX_DEPTH, Candidate, Project, Task, find_text_problem
 
 ROLES = {"system", "user", "assistant", "tool"}
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 KNOWN_KEYS = {"prompt", "responses", "chosen", "rejected", "gold", "id", "meta", "chosen_model",
               "rejected_model"}
 
@@ -179,10 +180,32 @@ def parse_records(rows: list, name: str, *, gold_from_chosen: bool = False, max_
     return specs, identical
 
 
-def read_tasks(path: str, *, gold_from_chosen: bool = False, max_records: int | None = None
-               ) -> tuple[list[TaskSpec], int]:
-    """Task specs from a .jsonl/.json/.csv/.parquet file or a save_to_disk folder (the trainers' reader)."""
-    src = read_source(path)
+def _read(path: str, shown: str):
+    """read_source, with a corrupt file (bad Parquet, invalid UTF-8, JSON nested past the parser's
+    recursion limit) as one DataError naming ``shown`` instead of an exception from the reader."""
+    try:
+        src = read_source(path)
+    except DataError as e:
+        raise DataError(e.what.replace(path, shown), where=(e.where or "").replace(path, shown) or None,
+                        fix=e.fix) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 text (byte {e.start})", where=shown, fix="save the file as UTF-8") from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", where=shown,
+                        fix=f"records nest at most {MAX_DEPTH} levels") from None
+    except (ValueError, TypeError, LookupError, OSError, NotImplementedError) as e:  # pyarrow, pandas
+        problem = str(e).replace(path, shown)[:300] or type(e).__name__
+        raise DataError(f"cannot read the file ({problem})", where=shown,
+                        fix="check that the file is complete and in the format its suffix says") from None
+    src.name = shown
+    return src
+
+
+def read_tasks(path: str, *, gold_from_chosen: bool = False, max_records: int | None = None,
+               name: str | None = None) -> tuple[list[TaskSpec], int]:
+    """Task specs from a .jsonl/.json/.csv/.parquet file or a save_to_disk folder (the trainers' reader).
+    ``name``: how messages call the file (an upload's own name rather than its temporary path)."""
+    src = _read(path, name or path)
     rows = src.rows[:max_records] if max_records else src.rows
     bad = [f"{src.where(r)}: {r.problem}" for r in rows if r.problem is not None]
     if bad:

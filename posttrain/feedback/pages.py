@@ -3,6 +3,10 @@
 Forms post back and redirect (post/redirect/get), so the pages work without JavaScript; label.js adds
 keyboard shortcuts and time measurement. Every text from the database goes through Jinja's
 autoescaping: model output is shown as text, never as markup.
+
+Only POSTs (with the session's CSRF token) create assignments: the label page's GET shows the pending
+one or a "next task" form, so a cross-site link cannot make an annotator take a task. The banner
+shows only messages the server signed (``msg`` + ``sig``), so a crafted link cannot put text there.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from posttrain.feedback.assign import (
     Refused,
     by_id,
     get_project,
+    has_work,
     next_assignment,
+    own_assignment,
+    pending_assignment,
     record_label,
     skip,
 )
@@ -38,7 +45,9 @@ from posttrain.feedback.deps import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
     Principal,
+    client_address,
     first,
+    login_limits,
     form_fields,
     get_db,
     page_admin,
@@ -51,14 +60,33 @@ from posttrain.feedback.export import ExportOptions, export_project
 router = APIRouter()
 
 
+MAX_MSG = 2000  # characters of a banner message carried in a redirect
+
+
+def _banner(request: Request) -> str | None:
+    """The redirect's message if the server signed it; anything else in ``msg`` is never shown."""
+    msg, sig = request.query_params.get("msg"), request.query_params.get("sig")
+    return msg if msg and auth.signed(request.app.state.secret, "msg", msg, sig) else None
+
+
 def render(request: Request, name: str, p: Principal | None = None, status: int = 200, **ctx) -> HTMLResponse:
     ctx.update(user=p.user if p else None, csrf=p.csrf if p else None, admin=bool(p and p.is_admin),
-               msg=ctx.get("msg", request.query_params.get("msg")))
+               msg=ctx.get("msg", _banner(request)))
     return request.app.state.templates.TemplateResponse(request, name, ctx, status_code=status)
 
 
-def redirect(path: str, msg: str | None = None) -> RedirectResponse:
-    return RedirectResponse(path + (f"?msg={quote(msg)}" if msg else ""), status_code=303)
+def redirect(request: Request, path: str, msg: str | None = None) -> RedirectResponse:
+    if not msg:
+        return RedirectResponse(path, status_code=303)
+    msg = msg[:MAX_MSG]
+    sig = auth.sign(request.app.state.secret, "msg", msg)
+    return RedirectResponse(f"{path}?msg={quote(msg)}&sig={sig}", status_code=303)
+
+
+def _secure(request: Request) -> bool:
+    """Cookies are Secure on https requests (uvicorn takes the scheme from a trusted proxy) and with
+    secure_cookies=true (a TLS proxy that does not say so)."""
+    return request.app.state.settings.secure_cookies or request.url.scheme == "https"
 
 
 def _safe_next(path: str | None) -> str:
@@ -73,28 +101,40 @@ def _safe_next(path: str | None) -> str:
 
 @router.get("/login")
 def login_page(request: Request, next: str = "/") -> HTMLResponse:
-    # login CSRF: a random token in a cookie and in the form must match (double submit), so another
-    # site cannot log the browser into an account of its choosing
-    token = auth.new_secret()
-    resp = render(request, "login.html", login_csrf=token, next=_safe_next(next))
-    resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", path="/login")
+    return _login_form(request, next)
+
+
+def _login_form(request: Request, next: str, status: int = 200, error: str | None = None) -> HTMLResponse:
+    # login CSRF: a signed token in a cookie and in the form must match (double submit), so another
+    # site cannot log the browser into an account of its choosing. Every answer gets a fresh pair.
+    token = auth.login_form_token(request.app.state.secret, client_address(request.scope))
+    resp = render(request, "login.html", status=status, login_csrf=token, next=_safe_next(next), error=error)
+    resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", path="/login",
+                    secure=_secure(request))
     return resp
 
 
 @router.post("/login")
 def login(request: Request, fields: dict = Depends(form_fields), db: Session = Depends(get_db)) -> Response:
     nxt = _safe_next(first(fields, "next"))
-    if not auth.same(first(fields, "csrf_token"), request.cookies.get(LOGIN_CSRF_COOKIE)):
-        return render(request, "login.html", status=403, login_csrf=request.cookies.get(LOGIN_CSRF_COOKIE, ""),
-                      next=nxt, error="The login form expired; please try again.")
-    user = auth.check_password(db, first(fields, "username", "") or "", first(fields, "password", "") or "")
-    if user is None:
-        return render(request, "login.html", status=401, login_csrf=request.cookies.get(LOGIN_CSRF_COOKIE),
-                      next=nxt, error="Wrong user name or password.")
+    address = client_address(request.scope)
+    if not auth.login_form_ok(request.app.state.secret, first(fields, "csrf_token"),
+                              request.cookies.get(LOGIN_CSRF_COOKIE), address):
+        return _login_form(request, nxt, status=403, error="The login form expired; please try again.")
     settings = request.app.state.settings
+    try:
+        user = auth.check_password(db, first(fields, "username", "") or "", first(fields, "password", "") or "",
+                                   address=address, limits=login_limits(settings))
+    except auth.TooManyAttempts as e:
+        resp = _login_form(request, nxt, status=429, error=f"Too many failed logins: try again in "
+                                                           f"{e.headers['Retry-After']} s.")
+        resp.headers.update(e.headers)
+        return resp
+    if user is None:
+        return _login_form(request, nxt, status=401, error="Wrong user name or password.")
     sid, _ = auth.open_session(db, user, settings.session_hours)
     resp = RedirectResponse(nxt, status_code=303)
-    resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="lax", secure=settings.secure_cookies,
+    resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="lax", secure=_secure(request),
                     max_age=int(settings.session_hours * 3600), path="/")
     resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     return resp
@@ -105,7 +145,7 @@ def logout(request: Request, p: Principal = Depends(page_writer), db: Session = 
     sid = request.cookies.get(SESSION_COOKIE)
     if sid:
         auth.close_session(db, sid)
-    resp = redirect("/login")
+    resp = redirect(request, "/login")
     resp.delete_cookie(SESSION_COOKIE, path="/")
     return resp
 
@@ -122,7 +162,7 @@ def _my_counts(db: Session, user: User, project: Project) -> dict[str, int]:
 @router.get("/")
 def home(request: Request, p: Principal = Depends(page_user), db: Session = Depends(get_db)) -> Response:
     if p.is_admin:
-        return redirect("/admin")
+        return redirect(request, "/admin")
     projects = db.scalars(select(Project).join(Membership, Membership.project_id == Project.id)
                           .where(Membership.user_id == p.user.id).order_by(Project.id)).all()
     rows = [(x, _my_counts(db, p.user, x)) for x in projects]
@@ -142,11 +182,30 @@ def _label_page(request: Request, p: Principal, db: Session, project: Project, a
 @router.get("/projects/{project_id}/label")
 def label_page(request: Request, project_id: int, p: Principal = Depends(page_user),
                db: Session = Depends(get_db)) -> HTMLResponse:
+    """The pending assignment, else a "next task" form (a GET never creates one), else "all done"."""
     project = get_project(db, p.user, project_id)
-    a = next_assignment(db, p.user, project)
-    if a is None:
-        return render(request, "done.html", p, project=project, counts=_my_counts(db, p.user, project))
-    return _label_page(request, p, db, project, a)
+    a = pending_assignment(db, p.user, project)
+    if a is not None:
+        return _label_page(request, p, db, project, a)
+    counts = _my_counts(db, p.user, project)
+    if not has_work(db, p.user, project):
+        return render(request, "done.html", p, project=project, counts=counts)
+    # label.js submits the form at once for navigations from this site or the address bar, never for
+    # a cross-site link (Sec-Fetch-Site), which shows the button instead
+    auto = request.headers.get("sec-fetch-site") in ("same-origin", "none")
+    return render(request, "next.html", p, project=project, counts=counts, auto=auto)
+
+
+@router.post("/projects/{project_id}/next")
+def take_next(request: Request, project_id: int, p: Principal = Depends(page_writer),
+              db: Session = Depends(get_db)) -> Response:
+    return _to_next(request, db, p, get_project(db, p.user, project_id))
+
+
+def _to_next(request: Request, db: Session, p: Principal, project: Project, msg: str | None = None) -> Response:
+    """After a CSRF-checked POST: assign the next task (if any) and show it (post/redirect/get)."""
+    next_assignment(db, p.user, project)
+    return redirect(request, f"/projects/{project.id}/label", msg)
 
 
 def _form_int(fields: dict, name: str) -> int | None:
@@ -194,23 +253,24 @@ def submit_label(request: Request, project_id: int, fields: dict = Depends(form_
     aid = _form_int(fields, "assignment_id")
     if aid is None:
         raise Invalid("assignment_id missing")
-    a = by_id(db, Assignment, aid)
-    if a is None:
-        raise NotFound(f"no assignment {aid}")
+    # 404/403 before the form is read: its errors would tell about another annotator's task
+    a = own_assignment(db, p.user, aid)
+    if a.task.project_id != project.id:
+        raise NotFound(f"no assignment {aid} in project {project.id}")
     try:
         record_label(db, p.user, a.id, _label_input(fields, len(a.task.candidates)))
     except Conflict as e:
-        return redirect(f"/projects/{project.id}/label", str(e))
+        return _to_next(request, db, p, project, str(e))
     except Invalid as e:
-        if a.user_id != p.user.id or a.status != "pending":
+        if a.status != "pending":
             raise
         return _label_page(request, p, db, project, a, error=str(e), key=first(fields, "idempotency_key"), status=422)
-    return redirect(f"/projects/{project.id}/label")
+    return _to_next(request, db, p, project)
 
 
 @router.post("/projects/{project_id}/skip")
-def skip_task(project_id: int, fields: dict = Depends(form_fields), p: Principal = Depends(page_writer),
-              db: Session = Depends(get_db)) -> Response:
+def skip_task(request: Request, project_id: int, fields: dict = Depends(form_fields),
+              p: Principal = Depends(page_writer), db: Session = Depends(get_db)) -> Response:
     project = get_project(db, p.user, project_id)
     aid = _form_int(fields, "assignment_id")
     if aid is None:
@@ -218,8 +278,8 @@ def skip_task(project_id: int, fields: dict = Depends(form_fields), p: Principal
     try:
         skip(db, p.user, aid)
     except Conflict as e:
-        return redirect(f"/projects/{project.id}/label", str(e))
-    return redirect(f"/projects/{project.id}/label")
+        return _to_next(request, db, p, project, str(e))
+    return _to_next(request, db, p, project)
 
 
 # ----------------------------------------------------------------------------- admin
@@ -235,29 +295,29 @@ def admin(request: Request, p: Principal = Depends(page_admin), db: Session = De
     return render(request, "admin.html", p, stats=stats, users=users, members=members)
 
 
-def _admin_action(fn) -> Response:
+def _admin_action(request: Request, fn) -> Response:
     try:
         msg = fn()
     except Refused as e:
-        return redirect("/admin", f"Error: {e}")
+        return redirect(request, "/admin", f"Error: {e}")
     except DataError as e:
-        return redirect("/admin", f"Error: {e.what}")
-    return redirect("/admin", msg)
+        return redirect(request, "/admin", f"Error: {e}")
+    return redirect(request, "/admin", msg)
 
 
 @router.post("/admin/users")
-def admin_create_user(fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
-                      db: Session = Depends(get_db)) -> Response:
+def admin_create_user(request: Request, fields: dict = Depends(form_fields),
+                      p: Principal = Depends(page_admin_writer), db: Session = Depends(get_db)) -> Response:
     def act() -> str:
         user = accounts.create_user(db, first(fields, "name", ""), first(fields, "role", "annotator"),
                                     first(fields, "password", ""))
         return f"Created {user.role} {user.name}."
-    return _admin_action(act)
+    return _admin_action(request, act)
 
 
 @router.post("/admin/users/{user_id}/access")
-def admin_user_access(user_id: int, fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
-                      db: Session = Depends(get_db)) -> Response:
+def admin_user_access(request: Request, user_id: int, fields: dict = Depends(form_fields),
+                      p: Principal = Depends(page_admin_writer), db: Session = Depends(get_db)) -> Response:
     """revoke: end the user's API tokens and browser sessions; deactivate (also revokes) / activate."""
     def act() -> str:
         user = by_id(db, User, user_id)
@@ -273,51 +333,55 @@ def admin_user_access(user_id: int, fields: dict = Depends(form_fields), p: Prin
         state = "active" if out["active"] else "deactivated"
         return (f"{user.name}: {state}; revoked {out['tokens_revoked']} API token(s), ended "
                 f"{out['sessions_ended']} browser session(s).")
-    return _admin_action(act)
+    return _admin_action(request, act)
 
 
 @router.post("/admin/projects")
-def admin_create_project(fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
-                         db: Session = Depends(get_db)) -> Response:
+def admin_create_project(request: Request, fields: dict = Depends(form_fields),
+                         p: Principal = Depends(page_admin_writer), db: Session = Depends(get_db)) -> Response:
     def act() -> str:
+        overlap = _form_int(fields, "overlap")
         try:
-            overlap, gold_rate = int(first(fields, "overlap", "3")), float(first(fields, "gold_rate", "0.1"))
+            gold_rate = float(first(fields, "gold_rate", "") or "0.1")
         except ValueError:
-            raise Invalid("overlap must be an integer and gold_rate a number") from None
-        project = accounts.create_project(db, first(fields, "name", ""), overlap=overlap, gold_rate=gold_rate,
+            raise Invalid("gold_rate must be a number from 0 to 1") from None
+        project = accounts.create_project(db, first(fields, "name", ""), overlap=3 if overlap is None else overlap,
+                                          gold_rate=gold_rate,
                                           instructions=first(fields, "instructions", ""))
         return f"Created project {project.name}."
-    return _admin_action(act)
+    return _admin_action(request, act)
 
 
 @router.post("/admin/projects/{project_id}/members")
-def admin_add_members(project_id: int, fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
-                      db: Session = Depends(get_db)) -> Response:
+def admin_add_members(request: Request, project_id: int, fields: dict = Depends(form_fields),
+                      p: Principal = Depends(page_admin_writer), db: Session = Depends(get_db)) -> Response:
     def act() -> str:
         project = get_project(db, p.user, project_id)
         names = [n.strip() for n in (first(fields, "users", "") or "").split(",") if n.strip()]
         return f"Added {', '.join(accounts.add_members(db, project, names)) or 'nobody'} to {project.name}."
-    return _admin_action(act)
+    return _admin_action(request, act)
 
 
 @router.post("/admin/projects/{project_id}/import")
-def admin_import(project_id: int, fields: dict = Depends(form_fields), p: Principal = Depends(page_admin_writer),
-                 db: Session = Depends(get_db)) -> Response:
+def admin_import(request: Request, project_id: int, fields: dict = Depends(form_fields),
+                 p: Principal = Depends(page_admin_writer), db: Session = Depends(get_db)) -> Response:
     def act() -> str:
         project = get_project(db, p.user, project_id)
         upload = (fields.get("file") or [None])[0]
-        if upload is None or isinstance(upload, str) or not upload.filename:
+        name = Path(upload.filename.replace("\\", "/")).name if upload and not isinstance(upload, str) else ""
+        suffix = Path(name).suffix.lower()
+        if suffix not in importing.SUFFIXES:  # anything else would be tried as a datasets hub name
             raise Invalid("choose a .jsonl, .json, .csv or .parquet file")
-        suffix = Path(upload.filename).suffix.lower()
         with tempfile.TemporaryDirectory() as tmp:  # the shared reader works on paths
             path = Path(tmp) / f"upload{suffix}"
             path.write_bytes(upload.file.read())
             gold = first(fields, "gold_from_chosen") == "on"
-            specs, identical = importing.read_tasks(str(path), gold_from_chosen=gold)
+            # messages name the uploaded file, never the server's temporary path
+            specs, identical = importing.read_tasks(str(path), gold_from_chosen=gold, name=name)
         counts = importing.add_tasks(db, project, specs)
         return (f"Imported {counts['added']} task(s) into {project.name} ({counts['duplicates']} already there, "
                 f"{identical} with identical responses skipped).")
-    return _admin_action(act)
+    return _admin_action(request, act)
 
 
 @router.get("/admin/projects/{project_id}/export.jsonl")

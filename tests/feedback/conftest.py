@@ -3,6 +3,7 @@ See label_helpers.py for the server process and seeding helpers."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ def pg():
     if not (PG_BIN / "initdb").exists() or not (PG_BIN / "pg_ctl").exists():
         missing(f"PostgreSQL server binaries ({PG_BIN})", "POSTTRAIN_SKIP_POSTGRES")
     try:
-        import psycopg  # noqa: F401
+        importlib.import_module("psycopg")
     except ImportError:
         missing("psycopg (pip install 'psycopg[binary]')", "POSTTRAIN_SKIP_POSTGRES")
     base = Path(tempfile.mkdtemp(prefix="posttrain-pg-"))
@@ -48,6 +49,15 @@ def pg():
         subprocess.run(as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
                        capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _testclient_host(monkeypatch):
+    """In-process tests talk to the app as Starlette's TestClient, whose Host is "testserver": allow it
+    here, in the tests only. Servers started by the tests keep the real default (loopback names)."""
+    from posttrain.feedback import app
+
+    monkeypatch.setattr(app, "LOOPBACK_HOSTS", (*app.LOOPBACK_HOSTS, "testserver"))
 
 
 @pytest.fixture()

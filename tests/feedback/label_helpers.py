@@ -176,3 +176,13 @@ def seed(db_url: str, *, annotators: list[str], records: list[dict], project: st
         engine.dispose()
 
 
+def open_task(client, project_id: int):
+    """The label page with a task, as a browser gets it: the GET shows the pending assignment or a
+    "next task" form (a GET never creates one), which is then posted with its CSRF token."""
+    import re
+
+    page = client.get(f"/projects/{project_id}/label")
+    if 'id="next-form"' in page.text:
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+        page = client.post(f"/projects/{project_id}/next", data={"csrf_token": csrf})
+    return page

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from label_helpers import PASSWORD, pair_tasks, seed
+from label_helpers import PASSWORD, open_task, pair_tasks, seed
 from sqlalchemy import func, select, update
 
 from posttrain.feedback.app import create_app
@@ -75,7 +75,7 @@ def test_bad_credentials_are_401(env):
 def test_annotator_is_403_on_others_assignments_and_admin_endpoints(env):
     client, s, _ = env
     alice, bob, admin = (bearer(s.tokens[n]) for n in ("alice", "bob", "admin"))
-    a = client.get(f"/api/projects/{s.project_id}/next", headers=alice).json()
+    a = client.post(f"/api/projects/{s.project_id}/next", headers=alice).json()
     aid = a["assignment_id"]
     assert client.get(f"/api/assignments/{aid}", headers=alice).status_code == 200
     assert client.get(f"/api/assignments/{aid}", headers=admin).status_code == 200  # admins may look
@@ -99,7 +99,7 @@ def test_annotator_is_403_on_others_assignments_and_admin_endpoints(env):
 def test_non_member_cannot_work_on_a_project(env):
     client, s, url = env
     created = client.post("/api/projects", headers=bearer(s.tokens["admin"]), json={"name": "private"}).json()
-    r = client.get(f"/api/projects/{created['id']}/next", headers=bearer(s.tokens["alice"]))
+    r = client.post(f"/api/projects/{created['id']}/next", headers=bearer(s.tokens["alice"]))
     assert r.status_code == 403 and "not a member" in r.json()["detail"]
     assert [p["name"] for p in client.get("/api/projects", headers=bearer(s.tokens["alice"])).json()] == ["p"]
 
@@ -107,7 +107,7 @@ def test_non_member_cannot_work_on_a_project(env):
 def test_malformed_payloads_are_422_with_a_message(env):
     client, s, url = env
     alice = bearer(s.tokens["alice"])
-    aid = client.get(f"/api/projects/{s.project_id}/next", headers=alice).json()["assignment_id"]
+    aid = client.post(f"/api/projects/{s.project_id}/next", headers=alice).json()["assignment_id"]
     path = f"/api/assignments/{aid}/label"
     cases = [
         (label_body(choice="C"), "choice"),
@@ -127,7 +127,7 @@ def test_malformed_payloads_are_422_with_a_message(env):
         assert isinstance(r.json()["detail"], str) and needle in r.json()["detail"], (needle, r.json())
     r = client.post(path, headers={**alice, "Content-Type": "application/json"}, content=b"{not json")
     assert r.status_code == 422 and "JSON" in r.json()["detail"]
-    assert client.get("/api/projects/abc/next", headers=alice).status_code == 422
+    assert client.post("/api/projects/abc/next", headers=alice).status_code == 422
     r = client.post("/api/projects", headers=bearer(s.tokens["admin"]), json={"name": "q", "overlap": 0})
     assert r.status_code == 422 and "overlap" in r.json()["detail"]
     r = client.post(f"/api/projects/{s.project_id}/tasks", headers=bearer(s.tokens["admin"]),
@@ -139,8 +139,8 @@ def test_malformed_payloads_are_422_with_a_message(env):
 def test_a_retried_label_is_a_success_never_a_duplicate(env_any):
     client, s, url = env_any
     alice = bearer(s.tokens["alice"])
-    first = client.get(f"/api/projects/{s.project_id}/next", headers=alice).json()
-    again = client.get(f"/api/projects/{s.project_id}/next", headers=alice).json()
+    first = client.post(f"/api/projects/{s.project_id}/next", headers=alice).json()
+    again = client.post(f"/api/projects/{s.project_id}/next", headers=alice).json()
     assert again["assignment_id"] == first["assignment_id"]  # pending work is served again, same order
     assert again["candidates"] == first["candidates"]
     body = label_body(choice="B", strength=3, rationale="  B is right ", flags={"A": ["factual_error"]}, client_ms=4200)
@@ -153,7 +153,7 @@ def test_a_retried_label_is_a_success_never_a_duplicate(env_any):
     # the same assignment under a new key is a client bug: 409, nothing stored
     assert client.post(path, headers=alice, json=label_body()).status_code == 409
     # the key via header works as well; reusing a key on another assignment is refused
-    second = client.get(f"/api/projects/{s.project_id}/next", headers=alice).json()
+    second = client.post(f"/api/projects/{s.project_id}/next", headers=alice).json()
     reuse = client.post(f"/api/assignments/{second['assignment_id']}/label", headers=alice, json=body)
     assert reuse.status_code == 409 and "another assignment" in reuse.json()["detail"]
     r3 = client.post(f"/api/assignments/{second['assignment_id']}/label",
@@ -175,7 +175,7 @@ def test_overlap_gives_k_distinct_annotators_then_done(any_url):
         for name in ("a1", "a2", "a3"):
             n = 0
             while True:
-                nxt = client.get(f"/api/projects/{s.project_id}/next", headers=bearer(s.tokens[name])).json()
+                nxt = client.post(f"/api/projects/{s.project_id}/next", headers=bearer(s.tokens[name])).json()
                 if nxt["done"]:
                     break
                 r = client.post(f"/api/assignments/{nxt['assignment_id']}/label", headers=bearer(s.tokens[name]),
@@ -209,7 +209,7 @@ def test_gold_tasks_are_mixed_in_once_per_annotator(sqlite_url):
     with TestClient(create_app(sqlite_url)) as client:
         seen = {"g1": [], "g2": []}
         for name in seen:
-            while not (nxt := client.get(f"/api/projects/{s.project_id}/next",
+            while not (nxt := client.post(f"/api/projects/{s.project_id}/next",
                                          headers=bearer(s.tokens[name])).json())["done"]:
                 assert "gold" not in nxt  # annotators cannot tell gold from regular tasks
                 seen[name].append(nxt["prompt"][0]["content"])
@@ -231,18 +231,18 @@ def test_skip_frees_the_slot_and_expired_pending_work_is_reassigned(sqlite_url):
     s = seed(sqlite_url, annotators=["s1", "s2", "s3"], records=pair_tasks(1), overlap=1)
     with TestClient(create_app(sqlite_url)) as client:
         h1, h2, h3 = (bearer(s.tokens[n]) for n in ("s1", "s2", "s3"))
-        a1 = client.get(f"/api/projects/{s.project_id}/next", headers=h1).json()
-        assert client.get(f"/api/projects/{s.project_id}/next", headers=h2).json() == {"done": True}  # slot held
+        a1 = client.post(f"/api/projects/{s.project_id}/next", headers=h1).json()
+        assert client.post(f"/api/projects/{s.project_id}/next", headers=h2).json() == {"done": True}  # slot held
         assert client.post(f"/api/assignments/{a1['assignment_id']}/skip", headers=h1).json()["status"] == "skipped"
-        assert client.get(f"/api/projects/{s.project_id}/next", headers=h1).json() == {"done": True}  # not again
-        a2 = client.get(f"/api/projects/{s.project_id}/next", headers=h2).json()
+        assert client.post(f"/api/projects/{s.project_id}/next", headers=h1).json() == {"done": True}  # not again
+        a2 = client.post(f"/api/projects/{s.project_id}/next", headers=h2).json()
         assert a2["done"] is False
         # s2 walks away: once the assignment is older than the project's TTL, s3 may take the slot
         with make_sessionmaker(make_engine(sqlite_url))() as db:
             db.execute(update(Assignment).where(Assignment.id == a2["assignment_id"])
                        .values(served_at=Assignment.served_at - timedelta(hours=2)))
             db.commit()
-        assert client.get(f"/api/projects/{s.project_id}/next", headers=h3).json()["done"] is False
+        assert client.post(f"/api/projects/{s.project_id}/next", headers=h3).json()["done"] is False
         skipped = client.post(f"/api/assignments/{a1['assignment_id']}/label", headers=h1, json=label_body())
         assert skipped.status_code == 409
 
@@ -258,7 +258,7 @@ def test_ranking_tasks_take_a_full_order(env):
                                    "responses": [{"text": "x0", "model": "m0"}, {"text": "x1", "model": "m1"},
                                                  {"text": "x2", "model": "m2"}]}]})
     alice = bearer(s.tokens["alice"])
-    nxt = client.get(f"/api/projects/{proj['id']}/next", headers=alice).json()
+    nxt = client.post(f"/api/projects/{proj['id']}/next", headers=alice).json()
     assert nxt["mode"] == "ranking" and [c["slot"] for c in nxt["candidates"]] == ["A", "B", "C"]
     path = f"/api/assignments/{nxt['assignment_id']}/label"
     partial = label_body(ranking=["A", "B"], choice=None, strength=None)
@@ -289,7 +289,7 @@ def test_cookie_sessions_need_the_csrf_token_on_every_write(env):
     assert r.status_code == 303
     cookie = r.headers["set-cookie"]
     assert "pt_session=" in cookie and "HttpOnly" in cookie and "SameSite=lax" in cookie.replace("Lax", "lax")
-    page = client.get(f"/projects/{s.project_id}/label")
+    page = open_task(client, s.project_id)
     assert page.status_code == 200
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
     aid = re.search(r'name="assignment_id" value="(\d+)"', page.text).group(1)
@@ -308,7 +308,7 @@ def test_cookie_sessions_need_the_csrf_token_on_every_write(env):
     # a resubmitted form (same key) is fine; the API with the header works
     again = client.post(f"/projects/{s.project_id}/label", data={**form, "csrf_token": csrf}, follow_redirects=False)
     assert again.status_code == 303
-    nxt = client.get(f"/api/projects/{s.project_id}/next").json()
+    nxt = client.post(f"/api/projects/{s.project_id}/next", headers={"X-CSRF-Token": csrf}).json()
     r = client.post(f"/api/assignments/{nxt['assignment_id']}/label", headers={"X-CSRF-Token": csrf},
                     json=label_body())
     assert r.status_code == 201
@@ -342,7 +342,7 @@ def test_pages_redirect_to_login_and_send_a_strict_csp(env):
 def test_invalid_form_rerenders_with_422_and_keeps_the_assignment(env):
     client, s, _ = env
     _login(client, "bob")
-    page = client.get(f"/projects/{s.project_id}/label")
+    page = open_task(client, s.project_id)
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
     aid = re.search(r'name="assignment_id" value="(\d+)"', page.text).group(1)
     r = client.post(f"/projects/{s.project_id}/label",

@@ -42,7 +42,7 @@ def test_bootstrap_import_label_export(tmp_path, monkeypatch, capsys):
         C.run_add_user(C.LabelAddUserConfig(db=db, name="root", role="admin"))
     with pytest.raises(ConfigError, match="at least 8"):
         C.run_add_user(C.LabelAddUserConfig(db=db, name="shorty", password="short"))
-    C.run_add_user(C.LabelAddUserConfig(db=db, name="bob", password="bob's password"))
+    C.run_add_user(C.LabelAddUserConfig(db=db, name="bob", password="a fine passphrase"))
     with pytest.raises(ConfigError, match="no user named 'carol'"):
         C.run_create_project(C.LabelCreateProjectConfig(db=db, name="h", annotators=["bob", "carol"]))
     C.run_create_project(C.LabelCreateProjectConfig(db=db, name="h", overlap=1, gold_rate=0.0, annotators=["bob"]))

@@ -65,7 +65,7 @@ class Annotator(threading.Thread):
         with httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.token}"},
                           timeout=httpx.Timeout(10.0)) as client:
             for _ in range(PER_ANNOTATOR):
-                nxt = _retrying(lambda: client.get(f"/api/projects/{self.project_id}/next"), self.server_errors)
+                nxt = _retrying(lambda: client.post(f"/api/projects/{self.project_id}/next"), self.server_errors)
                 assert nxt.status_code == 200, nxt.text
                 body = nxt.json()
                 assert not body["done"], "ran out of tasks"

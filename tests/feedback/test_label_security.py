@@ -10,7 +10,7 @@ import uuid
 from datetime import timedelta
 
 from fastapi.testclient import TestClient
-from label_helpers import PASSWORD, ServerProcess, pair_tasks, seed
+from label_helpers import PASSWORD, ServerProcess, open_task, pair_tasks, seed
 from sqlalchemy import func, select, update
 
 from posttrain.feedback.app import Settings, create_app
@@ -44,7 +44,7 @@ def _login(client: TestClient, name: str, password: str = PASSWORD):
 
 
 def _page_form(client: TestClient, project_id: int) -> dict:
-    page = client.get(f"/projects/{project_id}/label")
+    page = open_task(client, project_id)
     return {"csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1),
             "assignment_id": re.search(r'name="assignment_id" value="(\d+)"', page.text).group(1),
             "idempotency_key": re.search(r'name="idempotency_key" value="([^"]+)"', page.text).group(1)}
@@ -57,14 +57,14 @@ def test_an_expired_assignment_is_refused_and_not_served_again(any_url):
     s = seed(any_url, annotators=["s1", "s2"], records=pair_tasks(1), overlap=1)
     with TestClient(create_app(any_url)) as client:
         h1, h2 = bearer(s.tokens["s1"]), bearer(s.tokens["s2"])
-        a1 = client.get(f"/api/projects/{s.project_id}/next", headers=h1).json()
+        a1 = client.post(f"/api/projects/{s.project_id}/next", headers=h1).json()
         _age(any_url, a1["assignment_id"])
-        a2 = client.get(f"/api/projects/{s.project_id}/next", headers=h2).json()
+        a2 = client.post(f"/api/projects/{s.project_id}/next", headers=h2).json()
         assert a2["done"] is False and a2["assignment_id"] != a1["assignment_id"]  # the slot was re-issued
         late = client.post(f"/api/assignments/{a1['assignment_id']}/label", headers=h1, json=label_body())
         assert late.status_code == 409 and "expired" in late.json()["detail"]
         assert "someone else" in late.json()["detail"]
-        assert client.get(f"/api/projects/{s.project_id}/next", headers=h1).json() == {"done": True}
+        assert client.post(f"/api/projects/{s.project_id}/next", headers=h1).json() == {"done": True}
         ok = client.post(f"/api/assignments/{a2['assignment_id']}/label", headers=h2, json=label_body())
         assert ok.status_code == 201
     with _db(any_url) as db:
@@ -76,9 +76,9 @@ def test_next_does_not_return_an_expired_assignment_to_its_holder(any_url):
     s = seed(any_url, annotators=["s1"], records=pair_tasks(2), overlap=1)
     with TestClient(create_app(any_url)) as client:
         h1 = bearer(s.tokens["s1"])
-        a1 = client.get(f"/api/projects/{s.project_id}/next", headers=h1).json()
+        a1 = client.post(f"/api/projects/{s.project_id}/next", headers=h1).json()
         _age(any_url, a1["assignment_id"])
-        a2 = client.get(f"/api/projects/{s.project_id}/next", headers=h1).json()
+        a2 = client.post(f"/api/projects/{s.project_id}/next", headers=h1).json()
         assert a2["done"] is False and a2["assignment_id"] != a1["assignment_id"]
         r = client.post(f"/api/assignments/{a1['assignment_id']}/label", headers=h1, json=label_body())
         assert r.status_code == 409 and "expired" in r.json()["detail"]
@@ -103,7 +103,7 @@ def test_nul_bytes_anywhere_are_422_never_500(any_url):
         basic = base64.b64encode(f"ali\u0000ce:{PASSWORD}".encode()).decode()
         assert client.post("/api/token", headers={"Authorization": f"Basic {basic}"}).status_code == 401
         assert client.get("/api/me", headers={"Authorization": f"Basic {basic}"}).status_code == 401
-        aid = client.get(f"/api/projects/{s.project_id}/next", headers=alice).json()["assignment_id"]
+        aid = client.post(f"/api/projects/{s.project_id}/next", headers=alice).json()["assignment_id"]
         path = f"/api/assignments/{aid}/label"
         for body in (label_body(rationale="bad \u0000 byte"), label_body(idempotency_key="k\u0000"),
                      label_body(flags={"A\u0000": ["harmful"]})):
@@ -132,7 +132,7 @@ def test_out_of_range_ids_are_404_and_unbounded_numbers_422(any_url):
     with client:
         alice, admin = bearer(s.tokens["alice"]), bearer(s.tokens["admin"])
         for big in (2**31, 2**63, 2**64 + 5):
-            assert client.get(f"/api/projects/{big}/next", headers=alice).status_code == 404
+            assert client.post(f"/api/projects/{big}/next", headers=alice).status_code == 404
             assert client.get(f"/api/assignments/{big}", headers=alice).status_code == 404
             assert client.post(f"/api/assignments/{big}/label", headers=alice, json=label_body()).status_code == 404
             assert client.post(f"/api/assignments/{big}/skip", headers=alice).status_code == 404
@@ -357,7 +357,7 @@ def test_body_limits_are_configurable_and_count_chunked_bodies(sqlite_url):
     s = seed(sqlite_url, annotators=["alice"], records=pair_tasks(1))
     with TestClient(create_app(sqlite_url, Settings(max_body_bytes=4096, max_upload_bytes=8192))) as client:
         alice = bearer(s.tokens["alice"])
-        aid = client.get(f"/api/projects/{s.project_id}/next", headers=alice).json()["assignment_id"]
+        aid = client.post(f"/api/projects/{s.project_id}/next", headers=alice).json()["assignment_id"]
         big = label_body(rationale="y" * 5000)
         r = client.post(f"/api/assignments/{aid}/label", headers=alice, json=big)
         assert r.status_code == 413 and "at most 4 KiB" in r.json()["detail"]

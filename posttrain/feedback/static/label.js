@@ -4,6 +4,11 @@
 "use strict";
 
 (function () {
+  // "next task" page: the server marks the form for auto-submit only when the navigation came from
+  // this site or the address bar (a cross-site link gets the button, so it cannot assign a task)
+  const next = document.getElementById("next-form");
+  if (next && next.dataset.auto === "1") { next.submit(); return; }
+
   const form = document.getElementById("label-form");
   if (!form) return;
   const skipForm = document.getElementById("skip-form");
