@@ -52,13 +52,27 @@ class RolloutConfig:
         "TRL vllm_importance_sampling_correction=True; Yao et al. 2025; rlhf-book ch. 6")
     tis_cap: float = opt(2.0, "C of truncated importance sampling.", "Open Instruct C=2")
     compile: bool = opt(False, "torch.compile the rollout engine's decode step (seconds per new shape).")
-    engine: Literal["local", "vllm"] = opt(
+    engine: Literal["local", "vllm", "server"] = opt(
         "local", "Rollout engine: local = in-process sampling from the trained model itself (the fast decode "
         "path for Llama/Qwen2 on CPU, Hugging Face generate otherwise; no weight sync needed); vllm = vLLM on "
-        "a CUDA GPU (pip install 'posttrain[vllm]'), the trainer's weights loaded into it after every update.",
-        "TRL use_vllm; OpenRLHF/veRL")
+        "a CUDA GPU (pip install 'posttrain[vllm]'), the trainer's weights loaded into it after every update; "
+        "server = the OpenAI-compatible completion servers in rollout.servers (posttrain serve, or vllm serve "
+        "as docs/rollout.md shows), token ids in and out, the trainer's weights reloaded by every server "
+        "after every update.", "TRL use_vllm / vllm_mode=server; OpenRLHF/veRL")
     vllm_kwargs: dict[str, Any] = opt({}, "Arguments for vllm.LLM with rollout.engine=vllm, e.g. "
                                       "{gpu_memory_utilization: 0.3, max_model_len: 2048}.")
+    servers: list[str] = opt([], "Base URLs of the completion servers for rollout.engine=server, e.g. "
+                             "[http://127.0.0.1:8001/v1, http://127.0.0.1:8002/v1]; each step's prompts are "
+                             "split between them.")
+    server_timeout_s: float = opt(300.0, "rollout.engine=server: longest wait for one server answer (a "
+                                  "generation request or a weight reload); connecting gives up after 10 s.")
+    server_retries: int = opt(2, "rollout.engine=server: retries of a request whose connection failed or that "
+                              "got a 5xx answer (not of one that timed out), then the run stops with an error "
+                              "naming the server.")
+    server_weights_dir: str | None = opt(None, "rollout.engine=server: directory the trainer writes its "
+                                         "weights to after each update for the servers to load; they must be "
+                                         "able to read it (same host or a shared filesystem). null = a new "
+                                         "temporary directory.")
 
     def validate(self) -> None:
         for key in ("prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens"):
@@ -72,12 +86,33 @@ class RolloutConfig:
         if self.tis_cap <= 0:
             raise ConfigError(f"rollout.tis_cap must be > 0, got {self.tis_cap}", where="rollout.tis_cap",
                               fix="use e.g. rollout.tis_cap=2.0, or rollout.correction=none")
-        if self.engine == "vllm" and self.compile:
+        if self.engine != "local" and self.compile:
             raise ConfigError("rollout.compile applies to the local engine only", where="rollout.compile",
-                              fix="leave rollout.compile=false with rollout.engine=vllm (vLLM compiles its own graphs)")
-        if self.engine == "local" and self.vllm_kwargs:
-            raise ConfigError("rollout.vllm_kwargs is set but rollout.engine is local", where="rollout.vllm_kwargs",
-                              fix="set rollout.engine=vllm, or remove rollout.vllm_kwargs")
+                              fix=f"leave rollout.compile=false with rollout.engine={self.engine} (the engine "
+                                  "compiles its own graphs, if any)")
+        if self.engine != "vllm" and self.vllm_kwargs:
+            raise ConfigError(f"rollout.vllm_kwargs is set but rollout.engine is {self.engine}",
+                              where="rollout.vllm_kwargs", fix="set rollout.engine=vllm, or remove rollout.vllm_kwargs")
+        self._validate_servers()
+
+    def _validate_servers(self) -> None:
+        if self.engine == "server" and not self.servers:
+            raise ConfigError("rollout.engine=server needs the servers' URLs", where="rollout.servers",
+                              fix="start them (e.g. posttrain serve model.name_or_path=<policy> port=8001) and set "
+                                  "rollout.servers=[http://127.0.0.1:8001/v1]")
+        if self.engine != "server" and self.servers:
+            raise ConfigError(f"rollout.servers is set but rollout.engine is {self.engine}", where="rollout.servers",
+                              fix="set rollout.engine=server, or remove rollout.servers")
+        for url in self.servers:
+            if not str(url).startswith(("http://", "https://")):
+                raise ConfigError(f"rollout.servers: {url!r} is not an http(s) URL", where="rollout.servers",
+                                  fix="give base URLs such as http://127.0.0.1:8001/v1")
+        if self.server_timeout_s <= 0:
+            raise ConfigError(f"rollout.server_timeout_s must be > 0, got {self.server_timeout_s}",
+                              where="rollout.server_timeout_s", fix="e.g. rollout.server_timeout_s=300")
+        if self.server_retries < 0:
+            raise ConfigError(f"rollout.server_retries must be >= 0, got {self.server_retries}",
+                              where="rollout.server_retries")
 
 
 @dataclass

@@ -313,7 +313,13 @@ def load_eval_records(cfg: RolloutConfig) -> list[dict]:
 
 def make_engine(model, tokenizer, cfg: RolloutConfig, model_path: str | None = None):
     """The rollout engine ``rollout.engine`` names, chosen here once: the local engine samples from
-    ``model`` itself; vLLM loads ``model_path`` and is sent the trainer's weights by ``update_weights``."""
+    ``model`` itself; vLLM loads ``model_path`` and is sent the trainer's weights by ``update_weights``;
+    the server engine sends ``model``'s weights to ``rollout.servers`` at once and after every update."""
+    if cfg.engine == "server":
+        from posttrain.engines.server_engine import ServerRolloutEngine
+
+        return ServerRolloutEngine(cfg.servers, model, timeout_s=cfg.server_timeout_s, retries=cfg.server_retries,
+                                   weights_dir=cfg.server_weights_dir)
     if cfg.engine == "vllm":
         if not torch.cuda.is_available():
             raise ConfigError("rollout.engine=vllm needs a CUDA GPU, and none is visible", where="rollout.engine",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from posttrain.engines.rollout import HFRolloutEngine, SamplingParams
+from posttrain.engines.rollout import HFRolloutEngine, SamplingParams, filter_logits
 from posttrain.models.loading import eval_mode
 
 
@@ -36,8 +36,8 @@ def _generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int
     sampling temperature or top-p (the engine's own log-probs describe the tempered distribution).
     Pass a cached ``engine`` (an ``HFRolloutEngine`` over ``model``) to avoid rebuilding it per call.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = engine or HFRolloutEngine(model, pad_token_id=pad, tokenizer=tokenizer)
+    pad = _pad_id(tokenizer)
+    engine = engine or _engine(model, tokenizer)
     stops = list(stop_token_ids or [tokenizer.eos_token_id])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             top_k=0, stop_token_ids=stops, stop_strings=list(stop_strings),
@@ -56,10 +56,13 @@ def _generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int
 
 
 def teacher_forced_logprobs(model, pad_token_id: int, rows: list[tuple[list[int], list[int]]],
-                            top_k: int = 0) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
+                            top_k: int = 0, processed: SamplingParams | None = None,
+                            ) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
     """For each (prompt, continuation): log p(c_t | prompt, c_<t) for every continuation token, and
     the ``top_k`` most likely (token, log-prob) at each of those positions. One right-padded forward
-    pass (padding after the last real token cannot change causal logits before it)."""
+    pass (padding after the last real token cannot change causal logits before it). ``processed``:
+    the log-probs of the distribution these sampling parameters draw from (temperature, top-k, top-p;
+    the rollout engine's semantics) instead of the model's own ``log_softmax(logits)``."""
     import torch
 
     seqs = [list(p) + list(c) for p, c in rows]
@@ -74,7 +77,10 @@ def teacher_forced_logprobs(model, pad_token_id: int, rows: list[tuple[list[int]
             out.append(([], []))
             continue
         # logits at position t predict token t + 1: the continuation is predicted from len(p) - 1 on
-        logp = torch.log_softmax(logits[i, len(p) - 1:len(p) - 1 + len(c)].float(), dim=-1)
+        rows_logits = logits[i, len(p) - 1:len(p) - 1 + len(c)].float()
+        if processed is not None and processed.temperature > 0:
+            rows_logits = filter_logits(rows_logits / processed.temperature, processed.top_k, processed.top_p)
+        logp = torch.log_softmax(rows_logits, dim=-1)
         chosen = logp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1).tolist()
         if top_k:
             values, indices = logp.topk(top_k, dim=-1)
@@ -110,6 +116,9 @@ def cut_at_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[str,
     return text[:cut], keep, True
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _engine(model, tokenizer):
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return HFRolloutEngine(model, pad_token_id=pad, tokenizer=tokenizer)
+    return HFRolloutEngine(model, pad_token_id=_pad_id(tokenizer), tokenizer=tokenizer)

@@ -7,11 +7,16 @@ Endpoints (the subset judges and evaluation need, with OpenAI's request and resp
 - ``POST /v1/completions``: ``prompt`` (a string or a list of strings), the same sampling fields,
   ``logprobs`` as the legacy integer (top-k alternatives per token, ≤ 5)
 - ``GET /v1/models``, ``GET /health``
+- for trainers (``rollout.engine=server``), :mod:`posttrain.serving.rollout_api`: the token path of
+  ``/v1/completions`` (token-id prompts, ``return_token_ids``, vLLM's extra sampling fields) and
+  ``GET``/``POST /posttrain/weights`` (reload the weights from a safetensors file, with a version)
 
 Log-probs are those of the model's own next-token distribution (log-softmax of the raw logits),
 not of the temperature/top-p-adjusted sampling distribution, so they are comparable across
-requests and finite for every emitted token. A field we do not implement (``stream``, non-zero
-penalties, ``echo``, ...) is answered with HTTP 400 rather than silently ignored.
+requests and finite for every emitted token; the token path can report the sampling distribution's
+instead (``logprobs_mode=processed_logprobs``, vLLM's ``--logprobs-mode``). A field we do not
+implement (``stream``, non-zero penalties, ``echo``, ...) is answered with HTTP 400 rather than
+silently ignored.
 
 Generation goes through the single function ``serving.generation._generate`` (the project's rollout
 engine, with log-probs from a teacher-forced pass), so a different decoding backend can be swapped in
@@ -28,15 +33,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from posttrain.config import ModelConfig, opt
 from posttrain.data.chat import encode_prompt
 from posttrain.errors import ConfigError, ServiceError
 from posttrain.models.loading import load_causal_lm, load_tokenizer
+from posttrain.serving import rollout_api
 from posttrain.serving.generation import _engine, _generate, cut_at_stop, stop_token_ids
-
-MAX_TOP_LOGPROBS = 5  # OpenAI's own limit for the legacy endpoint; keeps responses small
+from posttrain.serving.protocol import TOKEN_FIELDS, APIError, ChatRequest, CompletionRequest, _Sampling
 
 
 @dataclass
@@ -53,6 +56,12 @@ class ServeConfig:
     threads: int | None = opt(None, "torch intra-op threads (null = torch default).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt(
         "info", "uvicorn log level.")
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = opt(
+        "raw_logprobs", "Log-probs on the token-id path of /v1/completions (vLLM's --logprobs-mode): "
+        "raw_logprobs = the model's log_softmax(logits); processed_logprobs = the distribution the "
+        "token was sampled from (temperature, top-k, top-p), what a trainer's rollout.engine=server "
+        "needs when it samples at a temperature other than 1 or with top-k/top-p. The text path "
+        "always reports raw log-probs.", "vLLM --logprobs-mode")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -66,55 +75,7 @@ class ServeConfig:
                               fix=f"set default_max_tokens <= {self.max_tokens_cap}")
 
 
-# ----------------------------------------------------------------------------- generation
-
-
-# ----------------------------------------------------------------------------- request schemas
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")  # 'name' etc. are metadata; they do not change output
-
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unknown field is an error, not ignored
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    user: str | None = None  # end-user id for the provider's abuse tracking: metadata only
-
-
-class ChatRequest(_Sampling):
-    messages: list[_Message] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
-
-
-class APIError(Exception):
-    """Answered as OpenAI's error object ``{"error": {message, type, param, code}}``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+# ----------------------------------------------------------------------------- helpers
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -162,6 +123,7 @@ class _Server:
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.engine = _engine(model, tokenizer)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.weights_version = 0  # 0 = as loaded at start; POST /posttrain/weights sets the trainer's count
 
     def check(self, req: _Sampling) -> int:
         """Reject what we do not implement; return the max_tokens to use."""
@@ -187,12 +149,15 @@ class _Server:
                            "max_tokens")
         return max_tokens
 
-    def generate(self, prompts: list[list[int]], req: _Sampling, max_tokens: int, logprobs: bool,
-                 top_k: int):
+    def check_context(self, prompts: list[list[int]], max_tokens: int) -> None:
         longest = max(len(p) for p in prompts)
         if self.max_positions and longest + max_tokens > self.max_positions:
             raise APIError(400, f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the "
                                 f"model's context of {self.max_positions} tokens", "max_tokens")
+
+    def generate(self, prompts: list[list[int]], req: _Sampling, max_tokens: int, logprobs: bool,
+                 top_k: int):
+        self.check_context(prompts, max_tokens)
         with self.lock:
             return _generate(self.model, self.tokenizer, prompts, max_new_tokens=max_tokens,
                              temperature=req.temperature, top_p=req.top_p, n=req.n, seed=req.seed,
@@ -232,12 +197,17 @@ class _Server:
                     for t in range(keep)]}
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
                             "logprobs": logprobs, "finish_reason": "stop" if hit else g.finish_reason})
-        return self._response("chat.completion", "chatcmpl", choices, [ids], gens)
+        return self.response("chat.completion", "chatcmpl", choices, [ids], sum(len(g.token_ids) for g in gens))
 
     def completion(self, req: CompletionRequest) -> dict:
         max_tokens = self.check(req)
         if req.echo:
             raise APIError(400, "echo=true is not supported by posttrain serve", "echo")
+        if req.return_token_ids or req.token_prompts() is not None:
+            return rollout_api.token_completion(self, req, max_tokens)
+        for key in TOKEN_FIELDS:
+            if key in req.model_fields_set:
+                raise APIError(400, f"{key} needs token-id prompts or return_token_ids=true", key)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise APIError(400, "prompt must not be an empty list", "prompt")
@@ -260,12 +230,11 @@ class _Server:
                             "text_offset": offsets}
             choices.append({"index": i, "text": text, "logprobs": logprobs,
                             "finish_reason": "stop" if hit else g.finish_reason})
-        return self._response("text_completion", "cmpl", choices, ids, gens)
+        return self.response("text_completion", "cmpl", choices, ids, sum(len(g.token_ids) for g in gens))
 
-    def _response(self, obj: str, prefix: str, choices: list, prompts: list, gens: list) -> dict:
+    def response(self, obj: str, prefix: str, choices: list, prompts: list, completion_tokens: int) -> dict:
         # OpenAI counts each prompt once however many samples (n) it gets
         prompt_tokens = sum(len(p) for p in prompts)
-        completion_tokens = sum(len(g.token_ids) for g in gens)
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
                 "model": self.name, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -312,8 +281,9 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str | None = None):
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": server.name}
+        return {"status": "ok", "model": server.name, "weights_version": server.weights_version}
 
+    rollout_api.add_routes(app, server)
     return app
 
 
