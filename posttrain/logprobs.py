@@ -26,6 +26,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+HEAD_BLOCK_ELEMENTS = 2**24  # one [rows, V] fp32 block of the fused head: 64 MiB, ~110 rows at V = 152k
+
+
+def head_chunk_rows(vocab_size: int) -> int:
+    """Rows per block of the fused LM head: a fixed memory budget (``HEAD_BLOCK_ELEMENTS``) rather than a
+    fixed row count, so a 152k vocabulary holds 64 MiB per block, not 0.6 GB (the backward holds two)."""
+    return max(16, min(4096, HEAD_BLOCK_ELEMENTS // max(1, vocab_size)))
+
+
 def _as_3d(logits: torch.Tensor, name: str) -> torch.Tensor:
     # A view, never a copy: reshaping a sliced (non-contiguous) [B, T, V] would copy all of it.
     if logits.dim() == 3:
@@ -97,7 +106,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         return grad, None, None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, chunk_size: int = 4096, *,
+def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, chunk_size: int | None = None, *,
                           temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / τ)[..., ids]: the log-probability of the given token at each position.
 
@@ -108,13 +117,15 @@ def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, chunk_size: i
 
     Shapes: logits [B, T, V] (or [N, V]) in any float dtype; ids [B, T] (or [N]) integer, every
     entry a valid index (replace ignore indices such as −100 before calling). Returns [B, T] (or
-    [N]) in fp32 (fp64 for fp64 logits). ``chunk_size`` is the number of rows per tile.
+    [N]) in fp32 (fp64 for fp64 logits). ``chunk_size`` is the number of rows per tile (None:
+    ``head_chunk_rows(V)``, a 64 MiB fp32 tile).
 
     Memory: never more than one fp32 tile of [chunk_size, V] besides the inputs; the gradient
     w.r.t. the logits (which has the logits' size and dtype) is written tile by tile.
     """
     flat = logits.dim() == 2
     x = _as_3d(logits, "selective_log_softmax")
+    chunk_size = head_chunk_rows(x.shape[-1]) if chunk_size is None else chunk_size
     idx = (ids.unsqueeze(0) if flat else ids).long()
     if idx.shape != x.shape[:-1]:
         raise ConfigError(f"selective_log_softmax: ids shape {tuple(ids.shape)} does not match logits "
@@ -127,15 +138,15 @@ def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, chunk_size: i
 
 
 def _entropy_tile(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    # H = −Σ p log p = logsumexp(x) − Σ p x, with p = softmax(x).
+    # H = −Σ p log p summed over log p (terms ≥ 0): logsumexp(x) − Σ p x would cancel in fp32.
     x = x.to(_compute_dtype(x.dtype))
     if temperature != 1.0:
         x = x / temperature
-    p = torch.softmax(x, dim=-1)
-    return torch.logsumexp(x, dim=-1) - (p * x).sum(-1)
+    logp = torch.log_softmax(x, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 4096, *, temperature: float = 1.0) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = None, *, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of the next-token distribution softmax(z_t / τ) at each position.
 
     H(π(· | s_t)) = −Σ_v π(v | s_t) log π(v | s_t) = logsumexp(x_t) − Σ_v softmax(x_t)_v x_{t,v},  x = z/τ
@@ -146,6 +157,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 4096, *, tempera
     """
     flat = logits.dim() == 2
     x = _as_3d(logits, "entropy_from_logits")
+    chunk_size = head_chunk_rows(x.shape[-1]) if chunk_size is None else chunk_size
     grad = torch.is_grad_enabled() and logits.requires_grad
     b, t, _ = x.shape
     out = torch.empty(b, t, dtype=_compute_dtype(x.dtype), device=x.device)
@@ -156,7 +168,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 4096, *, tempera
     return out.squeeze(0) if flat else out
 
 
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: int = 4096, *,
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: int | None = None, *,
                 temperature: float = 1.0) -> torch.Tensor:
     """Causal-LM log-probs of each next token: out[:, t] = log π(input_ids[:, t+1] | input_ids[:, ≤t]).
 
@@ -181,18 +193,23 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: int =
 
 
 class _LMHeadLogps(torch.autograd.Function):
-    """log p(id) of logits = hidden @ Wᵀ (/τ), row chunk by row chunk: the [rows, V] logits exist one
-    chunk at a time, in the forward and again in the backward (recomputed), never for all rows.
+    """log p(id) (and optionally the entropy H) of logits = hidden @ Wᵀ (/τ), row chunk by row chunk:
+    the [rows, V] logits exist one chunk at a time, in the forward and again in the backward
+    (recomputed), never for all rows.
 
-    ∂/∂hidden = G @ W and ∂/∂W = Gᵀ @ hidden with G = (1[v = id] − softmax(x))·g/τ per chunk."""
+    With x = logits/τ, p = softmax(x), H = −Σ_v p_v log p_v and g the incoming gradients of log p(id)
+    and of H:  ∂log p(id)/∂x = 1[v = id] − p,   ∂H/∂x = −p ⊙ (log p + H),
+    G = ∂/∂x = g_lp·(1[v = id] − p) − g_H·p ⊙ (log p + H);   ∂/∂hidden = (G/τ) @ W,  ∂/∂W = (G/τ)ᵀ @ hidden.
+    H is summed over log p (terms ≥ 0), not as logsumexp(x) − E_p[x], which cancels in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, chunk_size: int, temperature: float):
+    def forward(ctx, hidden, weight, ids, chunk_size: int, temperature: float, want_entropy: bool):
         dt = _compute_dtype(hidden.dtype)
         n = hidden.shape[0]
         out = torch.empty(n, dtype=dt, device=hidden.device)
         lse = torch.empty(n, dtype=dt, device=hidden.device)
         hits = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        ent = torch.empty(n if want_entropy else 0, dtype=dt, device=hidden.device)
         for a in range(0, n, chunk_size):
             x = (hidden[a:a + chunk_size] @ weight.t()).to(dt)
             if temperature != 1.0:
@@ -201,15 +218,19 @@ class _LMHeadLogps(torch.autograd.Function):
             lse[a:a + chunk_size] = z
             out[a:a + chunk_size] = x.gather(-1, ids[a:a + chunk_size, None]).squeeze(-1) - z
             hits[a:a + chunk_size] = x.argmax(-1) == ids[a:a + chunk_size]
-        ctx.save_for_backward(hidden, weight, ids, lse)
+            if want_entropy:
+                logp = x.sub_(z[:, None])
+                ent[a:a + chunk_size] = -torch.linalg.vecdot(logp.exp(), logp)
+        ctx.save_for_backward(hidden, weight, ids, lse, ent)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         ctx.mark_non_differentiable(hits)
-        return out, hits
+        ctx.set_materialize_grads(False)  # an unused output (the entropy as a metric only) costs no backward work
+        return out, hits, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_hits):
-        hidden, weight, ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_out, _grad_hits, grad_ent):
+        hidden, weight, ids, lse, ent = ctx.saved_tensors
         tau, c = ctx.temperature, ctx.chunk_size
         dt = lse.dtype
         g_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
@@ -219,31 +240,44 @@ class _LMHeadLogps(torch.autograd.Function):
             x = (h @ weight.t()).to(dt)
             if tau != 1.0:
                 x.div_(tau)
-            g_out = grad_out[a:a + c].to(dt)[:, None] / tau
-            g = x.sub_(lse[a:a + c, None]).exp_().mul_(-g_out)  # −softmax · g/τ
-            g.scatter_add_(-1, ids[a:a + c, None], g_out)        # + g/τ at the taken token
+            logp = x.sub_(lse[a:a + c, None])
+            p = logp.exp()
+            g_lp = (grad_out[a:a + c].to(dt) if grad_out is not None else x.new_zeros(len(x)))[:, None] / tau
+            if grad_ent is not None:  # −p ⊙ (g_lp + g_H (log p + H))
+                logp.add_(ent[a:a + c, None]).mul_(grad_ent[a:a + c].to(dt)[:, None] / tau).add_(g_lp)
+                g = p.mul_(logp).neg_()
+            else:
+                g = p.mul_(-g_lp)
+            g.scatter_add_(-1, ids[a:a + c, None], g_lp)  # + g_lp at the taken token
             if g_hidden is not None:
                 g_hidden[a:a + c] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if g_weight is not None:
-                g_weight += g.t() @ h.to(dt)
-        return g_hidden, None if g_weight is None else g_weight.to(weight.dtype), None, None, None
+                g_weight.addmm_(g.t(), h.to(dt))
+        return g_hidden, None if g_weight is None else g_weight.to(weight.dtype), None, None, None, None
 
 
-def lm_head_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int = 1024, *,
-                  temperature: float = 1.0, return_hits: bool = False):
+def lm_head_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int | None = None, *,
+                  temperature: float = 1.0, return_hits: bool = False, return_entropy: bool = False):
     """log softmax(hidden @ Wᵀ / τ)[ids]: the LM head and the selective log-softmax fused, so the [N, V]
-    logits (and their gradient) are never held for all N rows — one [chunk_size, V] fp32 block at a time.
+    logits (and their gradient) are never held for all N rows — one [chunk_size, V] fp32 block at a time
+    (``chunk_size=None``: ``head_chunk_rows(V)``, a 64 MiB block).
 
     Shapes: hidden [N, H] (the final hidden states of the positions that predict), weight [V, H] (the
     output embedding, tied or not; no bias), ids [N]. Returns [N] in fp32 (fp64 for fp64 inputs), equal
     to ``selective_log_softmax(hidden @ weight.T, ids)``; the gradient flows to ``hidden`` and ``weight``.
     With a real vocabulary (V ≈ 152k) a packed batch of thousands of tokens otherwise holds gigabytes
     of logits: ``[tokens, V]`` in fp32 is 0.6 MB per token. ``return_hits``: also [N] bool, whether
-    ``ids`` is the arg-max of each row (token accuracy, free in the same pass)."""
+    ``ids`` is the arg-max of each row (token accuracy, free in the same pass). ``return_entropy``: also
+    [N] H(softmax(x)) = logsumexp(x) − Σ_v softmax(x)_v x_v, x = hidden @ Wᵀ/τ, differentiable (its
+    gradient is computed only when a loss uses it), equal to ``entropy_from_logits(hidden @ weight.T)``.
+    Results come in the order (log-probs, hits, entropy), each extra one only when asked for."""
     if hidden.dim() != 2 or ids.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
         raise ConfigError(f"lm_head_logps: expected hidden [N, H], weight [V, H], ids [N], got "
                           f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(ids.shape)}")
+    chunk_size = head_chunk_rows(weight.shape[0]) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
-    out, hits = _LMHeadLogps.apply(hidden, weight, ids.long(), chunk_size, float(temperature))
-    return (out, hits) if return_hits else out
+    out, hits, ent = _LMHeadLogps.apply(hidden, weight, ids.long(), chunk_size, float(temperature), return_entropy)
+    if not (return_hits or return_entropy):
+        return out
+    return (out,) + ((hits,) if return_hits else ()) + ((ent,) if return_entropy else ())

@@ -182,7 +182,7 @@ def make_loss(recipe: PGRecipe, kl_coef):
     estimator = get_kl_estimator(recipe.kl_estimator)
 
     def loss_fn(model, mb, total):
-        out = token_forward(model, mb, recipe.temperature, want_logits=True)
+        out = token_forward(model, mb, recipe.temperature, want_entropy=True)
         old = mb["old_logp"] if "old_logp" in mb else None
         loss, _, metrics, logp = policy_gradient_terms(recipe, out, mb, old, kl_coef.value)
         mask = mb["mask"]

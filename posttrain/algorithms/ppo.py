@@ -149,9 +149,9 @@ class ActorCritic(torch.nn.Module):
         return critic_values(self.critic, mb)
 
     def forward(self, mb: dict, temperature: float = 1.0):
-        """(policy token_forward dict with logits, flat values [K]) — one call, so a DDP wrapper
+        """(policy token_forward dict with the entropy, flat values [K]) — one call, so a DDP wrapper
         around this module sees the whole computation."""
-        out = token_forward(self.policy, mb, temperature, want_logits=True, want_hidden=self.v_head is not None)
+        out = token_forward(self.policy, mb, temperature, want_entropy=True, want_hidden=self.v_head is not None)
         return out, self.values(mb, out)
 
 

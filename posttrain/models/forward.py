@@ -2,7 +2,8 @@
 per-token log-probs, logits, hidden states and values of sampled completions.
 
 :func:`collate_shared` packs rollouts into one row, a prompt shared by consecutive rollouts computed
-once; :func:`token_forward` runs the model and applies the LM head only at completion positions;
+once; :func:`token_forward` runs the model and applies the LM head only at completion positions, fused
+with the log-softmax (no [tokens, vocab] logits);
 :func:`to_layout` turns the flat per-token results into the completion-aligned ``[N, T]`` layout the
 pure losses take.
 """
@@ -13,7 +14,7 @@ import torch
 
 from posttrain.data.batching import collate, pack_shared
 from posttrain.data.chat import Example
-from posttrain.logprobs import lm_head_logps, selective_log_softmax, token_logps
+from posttrain.logprobs import entropy_from_logits, lm_head_logps, selective_log_softmax, token_logps
 from posttrain.models.attention import model_inputs
 from posttrain.models.heads import backbone_and_head
 from posttrain.models.loading import eval_mode
@@ -66,32 +67,31 @@ def _base_lm(model):
 
 
 def token_forward(model, batch: dict, temperature: float = 1.0, want_hidden: bool = False,
-                  want_logits: bool = False):
-    """One forward of a causal LM over a :func:`collate_shared` batch. Returns a dict of completion-token tensors, flat over the
-    batch's completion tokens: ``logp`` [K] (log π(token)/T-tempered), optional ``logits`` [K, V]
-    (tempered) and ``hidden`` [K, H] (last hidden state before each token), plus the index tensors
-    ``seq``/``j`` that place them in a ``[n, T]`` layout.
+                  want_entropy: bool = False):
+    """One forward of a causal LM over a :func:`collate_shared` batch. Returns a dict of completion-token
+    tensors, flat over the batch's K completion tokens: ``logp`` [K] (log π(token), T-tempered), optional
+    ``entropy`` [K] (of the T-tempered next-token distribution; differentiable) and ``hidden`` [K, H]
+    (last hidden state before each token), plus the index tensors ``seq``/``j`` that place them in a
+    ``[n, T]`` layout.
 
-    For Llama/Qwen2/Qwen3/Mistral the LM head runs only on the K completion positions (the prompt's
-    logits are never computed); other architectures run their full forward and index it."""
+    For Llama/Qwen2/Qwen3/Mistral the LM head runs only on the K completion positions, fused with the
+    log-softmax and the entropy chunk by chunk (``logprobs.lm_head_logps``): no [K, vocab] logits or
+    their gradient exist, and the prompt's logits are never computed. Other architectures, and a model
+    wrapped for DDP (its forward must run for the gradient sync), run their full forward and index it."""
     rows, cols, seq, j, targets = (batch[k] for k in ("pred_row", "pred_col", "tgt_seq", "tgt_j", "tgt_ids"))
     base = _base_lm(model)
-    hidden = None
-    if type(base).__name__ in _HEAD_SLICE_ARCHS:
-        out = base.get_decoder()(**model_inputs(base, batch))
-        hidden = out.last_hidden_state[rows, cols]
-        logits = base.get_output_embeddings()(hidden)
+    head = base.get_output_embeddings() if type(base).__name__ in _HEAD_SLICE_ARCHS else None
+    res = {"seq": seq, "j": j}
+    if head is not None and getattr(head, "bias", None) is None:
+        hidden = base.get_decoder()(**model_inputs(base, batch)).last_hidden_state[rows, cols]
+        out = lm_head_logps(hidden, head.weight, targets, temperature=temperature, return_entropy=want_entropy)
+        res["logp"], res["entropy"] = (out[0].float(), out[1].float()) if want_entropy else (out.float(), None)
     else:
         out = model(**model_inputs(model, batch), output_hidden_states=want_hidden)
         logits = out.logits[rows, cols]
-        if want_hidden:
-            hidden = out.hidden_states[-1][rows, cols]
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    res = {"logp": selective_log_softmax(logits, targets), "seq": seq, "j": j}
-    if want_logits:
-        res["logits"] = logits
+        hidden = out.hidden_states[-1][rows, cols] if want_hidden else None
+        res["logp"] = selective_log_softmax(logits, targets, temperature=temperature).float()
+        res["entropy"] = entropy_from_logits(logits, temperature=temperature).float() if want_entropy else None
     if want_hidden:
         res["hidden"] = hidden
     return res

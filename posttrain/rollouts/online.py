@@ -22,7 +22,6 @@ import torch
 from posttrain.engines.loop import between_steps
 from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir, say
 from posttrain.errors import TrainingError
-from posttrain.logprobs import entropy_from_logits
 from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
 from posttrain.models.forward import ref_logp_fn, to_layout
 from posttrain.models.loading import tokenizer_for
@@ -80,7 +79,7 @@ def pg_recipe(cfg, policy_loss: str = "ppo") -> PGRecipe:
 
 def policy_gradient_terms(recipe: PGRecipe, out: dict, mb: dict, old_logp: torch.Tensor | None, kl_coef: float):
     """(loss, policy loss alone, metrics, logp [n, T]) of a micro-batch from the policy's
-    ``token_forward`` output ``out`` (with logits): the policy loss weighted by the TIS correction,
+    ``token_forward`` output ``out`` (with the entropy): the policy loss weighted by the TIS correction,
     + β·KL when the KL goes in the loss, − c_H·entropy when the bonus is on. ``entropy`` is logged
     either way (its gradient flows only when the bonus is on)."""
     mask = mb["mask"]
@@ -96,8 +95,7 @@ def policy_gradient_terms(recipe: PGRecipe, out: dict, mb: dict, old_logp: torch
     if recipe.kl_in_loss:
         kl_tok = kl_penalty_in_loss(logp, mb["ref_logp"], mask, recipe.kl_estimator)
         loss = loss + kl_coef * aggregate(kl_tok, mask, recipe.aggregation, recipe.max_len)
-    logits = out["logits"] if recipe.entropy_coef else out["logits"].detach()
-    ent = to_layout(entropy_from_logits(logits), out["seq"], out["j"], n, T)
+    ent = to_layout(out["entropy"] if recipe.entropy_coef else out["entropy"].detach(), out["seq"], out["j"], n, T)
     if recipe.entropy_coef:
         loss = loss - recipe.entropy_coef * aggregate(ent, mask, recipe.aggregation, recipe.max_len)
     metrics = {**m, **tis_m, "entropy": (ent.detach() * mask).sum() / mask.sum().clamp(min=1)}
