@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true", help="posttrain with train.gradient_checkpointing "
                     "(compare its memory with trl_default's)")
     ap.add_argument("--case", default="short", choices=["short", "long"])
+    ap.add_argument("--cases", default="short,long", help="the cases the comparison runs (comma-separated)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
@@ -154,7 +155,7 @@ def main() -> None:
     result = {"model": args.model, "batch": args.batch, "steps": args.steps, "matmul_peak_gflops": round(peak, 1)}
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s   model: {args.model}")
     print(f"{'case':6} {'trainer':11} {'tokens':>7} {'tok/s':>9} {'MFU':>6} {'peak MB':>8} {'loss@1':>8}")
-    for case in ("short", "long"):
+    for case in args.cases.split(","):
         runs = {"ours": [], "trl": [], "trl_default": []}
         for _ in range(args.repeats):  # interleaved: load from other processes hits all alike
             for w in runs:

@@ -144,6 +144,12 @@ class TrainConfig:
     overwrite: bool = opt(False, "Replace a run already in output_dir (its metrics, checkpoints, final model and "
                           "summary are deleted first). Without it, or resume, such a directory is refused.")
     threads: int | None = opt(None, "torch intra-op threads (null = torch default).")
+    strategy: Literal["ddp", "fsdp"] = opt(
+        "ddp", "How several processes (torchrun --nproc_per_node N) share training: ddp = each holds the "
+        "whole model, gradients averaged; fsdp = FSDP2 (torch's fully_shard): parameters, gradients and "
+        "AdamW state sharded across processes, each decoder layer gathered only for its own forward and "
+        "backward. One process trains the whole model either way. docs/distributed.md.",
+        "torch FSDP2")
     report_to: list[str] = opt(["tensorboard"], "Trackers the metrics are mirrored to besides metrics.jsonl: "
                                "tensorboard, wandb, mlflow (the last two are optional packages; they follow "
                                "WANDB_* / MLFLOW_* environment variables, e.g. WANDB_MODE=offline).")

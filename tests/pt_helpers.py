@@ -46,3 +46,12 @@ def text_length_reward(prompts, completions, **columns):
     """A reward that differs between a random model's samples (its text length), so group advantages
     are nonzero and an update moves the policy."""
     return [len(c) / 10 for c in completions]
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -35,7 +35,8 @@ from posttrain.data.preference import (
     truncation_counts,
 )
 from posttrain.engines.loop import TrainEngineAutocast, finish, initial_eval, record_steps, save_final
-from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.engines.runlog import MetricsLogger, Progress
+from posttrain.engines.train import TrainEngine, make_run_dir
 from posttrain.errors import ConfigError
 from posttrain.models.loading import tokenizer_for
 from posttrain.models.preference import make_loss_fn, pair_eval, resolve_reference, validate_direct
@@ -153,7 +154,7 @@ def run(cfg: DPOConfig) -> dict:
     # ---- loop
     summary: dict = {**truncation_counts(train_enc), "loss": cfg.loss, "beta": cfg.beta, "reference": reference,
                      "reference_cache": ref_info, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
-                     "ties_skipped": ties, "world_size": engine.world_size, "total_steps": total}
+                     "ties_skipped": ties, "world_size": engine.world_size, "strategy": engine.strategy, "total_steps": total}
     initial_eval(engine, logger, summary, lambda: evaluate(initial=True))
     summary["pairs_per_s"] = record_steps(
         engine, cfg.train, total, micro_batches, loss_fn, count_records, logger,

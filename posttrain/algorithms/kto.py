@@ -40,7 +40,8 @@ from posttrain.data.preference import (
 )
 from posttrain.data.sources import read_source
 from posttrain.engines.loop import TrainEngineAutocast, finish, initial_eval, record_steps, save_final
-from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.engines.runlog import MetricsLogger, Progress
+from posttrain.engines.train import TrainEngine, make_run_dir
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.direct import kto_loss
 from posttrain.models.forward import sequence_logps
@@ -211,7 +212,7 @@ def run(cfg: KTOConfig) -> dict:
 
     summary: dict = {**truncation_counts(train_enc), "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
                      "train_examples": len(train_enc), "desirable": n_d, "undesirable": len(train_enc) - n_d,
-                     "weighted_balance": balance, "eval_pairs": len(eval_enc), "world_size": engine.world_size,
+                     "weighted_balance": balance, "eval_pairs": len(eval_enc), "world_size": engine.world_size, "strategy": engine.strategy,
                      "total_steps": total}
     if not 1.0 <= balance <= 4 / 3 and engine.is_main:
         print(f"kto: λ_D·n_D / (λ_U·n_U) = {balance:.2f}, outside the paper's recommended [1, 4/3]; adjust "

@@ -38,7 +38,8 @@ from posttrain.data.preference import (
     truncation_counts,
 )
 from posttrain.engines.loop import finish, initial_eval, record_steps
-from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.engines.runlog import MetricsLogger, Progress
+from posttrain.engines.train import TrainEngine, make_run_dir
 from posttrain.errors import ConfigError
 from posttrain.evaluation.eval_reward import evaluate_scores, score_encoded
 from posttrain.losses import reward as L
@@ -200,7 +201,7 @@ def run(cfg: RewardConfig) -> dict:
     summary: dict = {"train_records": len(train_enc), "eval_records": len(eval_enc), "ties": n_ties,
                      **truncation_counts(train_enc),
                      "tied_rankings": tied_rankings, "records_with_margin": n_margin, "loss": cfg.loss,
-                     "world_size": engine.world_size, "total_steps": total}
+                     "world_size": engine.world_size, "strategy": engine.strategy, "total_steps": total}
     if n_ties and engine.is_main:
         print(f"reward: {n_ties} tie record(s) train with target 0.5 (not wins); "
               f"{len(train_enc) - n_ties} strict preferences")

@@ -20,8 +20,9 @@ from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, o
 from posttrain.data.batching import StepSampler, collate, shard
 from posttrain.data.chat import encode_sft, truncation_counts
 from posttrain.data.formats import load_train_eval
-from posttrain.engines.loop import Throughput, between_steps, eval_loss, finish, save_final
-from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir
+from posttrain.engines.loop import Throughput, between_steps, eval_loss, finish, initial_eval, save_final
+from posttrain.engines.runlog import MetricsLogger, Progress
+from posttrain.engines.train import TrainEngine, make_run_dir
 from posttrain.losses.sft import nll_loss
 from posttrain.models.forward import position_logps
 from posttrain.models.loading import load_policy, tokenizer_for
@@ -112,10 +113,8 @@ def run(cfg: SFTConfig) -> dict:
     progress = Progress(total, "sft", cfg.train.progress)
     clock = Throughput()
     summary: dict = {**counts, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-                     "world_size": engine.world_size, "total_steps": total}
-    if engine.step_count == 0 and engine.is_main:
-        summary["initial"] = evaluate()
-        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
+                     "world_size": engine.world_size, "strategy": engine.strategy, "total_steps": total}
+    initial_eval(engine, logger, summary, evaluate)
     while engine.step_count < total:
         batches = micro_batches(engine.step_count)
         metrics = engine.step(batches, sft_loss, count_tokens)

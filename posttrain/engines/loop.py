@@ -69,9 +69,10 @@ def between_steps(engine, train, step: int, total: int, evaluate, logger, state:
     """Periodic work after optimizer step ``step``: a held-out evaluation every ``train.eval_every``
     steps (main process; the last step is evaluated by ``finish``) and a checkpoint every
     ``train.save_every`` steps carrying ``state`` (what resuming needs besides the engine's own)."""
-    if train.eval_every and step % train.eval_every == 0 and step < total and engine.is_main:
-        if row := _eval_row(evaluate(), flatten):
-            logger.log(step, row)
+    if train.eval_every and step % train.eval_every == 0 and step < total:
+        with engine.gathered():
+            if engine.is_main and (row := _eval_row(evaluate(), flatten)):
+                logger.log(step, row)
     if train.save_every and step % train.save_every == 0:
         engine.save_checkpoint(state)
 
@@ -79,13 +80,14 @@ def between_steps(engine, train, step: int, total: int, evaluate, logger, state:
 def finish(engine, logger, run_dir: Path, summary: dict, evaluate, step: int, save, flatten=None) -> dict:
     """End of a training run: on the main process the final held-out evaluation, ``save()`` (the
     model into final/) and summary.json; then every process waits for it."""
-    if engine.is_main:
-        summary["final"] = evaluate()
-        if row := _eval_row(summary["final"], flatten):
-            logger.log(step, row)
-        save()
-        write_summary(run_dir, summary)
-        print(results_text(run_dir, summary, flatten), flush=True)
+    with engine.gathered():  # under FSDP the main process works on the all-gathered model
+        if engine.is_main:
+            summary["final"] = evaluate()
+            if row := _eval_row(summary["final"], flatten):
+                logger.log(step, row)
+            save()
+            write_summary(run_dir, summary)
+            print(results_text(run_dir, summary, flatten), flush=True)
     logger.close()
     engine.accelerator.wait_for_everyone()
     summary["run_dir"] = str(run_dir)
@@ -94,9 +96,11 @@ def finish(engine, logger, run_dir: Path, summary: dict, evaluate, step: int, sa
 
 def initial_eval(engine, logger, summary: dict, evaluate, flatten=None) -> None:
     """Before the first step of a fresh run: evaluate once and log it at step 0 (main process only)."""
-    if engine.step_count == 0 and engine.is_main:
-        summary["initial"] = evaluate()
-        logger.log(0, _eval_row(summary["initial"], flatten))
+    if engine.step_count == 0:
+        with engine.gathered():
+            if engine.is_main:
+                summary["initial"] = evaluate()
+                logger.log(0, _eval_row(summary["initial"], flatten))
 
 
 def record_steps(engine, train: TrainConfig, total: int, micro_batches, loss_fn, count_fn, logger, progress,

@@ -17,14 +17,15 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from posttrain.config import TrainConfig, save_config
-from posttrain.engines.trackers import check_trackers, make_trackers
+from posttrain.engines import sharding
+from posttrain.engines.runlog import is_main_process, say
 from posttrain.errors import ConfigError, TrainingError
 
 LossFn = Callable[[torch.nn.Module, Any, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -53,11 +54,11 @@ def make_run_dir(cfg: TrainConfig, command: str, full_config: Any) -> Path:
             raise ConfigError(f"{out} already holds a run ({', '.join(old)})", where="train.output_dir",
                               fix="continue it with --resume, replace it with train.overwrite=true, or choose "
                                   "another train.output_dir")
-        if _is_main():
+        if is_main_process():
             for a in old:
                 shutil.rmtree(out / a) if (out / a).is_dir() else (out / a).unlink()
     out.mkdir(parents=True, exist_ok=True)
-    if _is_main():
+    if is_main_process():
         save_config(full_config, out / "config.yaml", command=command)
         say(f"posttrain {command}: run directory {out}, seed {cfg.seed}"
             + (" (replacing the run that was there)" if old and cfg.overwrite and not cfg.resume else ""))
@@ -65,17 +66,6 @@ def make_run_dir(cfg: TrainConfig, command: str, full_config: Any) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return out
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def say(line: str) -> None:
-    """One plain line for the person running the command (main process only), flushed at once so
-    it reaches a log file under nohup or SLURM."""
-    if _is_main():
-        print(line, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -98,96 +88,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-class MetricsLogger:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors the scalars to the trackers
-    of ``report_to`` (TensorBoard by default; W&B, MLflow: ``engines/trackers.py``), started lazily at
-    the first logged row (main process only)."""
-
-    def __init__(self, run_dir: Path, enabled: bool = True, report_to: list[str] | tuple[str, ...] = ("tensorboard",),
-                 config: Any = None):
-        self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._names, self._config, self._trackers = list(report_to), config, None
-        check_trackers(self._names)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self._trackers is None:
-            run_dir = self.path.parent
-            self._trackers = make_trackers(self._names, run_dir, run_dir.name, self._config)
-        for t in self._trackers:
-            t.log(step, row)
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint so the file matches one clean run."""
-        if self.enabled and self.path.exists():
-            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            self.path.write_text("".join(r + "\n" for r in rows))
-
-    def close(self) -> None:
-        for t in self._trackers or []:
-            t.close()
-        self._trackers = []
-
-
-def _scalar(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach().float().item()
-    return v
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(r) for r in path.read_text().splitlines() if r] if path.exists() else []
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Progress of a run (main process only): a rich bar with ETA and the latest metrics on a terminal;
-    off a terminal (nohup, SLURM, CI) or with ``enabled=False``, one plain line per update
-    (``sft step 20/100 | loss 0.412 1234 tok/s | 12s elapsed, eta 48s``), and a start and an end line."""
-
-    def __init__(self, total: int, description: str, enabled: bool = True):
-        import sys
-
-        self._bar, self.total, self.description, self.t0 = None, total, description, time.perf_counter()
-        self._plain = _is_main() and not (enabled and sys.stdout.isatty())
-        if self._plain:
-            say(f"{description}: {total} steps")
-        if enabled and _is_main() and not self._plain:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-
-            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[info]}"), transient=False)
-            self._task = self._bar.add_task(description, total=total, info="")
-            self._bar.start()
-
-    def update(self, completed: int, info: str = "") -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=completed, info=info)
-        elif self._plain:
-            dt = time.perf_counter() - self.t0
-            eta = dt / max(completed, 1) * (self.total - completed)
-            say(f"{self.description} step {completed}/{self.total} | {info} | {dt:.0f}s elapsed, eta {eta:.0f}s")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-        elif self._plain:
-            say(f"{self.description}: finished in {time.perf_counter() - self.t0:.0f}s")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -231,6 +131,14 @@ class TrainEngine:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # FSDP2 shards before the optimizer exists: AdamW must hold the sharded parameters
+        self.fsdp = cfg.strategy == "fsdp" and self.accelerator.num_processes > 1
+        if self.fsdp:
+            if hasattr(model, "peft_config"):
+                raise ConfigError("train.strategy=fsdp does not support LoRA adapters yet", where="train.strategy",
+                                  fix="use train.strategy=ddp with LoRA (the adapters are small), or lora.enabled=false")
+            model = sharding.shard(model, self.accelerator.device)
+        self._gathered = None
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("the model has no trainable parameters", where="model",
@@ -241,7 +149,7 @@ class TrainEngine:
                                       weight_decay=cfg.weight_decay, fused=fused or None)
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = (model, optimizer) if self.fsdp else self.accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
         self.step_count = 0
 
@@ -255,12 +163,39 @@ class TrainEngine:
         return self.accelerator.process_index
 
     @property
+    def strategy(self) -> str:
+        """What this run really does: single (one process), ddp or fsdp."""
+        return "fsdp" if self.fsdp else "ddp" if self.world_size > 1 else "single"
+
+    @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
     @property
     def unwrapped(self) -> torch.nn.Module:
+        """The model as one process's code can run it: not the DDP wrapper; under FSDP the gathered
+        copy, which exists only inside ``with engine.gathered():`` on the main process."""
+        if self.fsdp:
+            if self._gathered is None:
+                raise TrainingError("a sharded (train.strategy=fsdp) model was used outside engine.gathered()",
+                                    where="train.strategy", fix="report this: a code path misses the gather")
+            return self._gathered
         return self.accelerator.unwrap_model(self.model)
+
+    @contextmanager
+    def gathered(self):
+        """Around main-process work on the whole model (evaluation, saving, generation): under FSDP every
+        process must enter (the weights are all-gathered) and the main one gets an unsharded copy as
+        ``unwrapped`` until the block ends; otherwise nothing happens."""
+        if not self.fsdp:
+            yield
+            return
+        with sharding.gathered(self.model, self.is_main) as copy:
+            self._gathered = copy
+            try:
+                yield
+            finally:
+                self._gathered = None
 
     @property
     def device(self) -> torch.device:
@@ -283,7 +218,11 @@ class TrainEngine:
         step_loss = torch.zeros(())
         for i, mb in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
-            ctx = nullcontext() if sync or self.world_size == 1 else self.accelerator.no_sync(model)
+            if self.fsdp:  # reduce-scatter only after the last micro-batch
+                model.set_requires_gradient_sync(sync)
+                ctx = nullcontext()
+            else:
+                ctx = nullcontext() if sync or self.world_size == 1 else self.accelerator.no_sync(model)
             with ctx:
                 with self.autocast():
                     loss, metrics = loss_fn(model, mb, total)
@@ -296,6 +235,8 @@ class TrainEngine:
         params = [p for p in model.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):  # one host sync per optimizer step, not per micro-batch
             self.optimizer.zero_grad(set_to_none=True)
             last = self.latest_checkpoint()
@@ -333,19 +274,28 @@ class TrainEngine:
 
         self.accelerator.wait_for_everyone()
         final = self.checkpoint_root / f"step-{self.step_count}"
+        tmp = self.checkpoint_root / f".tmp-step-{self.step_count}"
         if self.is_main:
-            tmp = self.checkpoint_root / f".tmp-step-{self.step_count}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            model = self.unwrapped
-            state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(state, str(tmp / f"{self.name}.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": rng_state()}, tmp / "trainer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step_count, "extra": extra or {}}))
-            for f in tmp.iterdir():  # make the files durable before the rename publishes them
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
+        if self.fsdp:  # every rank writes its shards (model, optimizer) and its own RNG
+            self.accelerator.wait_for_everyone()
+            sharding.save_sharded(self.model, self.optimizer, tmp / "sharded")
+            torch.save({"scheduler": self.scheduler.state_dict(), "rng": rng_state()}, tmp / f"rank{self.rank}.pt")
+            self.accelerator.wait_for_everyone()
+        if self.is_main:
+            if not self.fsdp:
+                model = self.unwrapped
+                state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+                save_file(state, str(tmp / f"{self.name}.safetensors"))
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "rng": rng_state()}, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step_count, "extra": extra or {},
+                                                        "world_size": self.world_size, "strategy": self.cfg.strategy}))
+            for f in tmp.rglob("*"):  # make the files durable before the rename publishes them
+                if f.is_file():
+                    with f.open("rb") as fh:
+                        os.fsync(fh.fileno())
             os.replace(tmp, final)
             old = sorted((int(p.name.split("-")[1]), p) for p in self.checkpoint_root.glob("step-*"))
             for _, p in old[: -self.cfg.keep_checkpoints]:
@@ -357,6 +307,9 @@ class TrainEngine:
         """Restore everything :meth:`save_checkpoint` wrote; returns ``extra``."""
         from safetensors.torch import load_file
 
+        meta = json.loads((path / "state.json").read_text())
+        if self.fsdp or (path / "sharded").exists():
+            return self._load_sharded(path, meta)
         state = load_file(str(path / f"{self.name}.safetensors"))
         missing = set(state) - {n for n, _ in self.unwrapped.named_parameters()}
         if missing:
@@ -370,7 +323,19 @@ class TrainEngine:
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
         set_rng_state(trainer["rng"])
-        meta = json.loads((path / "state.json").read_text())
+        self.step_count = meta["step"]
+        return meta["extra"]
+
+    def _load_sharded(self, path: Path, meta: dict) -> dict:
+        saved = (meta.get("strategy", "ddp"), meta.get("world_size", 1))
+        if saved != (self.cfg.strategy, self.world_size):
+            raise TrainingError(f"checkpoint {path} was written with train.strategy={saved[0]} on {saved[1]} "
+                                f"process(es); this run is train.strategy={self.cfg.strategy} on {self.world_size}",
+                                where=str(path), fix="resume with the same train.strategy and number of processes")
+        sharding.load_sharded(self.model, self.optimizer, path / "sharded")
+        trainer = torch.load(path / f"rank{self.rank}.pt", weights_only=False)
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        set_rng_state(trainer["rng"])
         self.step_count = meta["step"]
         return meta["extra"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import opt
-from posttrain.engines.train import read_metrics
+from posttrain.engines.runlog import read_metrics
 from posttrain.errors import ConfigError
 from posttrain.evaluation import plots
 from posttrain.evaluation.report import Report, paired_p

@@ -14,7 +14,7 @@ import torch
 
 from posttrain.data.batching import collate, pack_shared
 from posttrain.data.chat import Example
-from posttrain.logprobs import entropy_from_logits, lm_head_logps, selective_log_softmax, token_logps
+from posttrain.logprobs import entropy_from_logits, lm_head_logps, selective_log_softmax
 from posttrain.models.attention import model_inputs
 from posttrain.models.heads import backbone_and_head
 from posttrain.models.loading import eval_mode
@@ -136,19 +136,14 @@ def policy_logp_fn(policy, temperature: float):
 @torch.no_grad()
 def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                      micro: int = 64) -> torch.Tensor:
-    """[N] summed log π(completion | prompt) in packed forwards (no padding compute)."""
+    """[N] summed log π(completion | prompt) in packed forwards (no padding compute; the LM head only at
+    completion positions, see :func:`sequence_logps`)."""
     model.eval()
     out = []
     for s in range(0, len(prompt_ids), micro):
         exs = [Example(p + c, [0] * len(p) + [1] * len(c))
                for p, c in zip(prompt_ids[s:s + micro], completion_ids[s:s + micro])]
-        batch = collate(exs, packing=True)
-        logp = token_logps(model(**model_inputs(model, batch)).logits, batch["input_ids"])
-        same = batch["seq_index"][:, 1:] == batch["seq_index"][:, :-1]
-        mask = batch["loss_mask"][:, 1:].bool() & same
-        seq = batch["seq_index"][:, 1:].clamp(min=0)
-        sums = torch.zeros(len(exs)).index_add_(0, seq[mask], logp[mask].float())
-        out.append(sums)
+        out.append(sequence_logps(model, collate(exs, packing=True))[0].float())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -86,11 +86,37 @@ def save_tiny(path: str | Path, arch: str = "llama", size: str = "tiny", seed: i
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "posttrain_tiny.json").write_text(json.dumps({"arch": arch, "size": size, "seed": seed}))
-    if path.exists():  # another process won the race
-        import shutil
+    return _publish(tmp, path)
 
+
+def complete(path: Path) -> bool:
+    """A built model directory holds its config and weights (a half-written or rank-skipped one does not)."""
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
+def _publish(tmp: Path, path: Path) -> Path:
+    """Rename the built ``tmp`` into place, unless another process did first. Under an initialized
+    torch.distributed group transformers writes model files on rank 0 only, so another rank's ``tmp``
+    lacks them: it waits for rank 0's copy instead of publishing its own."""
+    import shutil
+    import time
+
+    if not complete(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        deadline = time.monotonic() + 600
+        while not complete(path):
+            if time.monotonic() > deadline:
+                from posttrain.errors import ModelError
+
+                raise ModelError(f"{path} was not written by rank 0 within 10 minutes", where=str(path),
+                                 fix="build it once in one process (python -c \"from posttrain.models.tiny import "
+                                     "resolve; resolve('tiny')\") before launching several")
+            time.sleep(0.5)
+        return path
+    if complete(path):  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
         return path
+    shutil.rmtree(path, ignore_errors=True)  # an incomplete copy left by an older build
     os.replace(tmp, path)
     return path
 
@@ -104,7 +130,7 @@ def tiny_path(arch: str = "llama", size: str = "tiny", seed: int = 0) -> Path:
     src = Path(__file__).read_bytes() + Path(builtin.__file__).read_bytes()
     key = hashlib.sha256(src + f"{arch}-{size}-{seed}".encode()).hexdigest()[:12]
     path = root / f"tiny-{arch}-{size}-{seed}-{key}"
-    if not path.exists():
+    if not complete(path):
         root.mkdir(parents=True, exist_ok=True)
         save_tiny(path, arch, size, seed)
     return path
@@ -151,13 +177,7 @@ def save_shape(path: Path, name: str, seed: int = 0) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "posttrain_shape.json").write_text(json.dumps({"shape": name, "seed": seed}))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        return path
-    os.replace(tmp, path)
-    return path
+    return _publish(tmp, path)
 
 
 def resolve(name_or_path: str) -> str:
@@ -169,7 +189,7 @@ def resolve(name_or_path: str) -> str:
         root = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
         key = hashlib.sha256(Path(__file__).read_bytes() + name.encode()).hexdigest()[:12]
         path = root / f"shape-{name}-{key}"
-        if not path.exists():
+        if not complete(path):
             root.mkdir(parents=True, exist_ok=True)
             save_shape(path, name)
         return str(path)

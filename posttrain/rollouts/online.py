@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.engines.loop import between_steps
-from posttrain.engines.train import MetricsLogger, Progress, TrainEngine, make_run_dir, say
-from posttrain.errors import TrainingError
+from posttrain.engines.runlog import MetricsLogger, Progress, say
+from posttrain.engines.train import TrainEngine, make_run_dir
+from posttrain.errors import ConfigError, TrainingError
 from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
 from posttrain.models.forward import ref_logp_fn, to_layout
 from posttrain.models.loading import tokenizer_for
@@ -136,6 +137,10 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     its world size cannot do), the reference, the rollout engine, the experience maker and the KL
     controller; resumes from the newest checkpoint when asked. ``policy_of(unwrapped model)`` is the
     causal LM that samples (PPO's actor-critic holds it)."""
+    if cfg.train.strategy == "fsdp":
+        raise ConfigError(f"{command} does not support train.strategy=fsdp yet: its rollout engine samples from "
+                          "the whole model in every process", where="train.strategy",
+                          fix="use train.strategy=ddp (the default) with torchrun for online RL")
     records = load_prompt_records(cfg.rollout)
     eval_records = load_eval_records(cfg.rollout)
     rewards = load_rewards(cfg.reward, cfg.reward_weights)
@@ -166,7 +171,7 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
         return task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts, cfg.task_eval_samples,
                          cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
 
-    summary = {"world_size": engine.world_size, "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
+    summary = {"world_size": engine.world_size, "strategy": engine.strategy, "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
                "rollouts_per_step": cfg.rollout.prompts_per_step * cfg.rollout.group_size}
     o = Online(cfg, command, run_dir, tokenizer, engine, plan, n_steps, updates,
                ref_logp_fn(ref_model, policy, temp) if need_ref else None, gen, maker, kl_ctl, logger,

@@ -172,3 +172,18 @@ def test_rl_loss_fused_equals_full_forward(tiny_model, monkeypatch, entropy_coef
     assert fused[1] == pytest.approx(full[1], rel=1e-6) and fused[1] > 0
     for a, b in zip(fused[2], full[2]):  # fp32 sums in another order: equal to 1e-6 of the tensor's scale
         assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max()) + 1e-9
+
+
+def test_completion_logps_equal_separate_full_forwards(tiny_model):
+    """Evaluation's summed completion log-probs (packed, head only at completion positions) equal a
+    plain forward of each sequence alone."""
+    from posttrain.models.forward import completion_logps
+
+    prompts, comps = [[1, 5, 9], [3, 4, 5, 6], [7]], [[20, 21], [30, 31, 32, 33], [40]]
+    got = completion_logps(tiny_model, prompts, comps, micro=2)
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny_model(ids).logits[0, :-1].double(), -1)
+        want = lp[torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)].sum()
+        assert float(got[i]) == pytest.approx(float(want), abs=1e-4)
