@@ -97,3 +97,11 @@ def test_fsdp_refuses_what_it_does_not_support(tmp_path):
     lora = torchrun("sft", f"train.output_dir={tmp_path/'l'}", "train.strategy=fsdp", "lora.enabled=true",
                     "train.max_steps=1", "data.max_rows=16", "train.batch_size=4", "train.micro_batch_size=2", *COMMON)
     assert lora.returncode != 0 and "does not support LoRA" in lora.stderr
+
+
+def test_accelerate_deepspeed_and_fsdp_plugins_are_refused(tmp_path):
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        out = run_cli("sft", f"train.output_dir={tmp_path/var}", "train.max_steps=1", "data.max_rows=8",
+                      "train.batch_size=4", "train.micro_batch_size=4", *COMMON, env={var: "true"})
+        assert out.returncode != 0 and var in out.stderr and "train.strategy=fsdp" in out.stderr
+        assert "Traceback" not in out.stderr

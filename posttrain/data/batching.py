@@ -124,6 +124,22 @@ def attention_layout(seqs: Sequence[torch.Tensor], out_seq: torch.Tensor, out_po
     return AttentionLayout(tuple(buckets), first_slot[out_seq] + out_pos)
 
 
+def to_device(obj, device):
+    """A batch on ``device``: tensors and :class:`AttentionLayout` s moved (non-blocking where the copy
+    allows it), dicts, lists and tuples rebuilt around them, anything else (ints, strings) unchanged.
+    A tensor already there is returned as is. The one helper every trainer, reference pass, scorer and
+    evaluation uses, so no path leaves a batch on the CPU while the model is on a GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, AttentionLayout):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def row_padding(T: int) -> int:
     """Pad tokens that round a packed row of T tokens up to a multiple of 2^(bits(T) - 5): at most
     1/16 extra, and only 16 row lengths per doubling. Every new length makes oneDNN (bf16 matmuls

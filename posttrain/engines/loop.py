@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import LoraConfig, TrainConfig
-from posttrain.data.batching import collate
+from posttrain.data.batching import collate, to_device
 from posttrain.models.loading import save_pretrained
 
 
@@ -35,7 +35,8 @@ def eval_loss(engine, examples, loss_fn, count_fn, pad_id, packing, micro) -> di
         return {}
     model = engine.unwrapped  # not the DDP wrapper: only the main process evaluates
     model.eval()
-    batches = [collate(examples[s:s + micro], packing=packing, pad_id=pad_id)
+    device = next(model.parameters()).device
+    batches = [to_device(collate(examples[s:s + micro], packing=packing, pad_id=pad_id), device)
                for s in range(0, len(examples), micro)]
     total = torch.stack([count_fn(b) for b in batches]).sum().clamp(min=1)
     loss, sums = 0.0, {}

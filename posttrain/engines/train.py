@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from posttrain.config import TrainConfig, save_config
+from posttrain.data.batching import to_device
 from posttrain.engines import sharding
 from posttrain.engines.runlog import is_main_process, say
 from posttrain.errors import ConfigError, TrainingError
@@ -110,6 +111,20 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 # ----------------------------------------------------------------------------- engine
 
 
+def refuse_accelerate_plugins() -> None:
+    """``accelerate launch`` with a DeepSpeed or FSDP config sets these variables and expects the script to
+    hand its model to that plugin; posttrain shards with torch's own FSDP2 instead, so either would
+    silently train something else (on a CPU accelerate's FSDP plugin falls back to DDP)."""
+    for var, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "accelerate's FSDP plugin")):
+        if os.environ.get(var, "").lower() in ("1", "true"):
+            raise ConfigError(
+                f"this run was launched with {what} ({var}=true), which posttrain does not use: its sharded "
+                f"training is FSDP2 (torch's fully_shard), chosen by train.strategy=fsdp", where=var,
+                fix="launch with torchrun --nproc_per_node N -m posttrain.cli <command> train.strategy=fsdp ... "
+                    "(or accelerate launch without a DeepSpeed/FSDP config); see docs/distributed.md")
+
+
+
 class TrainEngine:
     """Owns the accelerator, optimizer, scheduler and checkpoints of one trained model."""
 
@@ -118,6 +133,7 @@ class TrainEngine:
         from accelerate import Accelerator
 
         self.cfg, self.total_steps, self.run_dir, self.name = cfg, total_steps, Path(run_dir), name
+        refuse_accelerate_plugins()
         # cpu=True when there is no GPU: under torchrun this is what gives real gloo DDP (docs/architecture.md, DDP on CPU)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision=cfg.mixed_precision)
@@ -211,6 +227,7 @@ class TrainEngine:
         the micro-batch losses), ``grad_norm`` and ``lr``."""
         model = self.model
         model.train()
+        micro_batches = [to_device(mb, self.device) for mb in micro_batches]
         local = torch.stack([count_fn(mb).float() for mb in micro_batches]).sum()
         total = self.accelerator.reduce(local.to(self.device), reduction="sum") if self.world_size > 1 else local
         total = total.clamp(min=1)

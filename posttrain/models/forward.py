@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.data.batching import collate, pack_shared
+from posttrain.data.batching import collate, pack_shared, to_device
 from posttrain.data.chat import Example
 from posttrain.logprobs import entropy_from_logits, lm_head_logps, selective_log_softmax
 from posttrain.models.attention import model_inputs
@@ -139,11 +139,12 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
     """[N] summed log π(completion | prompt) in packed forwards (no padding compute; the LM head only at
     completion positions, see :func:`sequence_logps`)."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for s in range(0, len(prompt_ids), micro):
         exs = [Example(p + c, [0] * len(p) + [1] * len(c))
                for p, c in zip(prompt_ids[s:s + micro], completion_ids[s:s + micro])]
-        out.append(sequence_logps(model, collate(exs, packing=True))[0].float())
+        out.append(sequence_logps(model, to_device(collate(exs, packing=True), device))[0].float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

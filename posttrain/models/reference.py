@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import ModelConfig
-from posttrain.data.batching import collate
+from posttrain.data.batching import collate, to_device
 from posttrain.models.forward import sequence_logps
 from posttrain.models.loading import eval_mode, load_causal_lm, load_policy
 from posttrain.models.tiny import resolve
@@ -80,7 +80,7 @@ def compute_logps(model, examples: list, *, batch_tokens: int = 4096, pad_id: in
                 end += 1
             idx = order[start:end]
             batch = collate([examples[i] for i in idx], packing=True, pad_id=pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             with (autocast or nullcontext)():
                 logp, _ = sequence_logps(model, batch)
             out[idx] = logp.float().cpu()
