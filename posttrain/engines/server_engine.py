@@ -73,6 +73,11 @@ def _fingerprint(model) -> list[torch.Tensor]:
     return out
 
 
+def _remove_own_files(directory: Path, pid: int) -> None:
+    for f in directory.glob(f"weights-{pid}-*.safetensors*"):
+        f.unlink(missing_ok=True)
+
+
 def _same(a: list[torch.Tensor] | None, b: list[torch.Tensor]) -> bool:
     return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -86,6 +91,11 @@ class ServerRolloutEngine:
         if not servers:
             raise ConfigError("the server rollout engine needs at least one server URL", where="rollout.servers",
                               fix="rollout.servers=[http://127.0.0.1:8001/v1]")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ConfigError("rollout.engine=server runs with one trainer process for now (each process would "
+                              "reload the servers' weights on its own)", where="rollout.engine",
+                              fix="train in one process, or use rollout.engine=local")
         self.timeout_s, self.connect_timeout_s = float(timeout_s), float(connect_timeout_s)
         self.retries, self.backoff_s = int(retries), float(backoff_s)
         self._client = httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
@@ -95,10 +105,10 @@ class ServerRolloutEngine:
         if weights_dir is None:
             self.weights_dir = Path(tempfile.mkdtemp(prefix="posttrain-weights-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.weights_dir), True)
-        else:
+        else:  # a directory of the user's: remove only this process's files at exit
             self.weights_dir = Path(weights_dir)
             self.weights_dir.mkdir(parents=True, exist_ok=True)
-            self._cleanup = None
+            self._cleanup = weakref.finalize(self, _remove_own_files, self.weights_dir, os.getpid())
         self.version, self._file, self._model, self._synced = 0, None, None, None
         self.last_stats: dict[str, float] = {}
         if model is not None:
@@ -292,8 +302,5 @@ class ServerRolloutEngine:
         """Stop the request threads and delete the weight files this engine wrote."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
-        if self._file is not None:
-            self._file.unlink(missing_ok=True)
-            self._file = None
-        if self._cleanup is not None:
-            self._cleanup()
+        self._file = None
+        self._cleanup()

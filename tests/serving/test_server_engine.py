@@ -212,7 +212,7 @@ def test_a_server_killed_mid_run_stops_it_with_an_error_naming_the_server(sft_po
     run_dir = tmp_path / "run"
     cfg = load_config(GRPOConfig, None, [
         f"model.name_or_path={sft_policy}", f"train.output_dir={run_dir}", "rollout.engine=server",
-        f"rollout.servers=[{', '.join(urls)}]", "rollout.server_timeout_s=60", *GRPO,
+        f"rollout.servers=[{', '.join(urls)}]", "rollout.server_timeout_s=600", *GRPO,
         "train.max_steps=200", "task_eval_prompts=8", "task_eval_samples=1"])
     victim, killed_at = process_servers[1][0], []
 
@@ -226,7 +226,9 @@ def test_a_server_killed_mid_run_stops_it_with_an_error_naming_the_server(sft_po
     threading.Thread(target=kill_after_first_step, daemon=True).start()
     with pytest.raises(ServiceError) as e:
         run(cfg)
-    assert killed_at and time.monotonic() - killed_at[0] < 30  # connection refused: seconds, not the timeout
+    # a refused connection ends the run at the next request (the rest of a step, then ~1.5 s of retries),
+    # long before the 600 s answer timeout
+    assert killed_at and time.monotonic() - killed_at[0] < 90
     assert urls[1].removesuffix("/v1") in str(e.value) and "Fix:" in str(e.value)
     assert 1 <= len([r for r in _metric_rows(run_dir) if "reward/mean" in r]) < 200
 
