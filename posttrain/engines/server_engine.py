@@ -165,7 +165,8 @@ class ServerRolloutEngine:
         try:
             name = models["data"][0]["id"]
         except (KeyError, IndexError, TypeError):
-            raise ServiceError(f"{url}/models lists no model; is this an OpenAI-compatible server?", where=url) from None
+            raise ServiceError(f"{url}/models lists no model; is this an OpenAI-compatible server?",
+                               where=url) from None
         r = self._call("GET", root + "/posttrain/weights", "asking for the weight version")
         if r.status_code == 200:
             return _Server(url, root, "posttrain", name, self._json(r, "GET /posttrain/weights").get("logprobs_mode"))

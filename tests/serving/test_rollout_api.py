@@ -165,7 +165,8 @@ def test_a_vllm_server_is_driven_through_collective_rpc(tmp_path):
         calls = [(m, p, b and b.get("method")) for m, p, b in fake.requests]
         assert calls[:3] == [("GET", "/v1/models", None), ("GET", "/posttrain/weights", None),
                              ("POST", "/collective_rpc", "posttrain_weights_version")]
-        load = next(b for _, p, b in fake.requests if p == "/collective_rpc" and b["method"] == "posttrain_load_weights")
+        load = next(b for _, p, b in fake.requests
+                    if p == "/collective_rpc" and b["method"] == "posttrain_load_weights")
         assert load["args"][1] == "1" and load["args"][0].endswith("-1.safetensors")
         assert fake.requests[-1][1] == "/reset_prefix_cache" and fake.version == "1"
 
