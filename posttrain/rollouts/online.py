@@ -168,6 +168,7 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
         logger.truncate_after(step)
 
     def evaluate() -> dict[str, float]:
+        gen.update_weights(policy)  # the engine's fused/cast weight copies date from the step's start
         return task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts, cfg.task_eval_samples,
                          cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
 
