@@ -54,12 +54,12 @@ def correct_reward(prompts, completions, **kw):
 
 
 def worker_ours(args) -> dict:
-    import posttrain.engines.train as train_mod
+    import posttrain.engines.runlog as runlog
     from posttrain.algorithms.grpo import GRPOConfig, run
     from posttrain.config import load_config
 
     stamps: list[float] = []
-    original = train_mod.MetricsLogger.log
+    original = runlog.MetricsLogger.log
 
     def log(self, step, metrics):  # step-end timestamps, as TRL's on_step_end callback gives them
         if "step_s" in metrics:
@@ -68,7 +68,7 @@ def worker_ours(args) -> dict:
         return original(self, step, metrics)
 
     gen: list[float] = []
-    train_mod.MetricsLogger.log = log
+    runlog.MetricsLogger.log = log
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "prompts.jsonl")
         with open(path, "w") as f:

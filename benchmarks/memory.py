@@ -34,8 +34,9 @@ def run_benchmark(script: str, args: list[str], threads: int) -> dict:
                          env=env, timeout=7200)
     if out.returncode != 0:
         raise SystemExit(f"{script} failed:\n{out.stderr[-4000:]}")
-    print(f"{script}: {time.perf_counter() - t:.0f} s", flush=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{script}: {time.perf_counter() - t:.0f} s: {json.dumps(result)}", flush=True)  # kept if a later one fails
+    return result
 
 
 def main() -> None:

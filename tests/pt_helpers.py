@@ -55,3 +55,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(*args, env=None, timeout=600):
+    """``torchrun --nproc_per_node 2 -m posttrain.cli ...`` on loopback (really two processes, unlike the
+    accelerate launchers with --cpu; a run's summary.json world_size proves it)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "posttrain.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})

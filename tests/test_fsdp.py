@@ -3,29 +3,17 @@ checked against one process with the same global batch; exact resume of a sharde
 SIGKILL; the gathered final model loads with from_pretrained and scores like the trained one."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pt_helpers import ROOT, free_port, run_cli
+from pt_helpers import run_cli, torchrun
 
 pytestmark = pytest.mark.slow
 
 COMMON = ["train.threads=1", "task_eval=false", "train.progress=false", "train.lr=1e-3", "train.log_every=1"]
-
-
-def torchrun(*args, env=None, timeout=600):
-    """``torchrun --nproc_per_node 2 -m posttrain.cli ...`` (really two processes, unlike the accelerate
-    launchers with --cpu; the summary's world_size proves it)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "posttrain.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def weights(run_dir) -> dict:
@@ -92,7 +80,7 @@ def test_fsdp_dpo_matches_one_process(tmp_path):
 
 
 def test_fsdp_refuses_what_it_does_not_support(tmp_path):
-    out = run_cli("grpo", f"train.output_dir={tmp_path/'g'}", "train.strategy=fsdp", "train.max_steps=1")
+    out = run_cli("ppo", f"train.output_dir={tmp_path/'g'}", "train.strategy=fsdp", "train.max_steps=1")
     assert out.returncode != 0 and "train.strategy" in out.stderr and "ddp" in out.stderr
     lora = torchrun("sft", f"train.output_dir={tmp_path/'l'}", "train.strategy=fsdp", "lora.enabled=true",
                     "train.max_steps=1", "data.max_rows=16", "train.batch_size=4", "train.micro_batch_size=2", *COMMON)

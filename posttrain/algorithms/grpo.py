@@ -40,7 +40,8 @@ from posttrain.rewards.combine import check_reward_config, default_reward
 from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
 from posttrain.rollouts.experience import fill_invalid, minibatches
 from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics, sequence_kl
-from posttrain.rollouts.online import PGRecipe, end_rl_step, online_setup, pg_recipe, policy_gradient_terms
+from posttrain.rollouts.online import (PGRecipe, end_rl_step, online_setup, pg_recipe, policy_gradient_terms,
+                                      sampling_policy)
 
 Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"]
 
@@ -213,7 +214,6 @@ def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
     o = online_setup(cfg, command, lambda tokenizer: load_policy(cfg.model, cfg.lora),
                      check_engine=refuse_dynamic_sampling_under_ddp)
     engine, plan, G = o.engine, o.plan, cfg.rollout.group_size
-    policy = engine.unwrapped
     # π_old differs from π_θ after the first update, and a KL in the reward needs log π_old
     need_old = o.updates > 1 or recipe.kl_in_reward
     loss_fn, count_fn = make_loss(recipe, o.kl_ctl)
@@ -223,10 +223,10 @@ def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
     row: dict = {}
     while o.step < o.n_steps:
         t0 = time.perf_counter()
-        o.gen.update_weights(policy)
-        exp = o.maker.make(o.step, policy=policy_logp_fn(policy, recipe.temperature), ref=o.ref_fn,
-                           need_old=need_old, dynamic_sampling=cfg.dynamic_sampling,
-                           max_rounds=cfg.max_sample_rounds, micro=plan.micro)
+        with sampling_policy(o) as policy:
+            exp = o.maker.make(o.step, policy=policy_logp_fn(policy, recipe.temperature), ref=o.ref_fn,
+                               need_old=need_old, dynamic_sampling=cfg.dynamic_sampling,
+                               max_rounds=cfg.max_sample_rounds, micro=plan.micro)
         m = exp.metrics
         if len(exp):
             scores = exp.scores

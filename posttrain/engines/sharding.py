@@ -11,7 +11,8 @@ are done here:
   optimizer (``save_sharded`` / ``load_sharded``); resuming on the same world size restores them exactly;
 - **evaluation, saving, generation**: these run one process's code on a whole model. ``gathered``
   all-gathers the full weights (a collective: every rank calls it) into an ordinary, unsharded copy
-  on rank 0, which exists only inside the ``with`` block and is freed after;
+  on rank 0 (evaluation, saving) or on every rank (online RL's sampling and π_old), which exists only
+  inside the ``with`` block and is freed after;
 - **the fused LM head**: it calls the decoder without the root module's forward, which would skip
   FSDP's all-gather, so a sharded model takes the full-forward path (``models.forward`` checks the
   class name, and ``fully_shard`` renames the class ``FSDP<Name>``).
@@ -58,11 +59,12 @@ def _options(**kw):
     return StateDictOptions(**kw)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer, whole, on rank 0's CPU (other ranks get {}). A collective."""
+def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, whole: on rank 0's CPU (other ranks get {}), or with ``everywhere`` on
+    every rank's device. A collective."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=not everywhere))
 
 
 def unsharded_class(model: torch.nn.Module) -> type:
@@ -73,16 +75,18 @@ def unsharded_class(model: torch.nn.Module) -> type:
 
 
 @contextmanager
-def gathered(model: torch.nn.Module, main: bool):
-    """An ordinary unsharded copy of a sharded model on the main rank (None elsewhere), built from the
+def gathered(model: torch.nn.Module, main: bool, everywhere: bool = False):
+    """An ordinary unsharded copy of a sharded model on the main rank (None elsewhere), or with
+    ``everywhere`` on every rank (online RL: each process samples its own prompts), built from the
     all-gathered weights and freed when the block ends. Every rank must enter (the gather is a
-    collective); only the main rank may run the copy."""
-    state = full_state_dict(model)
+    collective)."""
+    state = full_state_dict(model, everywhere)
     copy = None
-    if main:
+    if main or everywhere:
         copy = unsharded_class(model)(model.config)
         copy.load_state_dict(state)
-        copy.to(dtype=next(iter(state.values())).dtype)
+        first = next(iter(state.values()))
+        copy.to(device=first.device, dtype=first.dtype)
         copy.generation_config = model.generation_config
     del state
     try:

@@ -199,14 +199,15 @@ class TrainEngine:
         return self.accelerator.unwrap_model(self.model)
 
     @contextmanager
-    def gathered(self):
-        """Around main-process work on the whole model (evaluation, saving, generation): under FSDP every
-        process must enter (the weights are all-gathered) and the main one gets an unsharded copy as
-        ``unwrapped`` until the block ends; otherwise nothing happens."""
+    def gathered(self, everywhere: bool = False):
+        """Around work on the whole model (evaluation and saving on the main process; with ``everywhere``
+        sampling on every process): under FSDP every process must enter (the weights are all-gathered)
+        and the main one (or every one) gets an unsharded copy as ``unwrapped`` until the block ends;
+        otherwise nothing happens."""
         if not self.fsdp:
             yield
             return
-        with sharding.gathered(self.model, self.is_main) as copy:
+        with sharding.gathered(self.model, self.is_main, everywhere) as copy:
             self._gathered = copy
             try:
                 yield

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -137,10 +138,10 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     its world size cannot do), the reference, the rollout engine, the experience maker and the KL
     controller; resumes from the newest checkpoint when asked. ``policy_of(unwrapped model)`` is the
     causal LM that samples (PPO's actor-critic holds it)."""
-    if cfg.train.strategy == "fsdp":
-        raise ConfigError(f"{command} does not support train.strategy=fsdp yet: its rollout engine samples from "
-                          "the whole model in every process", where="train.strategy",
-                          fix="use train.strategy=ddp (the default) with torchrun for online RL")
+    if cfg.train.strategy == "fsdp" and command == "ppo":
+        raise ConfigError("ppo does not support train.strategy=fsdp yet (the policy and its value model train as "
+                          "one module)", where="train.strategy",
+                          fix="use train.strategy=ddp (the default) with torchrun, or grpo/rloo/reinforce with fsdp")
     records = load_prompt_records(cfg.rollout)
     eval_records = load_eval_records(cfg.rollout)
     rewards = load_rewards(cfg.reward, cfg.reward_weights)
@@ -153,10 +154,12 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     if check_engine is not None:
         check_engine(engine)
     plan = plan_batches(cfg.rollout, cfg.train, engine.world_size)
-    policy, temp = policy_of(engine.unwrapped), cfg.rollout.temperature
+    temp = cfg.rollout.temperature
     need_ref = cfg.kl.beta > 0 or cfg.kl.track
     ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
-    gen = make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path)
+    # FSDP: no whole model outside engine.gathered(); each step builds its engine around a gathered copy
+    policy = None if engine.fsdp else policy_of(engine.unwrapped)
+    gen = None if engine.fsdp else make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path)
     maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
                             rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
                             rank=engine.rank, world=engine.world_size)
@@ -168,8 +171,10 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
         logger.truncate_after(step)
 
     def evaluate() -> dict[str, float]:
-        gen.update_weights(policy)  # the engine's fused/cast weight copies date from the step's start
-        return task_eval(policy, tokenizer, gen, cfg.rollout.prompts, cfg.task_eval_prompts, cfg.task_eval_samples,
+        p = policy_of(engine.unwrapped)  # under FSDP the main process's gathered copy
+        g = make_engine(p, tokenizer, cfg.rollout, cfg.model.name_or_path) if engine.fsdp else gen
+        g.update_weights(p)  # the engine's fused/cast weight copies date from the step's start
+        return task_eval(p, tokenizer, g, cfg.rollout.prompts, cfg.task_eval_prompts, cfg.task_eval_samples,
                          cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
 
     summary = {"world_size": engine.world_size, "strategy": engine.strategy, "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
@@ -177,10 +182,30 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     o = Online(cfg, command, run_dir, tokenizer, engine, plan, n_steps, updates,
                ref_logp_fn(ref_model, policy, temp) if need_ref else None, gen, maker, kl_ctl, logger,
                Progress(n_steps, command, cfg.train.progress), step, evaluate, summary)
-    if step == 0 and engine.is_main:
-        summary["initial"] = evaluate()
-        logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
+    if step == 0:
+        with engine.gathered():
+            if engine.is_main:
+                summary["initial"] = evaluate()
+                logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
     return o
+
+
+@contextmanager
+def sampling_policy(o: Online, policy_of: Callable = lambda m: m):
+    """The causal LM that samples this step's rollouts (and scores them under π_old): the trained model
+    itself, its rollout engine updated to the current weights; under FSDP an all-gathered copy on every
+    process with a rollout engine built around it, both freed when the block ends."""
+    with o.engine.gathered(everywhere=True):
+        policy = policy_of(o.engine.unwrapped)
+        if o.engine.fsdp:
+            o.gen = o.maker.engine = make_engine(policy, o.tokenizer, o.cfg.rollout, o.cfg.model.name_or_path)
+        else:
+            o.gen.update_weights(policy)
+        try:
+            yield policy
+        finally:
+            if o.engine.fsdp:
+                o.gen = o.maker.engine = None
 
 
 def end_rl_step(o: Online, m: dict, n_rollouts: int, t0: float) -> dict:
