@@ -71,7 +71,20 @@ def unsharded_class(model: torch.nn.Module) -> type:
     """The model's own class (``fully_shard`` makes ``FSDP<Class>`` with the class as a base)."""
     from torch.distributed.fsdp import FSDPModule
 
+    if not isinstance(model, FSDPModule):
+        return type(model)
     return next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule) and c is not object)
+
+
+def _empty_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A new, unsharded model of the same architecture (with the same LoRA adapters for a peft model)."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model
+
+        inner = model.get_base_model()
+        name = model.active_adapter
+        return get_peft_model(unsharded_class(inner)(inner.config), model.peft_config[name], adapter_name=name)
+    return unsharded_class(model)(model.config)
 
 
 @contextmanager
@@ -83,11 +96,12 @@ def gathered(model: torch.nn.Module, main: bool, everywhere: bool = False):
     state = full_state_dict(model, everywhere)
     copy = None
     if main or everywhere:
-        copy = unsharded_class(model)(model.config)
+        copy = _empty_copy(model)
         copy.load_state_dict(state)
         first = next(iter(state.values()))
         copy.to(device=first.device, dtype=first.dtype)
-        copy.generation_config = model.generation_config
+        base = copy.get_base_model() if hasattr(copy, "peft_config") else copy
+        base.generation_config = model.generation_config
     del state
     try:
         yield copy

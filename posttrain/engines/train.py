@@ -150,9 +150,6 @@ class TrainEngine:
         # FSDP2 shards before the optimizer exists: AdamW must hold the sharded parameters
         self.fsdp = cfg.strategy == "fsdp" and self.accelerator.num_processes > 1
         if self.fsdp:
-            if hasattr(model, "peft_config"):
-                raise ConfigError("train.strategy=fsdp does not support LoRA adapters yet", where="train.strategy",
-                                  fix="use train.strategy=ddp with LoRA (the adapters are small), or lora.enabled=false")
             model = sharding.shard(model, self.accelerator.device)
         self._gathered = None
         params = [p for p in model.parameters() if p.requires_grad]

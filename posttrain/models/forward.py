@@ -66,6 +66,19 @@ def _base_lm(model):
     return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
+def _fused_head(model):
+    """(the causal LM, its bias-free output layer) when the LM head can run apart from the model's forward
+    (Llama/Qwen2/Qwen3/Mistral), else (the causal LM, None). Not for a model whose forward must run: a
+    DDP wrapper (gradient sync) or an FSDP-sharded one (its root all-gathers the embeddings and head)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    base = _base_lm(model)
+    if type(base).__name__ not in _HEAD_SLICE_ARCHS or isinstance(model, FSDPModule) or isinstance(base, FSDPModule):
+        return base, None
+    head = base.get_output_embeddings()
+    return base, head if getattr(head, "bias", None) is None else None
+
+
 def token_forward(model, batch: dict, temperature: float = 1.0, want_hidden: bool = False,
                   want_entropy: bool = False):
     """One forward of a causal LM over a :func:`collate_shared` batch. Returns a dict of completion-token
@@ -79,10 +92,9 @@ def token_forward(model, batch: dict, temperature: float = 1.0, want_hidden: boo
     their gradient exist, and the prompt's logits are never computed. Other architectures, and a model
     wrapped for DDP (its forward must run for the gradient sync), run their full forward and index it."""
     rows, cols, seq, j, targets = (batch[k] for k in ("pred_row", "pred_col", "tgt_seq", "tgt_j", "tgt_ids"))
-    base = _base_lm(model)
-    head = base.get_output_embeddings() if type(base).__name__ in _HEAD_SLICE_ARCHS else None
+    base, head = _fused_head(model)
     res = {"seq": seq, "j": j}
-    if head is not None and getattr(head, "bias", None) is None:
+    if head is not None:
         hidden = base.get_decoder()(**model_inputs(base, batch)).last_hidden_state[rows, cols]
         out = lm_head_logps(hidden, head.weight, targets, temperature=temperature, return_entropy=want_entropy)
         res["logp"], res["entropy"] = (out[0].float(), out[1].float()) if want_entropy else (out.float(), None)
@@ -188,9 +200,8 @@ def position_logps(model, batch: dict, pos: torch.Tensor, targets: torch.Tensor,
     runs only at ``pos``, fused with the log-softmax chunk by chunk (``logprobs.lm_head_logps``), so no
     [tokens, vocab] logits exist for the batch; other architectures, and a model wrapped for DDP (its
     forward must run for the gradient sync), run their full forward and gather."""
-    base = _base_lm(model)
-    head = base.get_output_embeddings() if type(base).__name__ in _HEAD_SLICE_ARCHS else None
-    if head is not None and getattr(head, "bias", None) is None:
+    base, head = _fused_head(model)
+    if head is not None:
         hidden = base.get_decoder()(**model_inputs(base, batch)).last_hidden_state
         out = lm_head_logps(hidden.reshape(-1, hidden.shape[-1])[pos], head.weight, targets, return_hits=True)
         lp, hits = out[0].float(), out[1]

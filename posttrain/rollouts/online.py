@@ -138,6 +138,10 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     its world size cannot do), the reference, the rollout engine, the experience maker and the KL
     controller; resumes from the newest checkpoint when asked. ``policy_of(unwrapped model)`` is the
     causal LM that samples (PPO's actor-critic holds it)."""
+    if cfg.train.strategy == "fsdp" and cfg.lora.enabled:
+        raise ConfigError(f"{command} does not support LoRA under train.strategy=fsdp yet (its reference is the "
+                          "policy with adapters off, and the policy is only whole inside the sampling step)",
+                          where="train.strategy", fix="use train.strategy=ddp with LoRA (the adapters are small)")
     if cfg.train.strategy == "fsdp" and command == "ppo":
         raise ConfigError("ppo does not support train.strategy=fsdp yet (the policy and its value model train as "
                           "one module)", where="train.strategy",
