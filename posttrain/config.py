@@ -277,6 +277,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(e)
         raise errors[0]
     if origin is Literal:
+        if isinstance(value, bool) and True not in args and False not in args:
+            # YAML 1.1 reads no/off/false (yes/on/true) as booleans: take back the word the option names
+            words = ("no", "off", "false") if value is False else ("yes", "on", "true")
+            value = next((a for a in args if isinstance(a, str) and a.lower() in words), value)
         if value not in args:
             near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             raise ConfigError(f"{key}={value!r} is not one of {list(args)}", where=key,

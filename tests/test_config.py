@@ -74,3 +74,12 @@ def test_partial_section_keeps_command_defaults():
     cfg = load_config(SFTConfig, None, ["train.output_dir=somewhere"])
     assert cfg.train.lr == SFTConfig().train.lr and cfg.train.epochs == SFTConfig().train.epochs
     assert cfg.train.output_dir == "somewhere"
+
+
+def test_yaml_boolean_words_keep_the_option_they_name():
+    """`train.mixed_precision=no` (YAML 1.1 reads 'no' as false) is the option 'no', not an error."""
+    from posttrain.algorithms.sft import SFTConfig
+    from posttrain.config import load_config
+
+    cfg = load_config(SFTConfig, None, ["train.mixed_precision=no"], command="sft")
+    assert cfg.train.mixed_precision == "no"

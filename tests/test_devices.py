@@ -101,3 +101,18 @@ def test_ppo_loss_with_its_value_head_runs_on_the_models_device(meta_model):
     mb = to_device(_experience().micro_batch([0, 1, 2, 3]), META)
     loss, metrics = loss_fn(ActorCritic(meta_model, v_head=head), mb, torch.tensor(4.0, device=META))
     assert loss.device.type == "meta" and on_meta(metrics)
+
+
+def test_the_gpu_check_script_runs_its_path_on_the_cpu():
+    """scripts/gpu_check.py (run on a GPU by scripts/gpu_check.sh) on the CPU, tiny model, two steps."""
+    import json
+    import subprocess
+    import sys
+
+    from pt_helpers import ROOT
+
+    out = subprocess.run([sys.executable, "scripts/gpu_check.py", "--models", "tiny", "--algos", "sft,grpo",
+                          "--quick", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = json.loads(out.stdout.strip().splitlines()[-1])["gpu_check"]
+    assert [r["algo"] for r in runs] == ["sft", "grpo"] and all(r["tokens_per_s"] > 0 for r in runs)
