@@ -107,7 +107,9 @@ class FastDecoder:
         def fused(*ts):
             return None if ts[0] is None else torch.cat([t.detach() for t in ts]).to(self.dtype)
 
-        w = [view(m.embed_tokens.weight), view(m.norm.weight), view(self.model.lm_head.weight)]
+        embed = view(m.embed_tokens.weight)
+        tied = self.model.lm_head.weight is m.embed_tokens.weight  # one cast copy, not two
+        w = [embed, view(m.norm.weight), embed if tied else view(self.model.lm_head.weight)]
         for layer in m.layers:
             a, mlp = layer.self_attn, layer.mlp
             w += [view(layer.input_layernorm.weight),
@@ -121,6 +123,11 @@ class FastDecoder:
         rot = m.rotary_emb
         self._inv_freq, self._rope_scale = rot.inv_freq.detach().float(), rot.attention_scaling
         self._cos = self._sin = None
+
+    def release(self) -> None:
+        """Drop the fused and cast weight copies between generations (up to a whole model in the engine's
+        dtype); the next ``refresh`` reads the current weights again."""
+        self._weights = None
 
     def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin: [N, head_dim] each, computed like the HF rotary module (fp32, then cast)."""

@@ -211,14 +211,17 @@ class HFRolloutEngine:
             raise ModelError(f"dtype={dtype} needs the fast decode path, which is off ({reason or 'fast=False'})",
                              fix="cast the model itself (model.to(dtype)) or use dtype=None")
         self.decoder = FastDecoder(model, dtype=dtype, compile=compile) if self.fast else None
+        if self.decoder is not None:
+            self.decoder.release()  # its weight copies are made per generate call
         self.compile = compile
 
     # ------------------------------------------------------------------ interface
     def update_weights(self, model) -> None:
         """Sample from ``model``'s weights from now on (same architecture as the engine's model).
 
-        The engine's own model is updated in place (``load_state_dict``) unless ``model`` *is* it; the
-        fast path then re-reads its weight views / refreshes its cast copies."""
+        The engine's own model is updated in place (``load_state_dict``) unless ``model`` *is* it. The
+        fast path reads (views of, or cast copies of) the weights at the start of every ``generate``
+        and drops them at its end, so it never samples from weights older than the call."""
         src = getattr(model, "module", model)  # DDP / accelerate wrappers
         if src is not self.model:
             try:
@@ -226,8 +229,6 @@ class HFRolloutEngine:
             except RuntimeError as e:
                 raise ModelError(f"update_weights: the trainer's weights do not fit the engine's model: {e}",
                                  fix="pass a model of the same architecture (merge LoRA adapters first)") from e
-        if self.decoder is not None:
-            self.decoder.refresh()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         params.validate()
@@ -250,13 +251,19 @@ class HFRolloutEngine:
             order.sort(key=lambda i: len(prompts[i]))
         results: list[list[Rollout] | None] = [None] * len(prompts)
         t0, new_tokens = time.perf_counter(), 0
-        with eval_mode(self.model), torch.no_grad():  # no dropout while sampling
-            for start in range(0, len(order), per_chunk):
-                chunk = order[start:start + per_chunk]
-                groups = self._generate_chunk([prompts[i] for i in chunk], params, eos, gen, device)
-                for i, group in zip(chunk, groups):
-                    results[i] = group
-                    new_tokens += sum(len(r.completion_ids) for r in group)
+        if self.decoder is not None:  # the fused/cast weight copies exist only while generating
+            self.decoder.refresh()
+        try:
+            with eval_mode(self.model), torch.no_grad():  # no dropout while sampling
+                for start in range(0, len(order), per_chunk):
+                    chunk = order[start:start + per_chunk]
+                    groups = self._generate_chunk([prompts[i] for i in chunk], params, eos, gen, device)
+                    for i, group in zip(chunk, groups):
+                        results[i] = group
+                        new_tokens += sum(len(r.completion_ids) for r in group)
+        finally:
+            if self.decoder is not None:
+                self.decoder.release()
         dt = time.perf_counter() - t0
         self.last_stats = {"gen_s": dt, "new_tokens": float(new_tokens), "tokens_per_s": new_tokens / max(dt, 1e-9)}
         return [r for group in results for r in group]
