@@ -66,7 +66,7 @@ def _base_lm(model):
     return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
-def _fused_head(model):
+def separable_head(model):
     """(the causal LM, its bias-free output layer) when the LM head can run apart from the model's forward
     (Llama/Qwen2/Qwen3/Mistral), else (the causal LM, None). Not for a model whose forward must run: a
     DDP wrapper (gradient sync) or an FSDP-sharded one (its root all-gathers the embeddings and head)."""
@@ -92,7 +92,7 @@ def token_forward(model, batch: dict, temperature: float = 1.0, want_hidden: boo
     their gradient exist, and the prompt's logits are never computed. Other architectures, and a model
     wrapped for DDP (its forward must run for the gradient sync), run their full forward and index it."""
     rows, cols, seq, j, targets = (batch[k] for k in ("pred_row", "pred_col", "tgt_seq", "tgt_j", "tgt_ids"))
-    base, head = _fused_head(model)
+    base, head = separable_head(model)
     res = {"seq": seq, "j": j}
     if head is not None:
         hidden = base.get_decoder()(**model_inputs(base, batch)).last_hidden_state[rows, cols]
@@ -200,7 +200,7 @@ def position_logps(model, batch: dict, pos: torch.Tensor, targets: torch.Tensor,
     runs only at ``pos``, fused with the log-softmax chunk by chunk (``logprobs.lm_head_logps``), so no
     [tokens, vocab] logits exist for the batch; other architectures, and a model wrapped for DDP (its
     forward must run for the gradient sync), run their full forward and gather."""
-    base, head = _fused_head(model)
+    base, head = separable_head(model)
     if head is not None:
         hidden = base.get_decoder()(**model_inputs(base, batch)).last_hidden_state
         out = lm_head_logps(hidden.reshape(-1, hidden.shape[-1])[pos], head.weight, targets, return_hits=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from posttrain.engines.rollout import HFRolloutEngine, SamplingParams, filter_logits
+from posttrain.models.forward import separable_head
 from posttrain.models.loading import eval_mode
 
 
@@ -60,7 +61,9 @@ def teacher_forced_logprobs(model, pad_token_id: int, rows: list[tuple[list[int]
                             ) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
     """For each (prompt, continuation): log p(c_t | prompt, c_<t) for every continuation token, and
     the ``top_k`` most likely (token, log-prob) at each of those positions. One right-padded forward
-    pass (padding after the last real token cannot change causal logits before it). ``processed``:
+    pass (padding after the last real token cannot change causal logits before it); for Llama/Qwen-style
+    models the LM head runs only at each continuation's positions, one sequence at a time, so no
+    [batch, length, vocab] logits exist (``models.forward.separable_head``). ``processed``:
     the log-probs of the distribution these sampling parameters draw from (temperature, top-k, top-p;
     the rollout engine's semantics) instead of the model's own ``log_softmax(logits)``."""
     import torch
@@ -69,26 +72,34 @@ def teacher_forced_logprobs(model, pad_token_id: int, rows: list[tuple[list[int]
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    base, head = separable_head(model)
     with eval_mode(model), torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    out = []
-    for i, (p, c) in enumerate(rows):
-        if not c:
-            out.append(([], []))
-            continue
-        # logits at position t predict token t + 1: the continuation is predicted from len(p) - 1 on
-        rows_logits = logits[i, len(p) - 1:len(p) - 1 + len(c)].float()
-        if processed is not None and processed.temperature > 0:
-            rows_logits = filter_logits(rows_logits / processed.temperature, processed.top_k, processed.top_p)
-        logp = torch.log_softmax(rows_logits, dim=-1)
-        chosen = logp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1).tolist()
-        if top_k:
-            values, indices = logp.topk(top_k, dim=-1)
-            top = [list(zip(ix, vs)) for ix, vs in zip(indices.tolist(), values.tolist())]
+        if head is not None:  # the head at continuation positions only, one sequence at a time
+            hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits_at = lambda i, a, b: head(hidden[i, a:b])  # noqa: E731
         else:
-            top = [[] for _ in c]
-        out.append((chosen, top))
+            full = model(input_ids=ids, attention_mask=mask).logits
+            logits_at = lambda i, a, b: full[i, a:b]  # noqa: E731
+        out = []
+        for i, (p, c) in enumerate(rows):
+            out.append(_scored(logits_at(i, len(p) - 1, len(p) - 1 + len(c)).float(), c, top_k, processed)
+                       if c else ([], []))
     return out
+
+
+def _scored(rows_logits, c: list[int], top_k: int, processed: SamplingParams | None):
+    """(log-prob of each continuation token, its top-k alternatives) from the [len(c), V] logits that
+    predict them."""
+    import torch
+
+    if processed is not None and processed.temperature > 0:
+        rows_logits = filter_logits(rows_logits / processed.temperature, processed.top_k, processed.top_p)
+    logp = torch.log_softmax(rows_logits, dim=-1)
+    chosen = logp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1).tolist()
+    if not top_k:
+        return chosen, [[] for _ in c]
+    values, indices = logp.topk(top_k, dim=-1)
+    return chosen, [list(zip(ix, vs)) for ix, vs in zip(indices.tolist(), values.tolist())]
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -211,3 +211,26 @@ def test_teacher_forced_logprobs_match_one_token_at_a_time():
             assert lps[t] == pytest.approx(float(ref[token]), abs=1e-4)
             best = ref.topk(2)
             assert [i for i, _ in tops[t]] == best.indices.tolist()
+
+
+def test_teacher_forced_logprobs_with_the_head_at_continuations_only_equal_the_full_forward(monkeypatch):
+    """The server's scorer runs the LM head only at each continuation's positions (no [batch, length,
+    vocab] logits); log-probs, top alternatives and the processed (temperature/top-p) log-probs equal
+    those of the full forward."""
+    from posttrain.config import ModelConfig
+    from posttrain.engines.rollout import SamplingParams
+    from posttrain.models import forward
+    from posttrain.models.loading import load_causal_lm
+    from posttrain.serving.generation import teacher_forced_logprobs
+
+    model = load_causal_lm(ModelConfig(name_or_path="tiny")).eval()
+    assert forward.separable_head(model)[1] is not None  # the tiny Llama takes the head-apart path
+    rows = [([5, 17, 42, 9], [100, 7, 300]), ([8, 3], [11, 250, 4, 60, 2]), ([9], [])]
+    processed = SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.9)
+    apart = [teacher_forced_logprobs(model, 0, rows, top_k=3, processed=p) for p in (None, processed)]
+    monkeypatch.setattr(forward, "_HEAD_SLICE_ARCHS", ())
+    full = [teacher_forced_logprobs(model, 0, rows, top_k=3, processed=p) for p in (None, processed)]
+    for a_run, f_run in zip(apart, full):
+        for (la, ta), (lf, tf) in zip(a_run, f_run):
+            assert la == pytest.approx(lf, abs=1e-5)
+            assert [[i for i, _ in t] for t in ta] == [[i for i, _ in t] for t in tf]
