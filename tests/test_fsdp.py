@@ -80,8 +80,6 @@ def test_fsdp_dpo_matches_one_process(tmp_path):
 
 
 def test_fsdp_refuses_what_it_does_not_support(tmp_path):
-    out = run_cli("ppo", f"train.output_dir={tmp_path/'p'}", "train.strategy=fsdp", "train.max_steps=1")
-    assert out.returncode != 0 and "train.strategy" in out.stderr and "ddp" in out.stderr
     out = run_cli("grpo", f"train.output_dir={tmp_path/'g'}", "train.strategy=fsdp", "lora.enabled=true",
                   "train.max_steps=1")
     assert out.returncode != 0 and "LoRA under train.strategy=fsdp" in out.stderr

@@ -43,7 +43,8 @@ from posttrain.rewards.combine import check_reward_config, default_reward
 from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
 from posttrain.rollouts.experience import minibatches
 from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics
-from posttrain.rollouts.online import PGRecipe, end_rl_step, online_setup, pg_recipe, policy_gradient_terms
+from posttrain.rollouts.online import (PGRecipe, end_rl_step, online_setup, pg_recipe, policy_gradient_terms,
+                                      sampling_policy)
 
 
 @dataclass
@@ -148,6 +149,12 @@ class ActorCritic(torch.nn.Module):
             return self.v_head(out["hidden"].float()).squeeze(-1)
         return critic_values(self.critic, mb)
 
+    def empty_copy(self, build) -> "ActorCritic":
+        """An unsharded actor-critic of the same shape (FSDP gathers its weights into it); ``build`` makes
+        the empty copy of one part."""
+        head = None if self.v_head is None else torch.nn.Linear(self.v_head.in_features, 1)
+        return ActorCritic(build(self.policy), None if self.critic is None else build(self.critic), head)
+
     def forward(self, mb: dict, temperature: float = 1.0):
         """(policy token_forward dict with the entropy, flat values [K]) — one call, so a DDP wrapper
         around this module sees the whole computation."""
@@ -209,24 +216,25 @@ def run(cfg: PPOConfig) -> dict:
     recipe = pg_recipe(cfg, policy_loss="ppo")
     o = online_setup(cfg, "ppo", lambda tokenizer: build_actor_critic(cfg, tokenizer), policy_of=lambda ac: ac.policy)
     engine, plan = o.engine, o.plan
-    ac: ActorCritic = engine.unwrapped
-    policy, temp = ac.policy, recipe.temperature
+    temp = recipe.temperature
     estimator = get_kl_estimator(recipe.kl_estimator)
     loss_fn, count_fn = make_loss(cfg, recipe, o.kl_ctl)
 
-    def critic_fn(mb):
-        with eval_mode(ac):
-            out = token_forward(policy, mb, temp, want_hidden=True) if ac.v_head is not None else None
-            v = ac.values(mb, out)
-        return v, mb["tgt_seq"], mb["tgt_j"]
+    def critic_of(ac: ActorCritic):
+        def critic_fn(mb):
+            with eval_mode(ac):
+                out = token_forward(ac.policy, mb, temp, want_hidden=True) if ac.v_head is not None else None
+                v = ac.values(mb, out)
+            return v, mb["tgt_seq"], mb["tgt_j"]
+        return critic_fn
 
     # ---- loop: sample -> score -> values -> GAE -> (epochs x minibatches) optimizer steps
     row: dict = {}
     while o.step < o.n_steps:
         t0 = time.perf_counter()
-        o.gen.update_weights(policy)
-        exp = o.maker.make(o.step, policy=policy_logp_fn(policy, temp), ref=o.ref_fn, critic=critic_fn,
-                           need_old=True, micro=plan.micro)
+        with sampling_policy(o, lambda ac: ac.policy) as ac:  # under FSDP a gathered copy, freed after
+            exp = o.maker.make(o.step, policy=policy_logp_fn(ac.policy, temp), ref=o.ref_fn, critic=critic_of(ac),
+                               need_old=True, micro=plan.micro)
         m = exp.metrics
         kl_tok = None
         if exp.ref_logp is not None:
@@ -249,9 +257,9 @@ def run(cfg: PPOConfig) -> dict:
     o.summary["last_step"] = row
     tokenizer, run_dir = o.tokenizer, o.run_dir
 
-    def save():
-        merge = bool(cfg.lora.enabled and cfg.lora.merge_on_save)
-        save_pretrained(policy, tokenizer, Path(run_dir) / "final", merge_lora=merge)
+    def save():  # inside finish's gather: under FSDP the main process's whole copy
+        ac, merge = engine.unwrapped, bool(cfg.lora.enabled and cfg.lora.merge_on_save)
+        save_pretrained(ac.policy, tokenizer, Path(run_dir) / "final", merge_lora=merge)
         save_value(ac, tokenizer, Path(run_dir) / "value")
 
     return finish(engine, o.logger, run_dir, o.summary, o.evaluate, o.step, save)

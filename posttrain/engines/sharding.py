@@ -77,7 +77,10 @@ def unsharded_class(model: torch.nn.Module) -> type:
 
 
 def _empty_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A new, unsharded model of the same architecture (with the same LoRA adapters for a peft model)."""
+    """A new, unsharded model of the same architecture (with the same LoRA adapters for a peft model; a
+    composite module, such as PPO's actor-critic, builds its own from copies of its parts)."""
+    if hasattr(model, "empty_copy"):
+        return model.empty_copy(_empty_copy)
     if hasattr(model, "peft_config"):
         from peft import get_peft_model
 
@@ -100,8 +103,9 @@ def gathered(model: torch.nn.Module, main: bool, everywhere: bool = False):
         copy.load_state_dict(state)
         first = next(iter(state.values()))
         copy.to(device=first.device, dtype=first.dtype)
-        base = copy.get_base_model() if hasattr(copy, "peft_config") else copy
-        base.generation_config = model.generation_config
+        if hasattr(model, "generation_config"):
+            base = copy.get_base_model() if hasattr(copy, "peft_config") else copy
+            base.generation_config = model.generation_config
     del state
     try:
         yield copy

@@ -142,10 +142,6 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
         raise ConfigError(f"{command} does not support LoRA under train.strategy=fsdp yet (its reference is the "
                           "policy with adapters off, and the policy is only whole inside the sampling step)",
                           where="train.strategy", fix="use train.strategy=ddp with LoRA (the adapters are small)")
-    if cfg.train.strategy == "fsdp" and command == "ppo":
-        raise ConfigError("ppo does not support train.strategy=fsdp yet (the policy and its value model train as "
-                          "one module)", where="train.strategy",
-                          fix="use train.strategy=ddp (the default) with torchrun, or grpo/rloo/reinforce with fsdp")
     records = load_prompt_records(cfg.rollout)
     eval_records = load_eval_records(cfg.rollout)
     rewards = load_rewards(cfg.reward, cfg.reward_weights)
@@ -196,17 +192,18 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
 
 @contextmanager
 def sampling_policy(o: Online, policy_of: Callable = lambda m: m):
-    """The causal LM that samples this step's rollouts (and scores them under π_old): the trained model
+    """The trained model as this step's rollouts are sampled and scored (π_old, values) from it: the model
     itself, its rollout engine updated to the current weights; under FSDP an all-gathered copy on every
-    process with a rollout engine built around it, both freed when the block ends."""
+    process with a rollout engine built around ``policy_of(copy)``, both freed when the block ends."""
     with o.engine.gathered(everywhere=True):
-        policy = policy_of(o.engine.unwrapped)
+        model = o.engine.unwrapped
         if o.engine.fsdp:
-            o.gen = o.maker.engine = make_engine(policy, o.tokenizer, o.cfg.rollout, o.cfg.model.name_or_path)
+            o.gen = o.maker.engine = make_engine(policy_of(model), o.tokenizer, o.cfg.rollout,
+                                                 o.cfg.model.name_or_path)
         else:
-            o.gen.update_weights(policy)
+            o.gen.update_weights(policy_of(model))
         try:
-            yield policy
+            yield model
         finally:
             if o.engine.fsdp:
                 o.gen = o.maker.engine = None

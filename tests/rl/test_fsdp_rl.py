@@ -1,6 +1,6 @@
-"""GRPO under FSDP2 (two processes, gloo): each step all-gathers the policy into a whole copy on every
-process for sampling and π_old, builds the rollout engine around it and frees both; the update runs on
-the sharded model. Same seeds, same rollouts per process: the same run as DDP, to 1e-5."""
+"""GRPO and PPO under FSDP2 (two processes, gloo): each step all-gathers the model into a whole copy on
+every process for sampling, π_old and (PPO) values, builds the rollout engine around it and frees both;
+the update runs on the sharded model. Same seeds, same rollouts per process: the same run as DDP, to 1e-5."""
 
 import json
 from pathlib import Path
@@ -13,14 +13,16 @@ from pt_helpers import torchrun
 pytestmark = pytest.mark.slow
 
 
-def test_grpo_under_fsdp_equals_ddp(sft_policy, tmp_path):
-    args = [f"model.name_or_path={sft_policy}", "rollout.prompts_per_step=4", "rollout.group_size=4",
+@pytest.mark.parametrize("command", ["grpo", "ppo"])
+def test_online_rl_under_fsdp_equals_ddp(sft_policy, tmp_path, command):
+    extra = ["value.shared_backbone=true", "rollout.group_size=2"] if command == "ppo" else ["rollout.group_size=4"]
+    args = [f"model.name_or_path={sft_policy}", "rollout.prompts_per_step=4", *extra,
             "rollout.max_new_tokens=12", "train.max_steps=3", "task_eval_prompts=8", "task_eval_samples=1",
             "train.progress=false", "train.threads=1", "train.lr=1e-4", "train.log_every=1",
             "rollout.engine_dtype=model"]  # fp32 sampling: bf16 rounding would turn 1e-7 reduction-order noise into flipped tokens
     runs = {}
     for strategy in ("ddp", "fsdp"):
-        out = torchrun("grpo", f"train.output_dir={tmp_path / strategy}", f"train.strategy={strategy}", *args)
+        out = torchrun(command, f"train.output_dir={tmp_path / strategy}", f"train.strategy={strategy}", *args)
         assert out.returncode == 0, out.stderr[-3000:]
         summary = json.loads((tmp_path / strategy / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["strategy"] == strategy
