@@ -126,13 +126,15 @@ def critic_values(critic, batch: dict) -> torch.Tensor:
 
 def ref_logp_fn(ref_model, policy, temperature: float):
     """micro_batch -> (flat ref log-probs, seq, j): a separate frozen model, or the LoRA policy with its
-    adapters disabled."""
+    adapters disabled (``policy``: the model, or a callable returning the one to use at call time, such
+    as an FSDP run's gathered copy)."""
     def fn(mb):
         if ref_model is not None:
             out = token_forward(ref_model, mb, temperature)
         else:
-            with policy.disable_adapter():
-                out = token_forward(policy, mb, temperature)
+            model = policy() if callable(policy) and not isinstance(policy, torch.nn.Module) else policy
+            with model.disable_adapter():
+                out = token_forward(model, mb, temperature)
         return out["logp"], out["seq"], out["j"]
     return fn
 

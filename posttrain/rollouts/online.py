@@ -23,7 +23,7 @@ import torch
 from posttrain.engines.loop import between_steps
 from posttrain.engines.runlog import MetricsLogger, Progress, say
 from posttrain.engines.train import TrainEngine, make_run_dir
-from posttrain.errors import ConfigError, TrainingError
+from posttrain.errors import TrainingError
 from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
 from posttrain.models.forward import ref_logp_fn, to_layout
 from posttrain.models.loading import tokenizer_for
@@ -138,10 +138,6 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     its world size cannot do), the reference, the rollout engine, the experience maker and the KL
     controller; resumes from the newest checkpoint when asked. ``policy_of(unwrapped model)`` is the
     causal LM that samples (PPO's actor-critic holds it)."""
-    if cfg.train.strategy == "fsdp" and cfg.lora.enabled:
-        raise ConfigError(f"{command} does not support LoRA under train.strategy=fsdp yet (its reference is the "
-                          "policy with adapters off, and the policy is only whole inside the sampling step)",
-                          where="train.strategy", fix="use train.strategy=ddp with LoRA (the adapters are small)")
     records = load_prompt_records(cfg.rollout)
     eval_records = load_eval_records(cfg.rollout)
     rewards = load_rewards(cfg.reward, cfg.reward_weights)
@@ -180,7 +176,7 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     summary = {"world_size": engine.world_size, "strategy": engine.strategy, "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
                "rollouts_per_step": cfg.rollout.prompts_per_step * cfg.rollout.group_size}
     o = Online(cfg, command, run_dir, tokenizer, engine, plan, n_steps, updates,
-               ref_logp_fn(ref_model, policy, temp) if need_ref else None, gen, maker, kl_ctl, logger,
+               ref_logp_fn(ref_model, lambda: policy_of(engine.unwrapped), temp) if need_ref else None, gen, maker, kl_ctl, logger,
                Progress(n_steps, command, cfg.train.progress), step, evaluate, summary)
     if step == 0:
         with engine.gathered():

@@ -13,9 +13,14 @@ from pt_helpers import torchrun
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("command", ["grpo", "ppo"])
+@pytest.mark.parametrize("command", ["grpo", "ppo", "grpo-lora"])
 def test_online_rl_under_fsdp_equals_ddp(sft_policy, tmp_path, command):
-    extra = ["value.shared_backbone=true", "rollout.group_size=2"] if command == "ppo" else ["rollout.group_size=4"]
+    """grpo-lora: the adapters train sharded, and the KL reference is the gathered copy with its adapters
+    off (lora.dropout=0: dropout masks are drawn per process)."""
+    extra = {"ppo": ["value.shared_backbone=true", "rollout.group_size=2"], "grpo": ["rollout.group_size=4"],
+             "grpo-lora": ["rollout.group_size=4", "lora.enabled=true", "lora.r=4", "lora.dropout=0", "kl.beta=0.05"]}
+    extra = extra[command]
+    command, final = command.split("-")[0], ("adapter_model" if command.endswith("lora") else "model")
     args = [f"model.name_or_path={sft_policy}", "rollout.prompts_per_step=4", *extra,
             "rollout.max_new_tokens=12", "train.max_steps=3", "task_eval_prompts=8", "task_eval_samples=1",
             "train.progress=false", "train.threads=1", "train.lr=1e-4", "train.log_every=1",
@@ -28,12 +33,15 @@ def test_online_rl_under_fsdp_equals_ddp(sft_policy, tmp_path, command):
         assert summary["world_size"] == 2 and summary["strategy"] == strategy
         rows = [json.loads(r) for r in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
         runs[strategy] = ([r for r in rows if "train/loss" in r],
-                          load_file(str(tmp_path / strategy / "final" / "model.safetensors")))
+                          load_file(str(tmp_path / strategy / "final" / f"{final}.safetensors")))
     (ddp_rows, a), (fsdp_rows, b) = runs["ddp"], runs["fsdp"]
     assert any(r["train/grad_norm"] > 0 for r in ddp_rows)  # a learning signal reached the weights
     for x, y in zip(ddp_rows, fsdp_rows, strict=True):
         assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
         assert x["train/loss"] == pytest.approx(y["train/loss"], abs=1e-5)
-    init = load_file(str(Path(sft_policy) / "model.safetensors"))
-    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-5  # the policy moved
+    if final == "model":
+        init = load_file(str(Path(sft_policy) / "model.safetensors"))
+        assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-5  # the policy moved
+    else:
+        assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-6  # the adapters moved
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
