@@ -69,6 +69,15 @@ class SamplingParams:
             raise ConfigError("invalid sampling parameters: " + "; ".join(problems), where="SamplingParams")
 
 
+def check_request(prompts: list[list[int]], params: SamplingParams) -> bool:
+    """Validate a ``generate`` request every engine accepts alike; False when there is nothing to sample."""
+    params.validate()
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ConfigError(f"prompt {i} is empty", fix="every prompt needs at least one token")
+    return bool(prompts)
+
+
 @dataclass
 class Rollout:
     prompt_ids: list[int]
@@ -231,12 +240,8 @@ class HFRolloutEngine:
                                  fix="pass a model of the same architecture (merge LoRA adapters first)") from e
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        params.validate()
-        if not prompts:
+        if not check_request(prompts, params):
             return []
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ConfigError(f"prompt {i} is empty", fix="every prompt needs at least one token")
         if params.stop_strings and self.tokenizer is None:
             raise ConfigError("stop_strings need a tokenizer", fix="pass tokenizer= to HFRolloutEngine")
         eos = self._eos_ids() if params.stop_token_ids is None else list(params.stop_token_ids)

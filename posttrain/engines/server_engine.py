@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from posttrain.engines.rollout import Rollout, SamplingParams
+from posttrain.engines.rollout import Rollout, SamplingParams, check_request
 from posttrain.errors import ConfigError, ServiceError
 
 VLLM_LOAD, VLLM_VERSION = "posttrain_load_weights", "posttrain_weights_version"  # serving/vllm_worker.py
@@ -234,12 +234,8 @@ class ServerRolloutEngine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        params.validate()
-        if not prompts:
+        if not check_request(prompts, params):
             return []
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ConfigError(f"prompt {i} is empty", fix="every prompt needs at least one token")
         plain = params.temperature in (0, 1) and params.top_p == 1 and params.top_k == 0
         for s in self.servers:
             if s.logprobs_mode == "raw_logprobs" and not plain:
