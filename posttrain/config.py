@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -200,6 +201,11 @@ def check_trackers(names: list[str]) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
+def public_name(field_name: str) -> str:
+    """The key users write for a field: ``async_`` is ``async`` (a Python keyword cannot be a field)."""
+    return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -209,7 +215,7 @@ def flat_keys(cls, prefix: str = "") -> list[str]:
     out = []
     hints = _hints(cls)
     for f in fields(cls):
-        key = prefix + f.name
+        key = prefix + public_name(f.name)
         out.append(key)
         if is_dataclass(hints[f.name]):
             out += flat_keys(hints[f.name], key + ".")
@@ -331,6 +337,8 @@ def build(cls, data: dict[str, Any], prefix: str = ""):
     kwargs = {}
     defaults = {f.name: f for f in fields(cls)}
     for key, value in data.items():
+        if keyword.iskeyword(key) and key + "_" in names:
+            key = key + "_"
         if key not in names:
             raise _unknown(key, cls, prefix, value)
         f = defaults[key]
@@ -389,7 +397,10 @@ def load_config(cls, config_file: str | Path | None = None, overrides: list[str]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    def public(x):
+        return {public_name(k): public(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+    return public(dataclasses.asdict(cfg))
 
 
 def save_config(cfg: Any, path: str | Path, command: str | None = None) -> None:

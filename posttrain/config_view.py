@@ -8,7 +8,7 @@ import typing
 from dataclasses import fields, is_dataclass
 from typing import Any, Literal
 
-from posttrain.config import _hints
+from posttrain.config import _hints, public_name
 
 
 def describe(cls, prefix: str = "", instance: Any = None) -> list[tuple[str, str, str, str, str]]:
@@ -20,9 +20,9 @@ def describe(cls, prefix: str = "", instance: Any = None) -> list[tuple[str, str
     for f in fields(cls):
         tp, value = hints[f.name], getattr(instance, f.name)
         if is_dataclass(tp):
-            rows += describe(tp, prefix + f.name + ".", value)
+            rows += describe(tp, prefix + public_name(f.name) + ".", value)
             continue
-        rows.append((prefix + f.name, type_name(tp), repr(value), f.metadata.get("help", ""),
+        rows.append((prefix + public_name(f.name), type_name(tp), repr(value), f.metadata.get("help", ""),
                      f.metadata.get("source", "")))
     return rows
 
@@ -43,9 +43,9 @@ def changed_keys(cfg: Any, defaults: Any, prefix: str = "") -> dict[str, tuple[A
     for f in fields(cfg):
         v, d = getattr(cfg, f.name), getattr(defaults, f.name)
         if is_dataclass(v):
-            out.update(changed_keys(v, d, prefix + f.name + "."))
+            out.update(changed_keys(v, d, prefix + public_name(f.name) + "."))
         elif v != d:
-            out[prefix + f.name] = (v, d)
+            out[prefix + public_name(f.name)] = (v, d)
     return out
 
 
@@ -60,12 +60,12 @@ def resolved_yaml(cfg: Any, command: str | None = None) -> str:
     def walk(node: Any, prefix: str, indent: str) -> None:
         for f in fields(node):
             v = getattr(node, f.name)
-            key = prefix + f.name
+            key = prefix + public_name(f.name)
             if is_dataclass(v):
-                lines.append(f"{indent}{f.name}:")
+                lines.append(f"{indent}{public_name(f.name)}:")
                 walk(v, key + ".", indent + "  ")
                 continue
-            text = yaml.safe_dump({f.name: v}, default_flow_style=True, width=10**6).strip()
+            text = yaml.safe_dump({public_name(f.name): v}, default_flow_style=True, width=10**6).strip()
             text = text[1:-1] if text.startswith("{") else text
             note = f"  # default: {changed[key][1]!r}" if key in changed else ""
             lines.append(f"{indent}{text}{note}")

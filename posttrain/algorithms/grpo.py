@@ -31,17 +31,18 @@ import torch
 
 from posttrain.advantages import expand_to_tokens, group_advantages, reinforce_advantages, rloo_advantages
 from posttrain.config import LoraConfig, ModelConfig, opt
-from posttrain.engines.loop import finish, save_final
+from posttrain.engines.loop import save_final
 from posttrain.errors import ConfigError
 from posttrain.kl import get_kl_estimator
 from posttrain.models.forward import policy_logp_fn, token_forward
 from posttrain.models.loading import load_policy
 from posttrain.rewards.combine import check_reward_config, default_reward
-from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
+from posttrain.rollouts.config import (AsyncConfig, KLConfig, RayConfig, RLTrainConfig, RolloutConfig,
+                                       ShapingConfig, check_launcher)
 from posttrain.rollouts.experience import fill_invalid, minibatches
 from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics, sequence_kl
-from posttrain.rollouts.online import (PGRecipe, end_rl_step, online_setup, pg_recipe, policy_gradient_terms,
-                                      sampling_policy)
+from posttrain.rollouts.online import (PGRecipe, end_rl_step, finish_online, online_setup, pg_recipe,
+                                      policy_gradient_terms, sampling_policy)
 
 Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"]
 
@@ -133,12 +134,19 @@ class GRPOConfig:
                                help="Optimisation; batch sizes count rollouts.", )
     task_eval_prompts: int = opt(64, "Built-in task: held-out prompts for accuracy / gold reward.")
     task_eval_samples: int = opt(4, "Built-in task: samples per held-out prompt (temperature 1).")
+    launcher: Literal["local", "ray"] = opt(
+        "local", "local: sampling and training in this process (or its torchrun ranks); ray: rollout workers as "
+        "Ray actors (ray.*), weights sent to them after every update, optionally asynchronous (async.*).",
+        "OpenRLHF, veRL, open-instruct: a single controller driving Ray actors")
+    ray: RayConfig = opt(factory=RayConfig, help="launcher=ray: cluster, workers, resources, timeouts.")
+    async_: AsyncConfig = opt(factory=AsyncConfig, help="Asynchronous RL (launcher=ray): bounded staleness.")
 
     def __post_init__(self):
         resolve_variant(self, self.variant)
         self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_correct")
 
     def validate(self) -> None:
+        check_launcher(self)
         check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
         if self.rollout.engine == "vllm" and self.lora.enabled:
             raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
@@ -246,7 +254,5 @@ def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
             m.update(merge_update_metrics(steps))
             m["train_s"] = time.perf_counter() - t1
         row = end_rl_step(o, m, len(exp), t0)
-    o.progress.close()
     o.summary["last_step"] = row
-    return finish(engine, o.logger, o.run_dir, o.summary, o.evaluate, o.step,
-                  save=lambda: save_final(engine, o.tokenizer, o.run_dir, cfg.lora))
+    return finish_online(o, save=lambda: save_final(engine, o.tokenizer, o.run_dir, cfg.lora))

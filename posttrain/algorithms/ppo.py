@@ -31,7 +31,6 @@ from safetensors.torch import save_file
 
 from posttrain.advantages import gae
 from posttrain.config import LoraConfig, ModelConfig, opt
-from posttrain.engines.loop import finish
 from posttrain.errors import ConfigError
 from posttrain.kl import get_kl_estimator
 from posttrain.losses.policy import explained_variance, value_loss
@@ -40,11 +39,12 @@ from posttrain.models.forward import critic_values, policy_logp_fn, to_layout, t
 from posttrain.models.heads import load_reward_model, save_reward_model
 from posttrain.models.loading import eval_mode, load_policy, save_pretrained
 from posttrain.rewards.combine import check_reward_config, default_reward
-from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
+from posttrain.rollouts.config import (AsyncConfig, KLConfig, RayConfig, RLTrainConfig, RolloutConfig,
+                                       ShapingConfig, check_launcher)
 from posttrain.rollouts.experience import minibatches
 from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics
-from posttrain.rollouts.online import (PGRecipe, end_rl_step, online_setup, pg_recipe, policy_gradient_terms,
-                                      sampling_policy)
+from posttrain.rollouts.online import (PGRecipe, end_rl_step, finish_online, online_setup, pg_recipe,
+                                      policy_gradient_terms, sampling_policy)
 
 
 @dataclass
@@ -114,6 +114,13 @@ class PPOConfig:
     task_eval_prompts: int = opt(64, "Built-in task: held-out prompts for accuracy / gold reward.")
     task_eval_samples: int = opt(4, "Built-in task: samples per held-out prompt (temperature 1).")
 
+    launcher: Literal["local", "ray"] = opt(
+        "local", "local: sampling and training in this process (or its torchrun ranks); ray: rollout workers as "
+        "Ray actors (ray.*), weights sent to them after every update, optionally asynchronous (async.*).",
+        "OpenRLHF, veRL, open-instruct: a single controller driving Ray actors")
+    ray: RayConfig = opt(factory=RayConfig, help="launcher=ray: cluster, workers, resources, timeouts.")
+    async_: AsyncConfig = opt(factory=AsyncConfig, help="Asynchronous RL (launcher=ray): bounded staleness.")
+
     def __post_init__(self):
         self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_gold")
         if self.kl.beta is None:
@@ -124,6 +131,7 @@ class PPOConfig:
             self.shaping.overlong_buffer = 0
 
     def validate(self) -> None:
+        check_launcher(self)
         if self.rollout.engine == "vllm" and self.lora.enabled:
             raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
                               "so every rollout would come from the initial model", where="rollout.engine",
@@ -253,7 +261,6 @@ def run(cfg: PPOConfig) -> dict:
         m.update(merge_update_metrics(steps))
         m["train_s"] = time.perf_counter() - t1
         row = end_rl_step(o, m, len(exp), t0)
-    o.progress.close()
     o.summary["last_step"] = row
     tokenizer, run_dir = o.tokenizer, o.run_dir
 
@@ -262,7 +269,7 @@ def run(cfg: PPOConfig) -> dict:
         save_pretrained(ac.policy, tokenizer, Path(run_dir) / "final", merge_lora=merge)
         save_value(ac, tokenizer, Path(run_dir) / "value")
 
-    return finish(engine, o.logger, run_dir, o.summary, o.evaluate, o.step, save)
+    return finish_online(o, save)
 
 
 def save_value(ac: ActorCritic, tokenizer, out: Path) -> None:

@@ -192,8 +192,9 @@ class ServerRolloutEngine:
         return [f.result() for f in futures]
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, model) -> None:
-        """Write ``model``'s weights to a file and have every server load it (see the module docstring)."""
+    def update_weights(self, model, version: int | None = None) -> None:
+        """Write ``model``'s weights to a file and have every server load it (see the module docstring;
+        the engine numbers its own versions)."""
         from safetensors.torch import save_model
 
         src = getattr(model, "module", model)  # DDP / accelerate wrappers

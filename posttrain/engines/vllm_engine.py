@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from posttrain.engines.rollout import Rollout, SamplingParams
+from posttrain.engines.rollout import Rollout, SamplingParams, prompt_seeds
 from posttrain.errors import ConfigError, ModelError
 
 
@@ -49,14 +49,15 @@ class VLLMRolloutEngine:
         if any(len(p) == 0 for p in prompts):
             raise ConfigError("a prompt is empty", fix="every prompt needs at least one token")
         v = self._vllm
-        sp = v.SamplingParams(
+        sps = [v.SamplingParams(
             n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1, seed=params.seed, logprobs=0,
+            top_k=params.top_k if params.top_k > 0 else -1, seed=seed, logprobs=0,
             stop_token_ids=list(params.stop_token_ids or []), stop=list(params.stop_strings) or None,
             # [] means "no EOS" in posttrain; None means the model's EOS (vLLM's default)
             ignore_eos=params.stop_token_ids is not None and not params.stop_token_ids,
             include_stop_str_in_output=True, skip_special_tokens=False)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp, use_tqdm=False)
+            for seed in prompt_seeds(params, len(prompts))]  # one seed per prompt, as the local engine
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sps, use_tqdm=False)
         rollouts = []
         for prompt, out in zip(prompts, outs):
             for c in out.outputs:  # n completions of this prompt, in order
@@ -71,7 +72,7 @@ class VLLMRolloutEngine:
                 rollouts.append(Rollout(list(prompt), ids, lps, reason))
         return rollouts
 
-    def update_weights(self, model) -> None:
+    def update_weights(self, model, version: int | None = None) -> None:
         """Load the trainer's weights (same architecture, HF parameter names) into the vLLM model."""
         src = getattr(model, "module", model)
         weights = [(name, t.detach()) for name, t in src.state_dict().items()]

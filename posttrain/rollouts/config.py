@@ -116,6 +116,66 @@ class RolloutConfig:
 
 
 @dataclass
+class RayConfig:
+    address: str | None = opt(None, "Ray cluster to join (ray.init address, e.g. auto on a node started with "
+                              "`ray start`); null = start a local cluster for this run and stop it at the end.")
+    rollout_workers: int = opt(2, "Rollout workers (Ray actors), each holding a rollout engine; a step's "
+                               "prompts are split between them in order.")
+    cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per rollout worker (on CPU also its torch threads).")
+    gpus_per_worker: float = opt(0.0, "Ray GPUs per rollout worker (0 on CPU; a fraction shares a GPU).")
+    sync_timeout_s: float = opt(120.0, "Longest wait for a weight version to reach every rollout worker; then "
+                                "the run stops with an error naming the worker (never a silent hang).")
+    call_timeout_s: float = opt(600.0, "Longest wait for one worker's share of a step's generation.")
+    max_restarts: int = opt(3, "Rollout workers restarted after dying, over the whole run (their prompts are "
+                            "sent again); one more death stops the run.")
+
+    def validate(self) -> None:
+        if self.rollout_workers < 1:
+            raise ConfigError(f"ray.rollout_workers must be >= 1, got {self.rollout_workers}",
+                              where="ray.rollout_workers")
+        for key in ("cpus_per_worker", "sync_timeout_s", "call_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"ray.{key} must be > 0", where=f"ray.{key}")
+        if self.gpus_per_worker < 0 or self.max_restarts < 0:
+            raise ConfigError("ray.gpus_per_worker and ray.max_restarts must be >= 0", where="ray")
+
+
+@dataclass
+class AsyncConfig:
+    max_staleness: int = opt(0, "k: the rollouts trained on at step t may come from the policy of step t-k "
+                             "or newer; workers generate steps t+1..t+k while the learner trains on step t "
+                             "(0 = synchronous). Needs launcher=ray; the rollout log-probs correct the lag "
+                             "(rollout.correction=tis).", "AReaL, PipelineRL, open-instruct async: k = 1..4")
+
+    def validate(self) -> None:
+        if self.max_staleness < 0:
+            raise ConfigError("async.max_staleness must be >= 0", where="async.max_staleness")
+
+
+def check_launcher(cfg) -> None:
+    """What ``launcher``, ``ray`` and ``async`` of an online RL config cannot do together."""
+    if cfg.async_.max_staleness and cfg.launcher != "ray":
+        raise ConfigError(f"async.max_staleness={cfg.async_.max_staleness} needs rollout workers beside the "
+                          "learner, and launcher is local", where="async.max_staleness",
+                          fix="set launcher=ray, or async.max_staleness=0")
+    if cfg.async_.max_staleness and cfg.rollout.correction == "none":
+        raise ConfigError("stale rollouts come from an older policy; without the correction the loss would "
+                          "treat them as on-policy", where="rollout.correction",
+                          fix="rollout.correction=tis (the default), or async.max_staleness=0")
+    if cfg.launcher == "ray":
+        if cfg.rollout.engine != "local":
+            raise ConfigError(f"launcher=ray hosts the local engine in each rollout worker; rollout.engine="
+                              f"{cfg.rollout.engine} is not hosted there yet", where="rollout.engine",
+                              fix="rollout.engine=local with launcher=ray, or launcher=local with "
+                                  f"rollout.engine={cfg.rollout.engine}")
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("launcher=ray needs the ray package, which is not installed", where="launcher",
+                              fix="pip install 'posttrain[ray]'") from e
+
+
+@dataclass
 class ShapingConfig:
     truncated: Literal["score", "penalize", "mask"] = opt(
         "score", "Responses cut at max_new_tokens: 'score' them like any other, 'penalize' (their reward "

@@ -23,6 +23,7 @@ aligned*, ``[N, T]`` with ``T`` the longest completion, so the pure loss functio
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -131,10 +132,14 @@ class ExperienceMaker:
 
     def __init__(self, *, tokenizer, engine, rollout: RolloutConfig, shaping: ShapingConfig,
                  rewards: list[tuple[str, Callable, float]], records: list[dict], seed: int,
-                 plan: BatchPlan, rank: int = 0, world: int = 1):
+                 plan: BatchPlan, rank: int = 0, world: int = 1, max_staleness: int = 0,
+                 last_step: int | None = None):
         self.tokenizer, self.engine, self.rollout, self.shaping = tokenizer, engine, rollout, shaping
         self.rewards, self.records, self.seed, self.plan = rewards, records, seed, plan
         self.rank, self.world = rank, world
+        # asynchronous RL: steps t+1..t+k are submitted while step t trains (engines with submit/collect)
+        self.max_staleness, self.last_step = max_staleness, last_step
+        self.pending: dict[int, object] = {}
         self.prompt_ids = []
         for i, r in enumerate(records):
             ids = encode_prompt(tokenizer, r["prompt"])
@@ -158,13 +163,54 @@ class ExperienceMaker:
         return idx[self.rank * per:(self.rank + 1) * per]
 
     # ---- steps 2-3: sample and score
-    def sample(self, idx: list[int], seed: int) -> Experience:
-        ro, G = self.rollout, self.rollout.group_size
+    def request(self, step: int, round_: int = 0):
+        """(prompt indices, their token ids, sampling params) of this process's share of step ``step``.
+        Each prompt's seed is a function of (seed, step, round, prompt), never of the process or worker
+        that samples it."""
+        ro = self.rollout
+        idx = self.prompt_indices(step, round_)
+        base = (self.seed * 1_000_003 + step) * 131 + round_ * 7
         params = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                                 top_k=ro.top_k, stop_token_ids=[self.tokenizer.eos_token_id],
-                                stop_strings=list(ro.stop_strings), seed=seed, n=G)
+                                stop_strings=list(ro.stop_strings), n=ro.group_size,
+                                seeds=[(base * 1_000_033 + i) % 2**62 for i in idx])
+        return idx, [self.prompt_ids[i] for i in idx], params
+
+    def prefetch(self, step: int) -> None:
+        """Asynchronous RL: submit steps ``step+1 .. step+k`` (k = max_staleness) not yet submitted, to be
+        sampled with the weights the workers hold now."""
+        if not self.max_staleness or not hasattr(self.engine, "submit"):
+            return
+        last = step + self.max_staleness if self.last_step is None else min(step + self.max_staleness,
+                                                                             self.last_step - 1)
+        for s in range(step + 1, last + 1):
+            if s not in self.pending:
+                _, ids, params = self.request(s, 0)
+                self.pending[s] = self.engine.submit(ids, params)
+
+    def _rollouts(self, step: int, round_: int, ids, params) -> tuple[list, dict]:
+        """The step's rollouts — submitted earlier (asynchronous RL) or generated now — and the staleness
+        metrics: a rollout more than max_staleness versions older than the current policy is never used
+        (that batch is generated again, and counted)."""
+        pending = self.pending.pop(step, None) if round_ == 0 else None
+        outs = self.engine.collect(pending) if pending is not None else self.engine.generate(ids, params)
+        m = {}
+        versions = [o.version for o in outs if o.version is not None]
+        if versions:
+            lag = [self.engine.version - v for v in versions]
+            if max(lag) > self.max_staleness:
+                outs = self.engine.generate(ids, params)
+                m["async/regenerated"] = float(len(outs))
+                lag = [self.engine.version - o.version for o in outs]
+            m["async/staleness_mean"], m["async/staleness_max"] = sum(lag) / len(lag), float(max(lag))
+            m["async/restarts"] = float(getattr(self.engine, "restarts", 0))
+        return outs, m
+
+    def sample(self, step: int, round_: int = 0) -> Experience:
+        idx, ids, params = self.request(step, round_)
+        G = self.rollout.group_size
         t0 = time.perf_counter()
-        outs = self.engine.generate([self.prompt_ids[i] for i in idx], params)
+        outs, lag_metrics = self._rollouts(step, round_, ids, params)
         t1 = time.perf_counter()
         recs = [self.records[i] for i in idx for _ in range(G)]
         texts = [self.tokenizer.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
@@ -177,7 +223,7 @@ class ExperienceMaker:
             mask[i, :len(o.completion_ids)] = 1.0
             rlp[i, :len(o.logprobs)] = torch.tensor(o.logprobs)
         mask = mask * valid[:, None].float()
-        timing = {"gen_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+        timing = {"gen_s": t1 - t0, "reward_s": time.perf_counter() - t1, **lag_metrics}
         return Experience([r["prompt"] for r in recs], [o.prompt_ids for o in outs],
                           [o.completion_ids for o in outs], texts, finish, G, scores, valid, comps, mask, rlp,
                           metrics=timing)
@@ -229,9 +275,10 @@ class ExperienceMaker:
         parts, kept_groups, seen_groups, zero_frac = [], 0, 0, None
         G, want = self.rollout.group_size, self.plan.prompts_per_process
         for round_ in range(max_rounds if dynamic_sampling else 1):
-            idx = self.prompt_indices(step, round_)
-            exp = self.sample(idx, seed=(self.seed * 1_000_003 + step) * 131 + round_ * 7 + self.rank)
-            groups = len(idx)
+            exp = self.sample(step, round_)
+            if round_ == 0:
+                self.prefetch(step)  # the workers sample the next steps while this one trains
+            groups = len(exp) // G
             seen_groups += groups
             if zero_frac is None:
                 zero_frac = float(group_std_zero_frac(exp.scores, G, exp.valid))
@@ -246,6 +293,7 @@ class ExperienceMaker:
             if kept_groups >= want:
                 break
         timing = {k: sum(p.metrics[k] for p in parts) for k in ("gen_s", "reward_s")}
+        timing.update({k: v for k, v in parts[0].metrics.items() if k.startswith("async/")})
         exp = Experience.concat([p for p in parts if len(p)]) if any(len(p) for p in parts) else parts[0]
         t1 = time.perf_counter()
         if len(exp):
@@ -311,10 +359,15 @@ def load_eval_records(cfg: RolloutConfig) -> list[dict]:
     return load_records(cfg.eval_prompts, "prompt", columns=cfg.columns, options=opts) if cfg.eval_prompts else []
 
 
-def make_engine(model, tokenizer, cfg: RolloutConfig, model_path: str | None = None):
+def make_engine(model, tokenizer, cfg: RolloutConfig, model_path: str | None = None, ray=None):
     """The rollout engine ``rollout.engine`` names, chosen here once: the local engine samples from
     ``model`` itself; vLLM loads ``model_path`` and is sent the trainer's weights by ``update_weights``;
-    the server engine sends ``model``'s weights to ``rollout.servers`` at once and after every update."""
+    the server engine sends ``model``'s weights to ``rollout.servers`` at once and after every update.
+    With ``ray`` (a RayConfig: launcher=ray) the local engine runs in each of the Ray rollout workers."""
+    if ray is not None:
+        from posttrain.engines.ray_engine import RayRolloutEngine  # optional package
+
+        return RayRolloutEngine(model, functools.partial(local_engine, tokenizer=tokenizer, cfg=cfg), ray)
     if cfg.engine == "server":
         from posttrain.engines.server_engine import ServerRolloutEngine
 
@@ -327,6 +380,11 @@ def make_engine(model, tokenizer, cfg: RolloutConfig, model_path: str | None = N
         from posttrain.engines.vllm_engine import VLLMRolloutEngine  # optional package, GPU only
 
         return VLLMRolloutEngine(model_path, tokenizer, **cfg.vllm_kwargs)
+    return local_engine(model, tokenizer, cfg)
+
+
+def local_engine(model, tokenizer, cfg: RolloutConfig) -> HFRolloutEngine:
+    """The in-process engine around ``model`` (also what each Ray rollout worker holds)."""
     return HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
                            compile=cfg.compile, dtype=engine_dtype(cfg.engine_dtype, model),
                            max_batch_size=max(128, cfg.group_size))

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import atexit
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.engines.loop import between_steps
+from posttrain.engines.loop import between_steps, finish
 from posttrain.engines.runlog import MetricsLogger, Progress, say
 from posttrain.engines.train import TrainEngine, make_run_dir
-from posttrain.errors import TrainingError
+from posttrain.errors import ConfigError, TrainingError
 from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
 from posttrain.models.forward import ref_logp_fn, to_layout
 from posttrain.models.loading import tokenizer_for
@@ -149,16 +150,22 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     engine = TrainEngine(model, cfg.train, n_steps * updates, run_dir)
     if check_engine is not None:
         check_engine(engine)
+    ray_cfg = cfg.ray if getattr(cfg, "launcher", "local") == "ray" else None
+    if ray_cfg is not None and engine.world_size > 1:
+        raise ConfigError("launcher=ray trains in the controller process, and this run has "
+                          f"{engine.world_size} processes", where="launcher",
+                          fix="start it as one process (no torchrun / accelerate launch), or use launcher=local")
     plan = plan_batches(cfg.rollout, cfg.train, engine.world_size)
     temp = cfg.rollout.temperature
     need_ref = cfg.kl.beta > 0 or cfg.kl.track
     ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
     # FSDP: no whole model outside engine.gathered(); each step builds its engine around a gathered copy
     policy = None if engine.fsdp else policy_of(engine.unwrapped)
-    gen = None if engine.fsdp else make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path)
+    gen = None if engine.fsdp else make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path, ray_cfg)
     maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
                             rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
-                            rank=engine.rank, world=engine.world_size)
+                            rank=engine.rank, world=engine.world_size,
+                            max_staleness=cfg.async_.max_staleness if ray_cfg else 0, last_step=n_steps)
     kl_ctl = kl_controller(cfg.kl)
     logger = MetricsLogger(run_dir, enabled=engine.is_main, report_to=cfg.train.report_to, config=cfg)
     extra, step = engine.maybe_resume(), 0
@@ -169,15 +176,18 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     def evaluate() -> dict[str, float]:
         p = policy_of(engine.unwrapped)  # under FSDP the main process's gathered copy
         g = make_engine(p, tokenizer, cfg.rollout, cfg.model.name_or_path) if engine.fsdp else gen
-        g.update_weights(p)  # the engine's fused/cast weight copies date from the step's start
+        g.update_weights(p, version=o.step)  # version v = the weights after v RL steps
         return task_eval(p, tokenizer, g, cfg.rollout.prompts, cfg.task_eval_prompts, cfg.task_eval_samples,
                          cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
 
-    summary = {"world_size": engine.world_size, "strategy": engine.strategy, "rl_steps": n_steps, "optimizer_steps_per_rl_step": updates,
+    summary = {"world_size": engine.world_size, "strategy": engine.strategy, "rl_steps": n_steps,
+               "optimizer_steps_per_rl_step": updates, "launcher": getattr(cfg, "launcher", "local"),
                "rollouts_per_step": cfg.rollout.prompts_per_step * cfg.rollout.group_size}
     o = Online(cfg, command, run_dir, tokenizer, engine, plan, n_steps, updates,
                ref_logp_fn(ref_model, lambda: policy_of(engine.unwrapped), temp) if need_ref else None, gen, maker, kl_ctl, logger,
                Progress(n_steps, command, cfg.train.progress), step, evaluate, summary)
+    if ray_cfg is not None:
+        atexit.register(gen.close)  # the workers (and a cluster this run started) end with the run, even on errors
     if step == 0:
         with engine.gathered():
             if engine.is_main:
@@ -197,12 +207,28 @@ def sampling_policy(o: Online, policy_of: Callable = lambda m: m):
             o.gen = o.maker.engine = make_engine(policy_of(model), o.tokenizer, o.cfg.rollout,
                                                  o.cfg.model.name_or_path)
         else:
-            o.gen.update_weights(policy_of(model))
+            o.gen.update_weights(policy_of(model), version=o.step)
         try:
             yield model
         finally:
             if o.engine.fsdp:
                 o.gen = o.maker.engine = None
+
+
+def finish_online(o: Online, save: Callable) -> dict:
+    """The end of an online run: :func:`finish` (final evaluation, save, summary), then the rollout
+    engine stops; with launcher=ray the per-worker table goes to the console and summary.json."""
+    o.progress.close()
+    table = o.gen.worker_table() if hasattr(o.gen, "worker_table") else None
+    if table:
+        o.summary["rollout_workers"] = table
+    out = finish(o.engine, o.logger, o.run_dir, o.summary, o.evaluate, o.step, save=save)
+    if table:
+        say("rollout workers:  " + "   ".join(f"#{r['worker']} {r['tokens']} tokens, {r['tokens_per_s']:.0f} "
+                                               f"tokens/s, idle {r['idle_share']:.0%}" for r in table))
+    if hasattr(o.gen, "close"):
+        o.gen.close()
+    return out
 
 
 def end_rl_step(o: Online, m: dict, n_rollouts: int, t0: float) -> dict:

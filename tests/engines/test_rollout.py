@@ -187,12 +187,17 @@ def test_n_samples_are_grouped_contiguously(fast):
     rolls = engine.generate(prompts, SamplingParams(max_new_tokens=10, n=4, seed=0, stop_token_ids=[]))
     assert [r.prompt_ids for r in rolls] == [p for p in prompts for _ in range(4)]
     assert len({tuple(r.completion_ids) for r in rolls[:4]}) > 1  # samples of one prompt differ
-    # sharing the prefill across the n copies equals repeating the prompt
-    repeated = engine.generate([p for p in prompts for _ in range(4)],
-                               SamplingParams(max_new_tokens=10, n=1, seed=0, stop_token_ids=[]))
-    for a, b in zip(rolls, repeated):
-        assert a.completion_ids == b.completion_ids
-        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    # a prompt's samples depend on its own seed only: alone, or with other prompts, or another batch order
+    seeds = [11, 22, 33]
+    together = engine.generate(prompts, SamplingParams(max_new_tokens=10, n=4, seeds=seeds, stop_token_ids=[]))
+    for i in (2, 0):
+        alone = engine.generate([prompts[i]], SamplingParams(max_new_tokens=10, n=4, seeds=[seeds[i]],
+                                                             stop_token_ids=[]))
+        for a, b in zip(together[4 * i:4 * i + 4], alone):
+            assert a.completion_ids == b.completion_ids
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    with pytest.raises(ConfigError, match="2 seeds for 3 prompts"):
+        engine.generate(prompts, SamplingParams(max_new_tokens=10, seeds=[1, 2]))
     greedy = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0, n=2, stop_token_ids=[]))
     assert all(greedy[2 * i].completion_ids == greedy[2 * i + 1].completion_ids for i in range(3))
 

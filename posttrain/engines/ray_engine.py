@@ -1,0 +1,248 @@
+"""Rollout workers as Ray actors: the rollout engine of ``launcher=ray``.
+
+The controller (the process that runs the command and trains) holds a :class:`RayRolloutEngine`; each
+of ``ray.rollout_workers`` actors holds a rollout engine around its own copy of the policy.
+
+- **Weights, versioned.** ``update_weights(model, version)`` puts the trainable parameters once in the
+  object store (with LoRA the adapters only) and queues a load of that version on every worker. The
+  next generation request first waits, at most ``ray.sync_timeout_s``, until every worker has loaded
+  it; a worker that has not stops the run with an error naming it. Every result carries the version the
+  worker sampled with, and a worker asked for a newer version than it holds refuses (never a silent
+  sample from old weights).
+- **Generation.** ``submit`` splits a request's prompts between the workers in order, each prompt with
+  its own seed (``SamplingParams.seeds``), so the samples are those of the local engine whatever the
+  number of workers; ``collect`` waits for them. ``generate`` is both. Submitting the next steps before
+  training on this one is how the experience layer overlaps generation with training
+  (``async.max_staleness``).
+- **Faults.** A worker that dies is replaced (a new actor with the current weights) and its share of
+  the prompts is sent again, at most ``ray.max_restarts`` times in a run; a worker that does not answer
+  within ``ray.call_timeout_s`` stops the run with an error naming it, its process and what it was doing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from posttrain.engines.rollout import Rollout, SamplingParams, check_request, prompt_seeds
+from posttrain.engines.runlog import say
+from posttrain.errors import PosttrainError, ServiceError
+
+
+class RolloutWorker:
+    """One rollout worker (run as a Ray actor): a rollout engine around its own copy of the policy."""
+
+    def __init__(self, index: int, model, make_engine, threads: int, version: int):
+        torch.set_num_threads(max(1, threads))
+        self.index, self.model, self.version = index, model, version
+        self.engine = make_engine(model)
+        self.params = dict(model.named_parameters())
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def load(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        with torch.no_grad():
+            for name, value in weights.items():
+                self.params[name].copy_(value)
+        self.version = version
+        return version
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, min_version: int):
+        if self.version < min_version:
+            raise ServiceError(f"rollout worker {self.index} (pid {os.getpid()}) holds weights version "
+                               f"{self.version} but was asked to sample with version {min_version} or newer: "
+                               "the learner's weights did not reach it")
+        t0 = time.perf_counter()
+        outs = self.engine.generate(prompts, params)
+        for o in outs:
+            o.version = self.version
+        return outs, time.perf_counter() - t0
+
+
+@dataclass
+class _Job:
+    worker: int
+    actor: object             # the actor it was sent to (a replaced worker's jobs are sent again)
+    lo: int                   # prompts[lo:hi] of the request
+    hi: int
+    params: SamplingParams
+    ref: object
+
+
+@dataclass
+class Pending:
+    """A submitted request: ``collect`` returns its rollouts."""
+
+    prompts: list[list[int]]
+    jobs: list[_Job]
+    min_version: int
+
+
+def start_ray(address: str | None, num_cpus: float) -> bool:
+    """Connect to ``address``, or start a local cluster; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+class RayRolloutEngine:
+    """``RayRolloutEngine(model, make_engine, cfg)``: ``cfg`` is a :class:`~posttrain.rollouts.config.RayConfig`;
+    ``make_engine(model)`` builds a worker's rollout engine (it runs inside the worker)."""
+
+    def __init__(self, model, make_engine, cfg, worker_cls=RolloutWorker):
+        import ray
+
+        self.cfg, self._ray = cfg, ray
+        self._started = start_ray(cfg.address, cfg.rollout_workers * cfg.cpus_per_worker)
+        src = getattr(model, "module", model)
+        self._model_ref = ray.put(src)  # what a new or replaced worker starts from
+        self._make_engine = make_engine
+        self._actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(worker_cls)
+        self.version = -1                # the policy as shipped; update_weights numbers the rest
+        self._weights_ref = None
+        self._acks: list[tuple[int, object, object]] = []
+        self.restarts, self.last_stats = 0, {}
+        self._busy = [0.0] * cfg.rollout_workers
+        self._tokens = [0] * cfg.rollout_workers
+        self._t0 = time.perf_counter()
+        self.workers, self.pids = [None] * cfg.rollout_workers, [0] * cfg.rollout_workers
+        for i in range(cfg.rollout_workers):
+            self._start(i)
+
+    # ------------------------------------------------------------------ workers
+    def _start(self, i: int) -> None:
+        actor = self._actor.remote(i, self._model_ref, self._make_engine, int(self.cfg.cpus_per_worker), -1)
+        self.pids[i] = self._get(actor.pid.remote(), "call_timeout_s", i, "starting")
+        if self._weights_ref is not None:
+            self._get(actor.load.remote(self.version, self._weights_ref), "sync_timeout_s", i,
+                      f"loading weights version {self.version}")
+        self.workers[i] = actor
+
+    def _replace(self, i: int, actor, doing: str) -> None:
+        """Worker ``i`` died while ``doing``: start a new one (unless that happened already)."""
+        if self.workers[i] is not actor:
+            return
+        if self.restarts >= self.cfg.max_restarts:
+            raise ServiceError(f"rollout worker {i} (pid {self.pids[i]}) died while {doing}, and "
+                               f"ray.max_restarts={self.cfg.max_restarts} workers were already restarted in "
+                               "this run", fix="look at the worker's log above (out of memory?); raise ray.max_restarts")
+        self.restarts += 1
+        say(f"rollout worker {i} (pid {self.pids[i]}) died while {doing}; starting a new one "
+            f"({self.restarts} of ray.max_restarts={self.cfg.max_restarts}) and sending its prompts again")
+        self._start(i)
+
+    def _get(self, ref, limit: str, i: int, doing: str, timeout: float | None = None):
+        """``ray.get`` within ``ray.<limit>`` seconds (or what is left of them: ``timeout``), errors naming
+        the worker; a worker's own error is raised as is."""
+        ray = self._ray
+        try:
+            return ray.get(ref, timeout=getattr(self.cfg, limit) if timeout is None else timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ServiceError(f"rollout worker {i} (pid {self.pids[i]}) did not finish {doing} within "
+                               f"ray.{limit}={getattr(self.cfg, limit):g} s",
+                               fix="a worker that is alive but silent: look at its log above; raise "
+                                   "ray.sync_timeout_s / ray.call_timeout_s if it is only slow") from None
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, PosttrainError):
+                raise cause from None
+            raise ServiceError(f"rollout worker {i} (pid {self.pids[i]}) failed while {doing}: {e}") from None
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, model, version: int | None = None) -> None:
+        """Send ``model``'s trainable parameters as ``version`` (default: the next); a version already
+        sent is not sent again. Loads are queued; the next ``submit`` waits for them."""
+        version = self.version + 1 if version is None else version
+        if version == self.version:
+            return
+        src = getattr(model, "module", model)
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in src.named_parameters() if p.requires_grad}
+        self.version, self._weights_ref = version, self._ray.put(weights)
+        self._acks = [(i, w, w.load.remote(version, self._weights_ref)) for i, w in enumerate(self.workers)]
+
+    def _wait_loads(self) -> None:
+        ray, deadline = self._ray, time.monotonic() + self.cfg.sync_timeout_s
+        for i, actor, ref in self._acks:
+            doing = f"loading weights version {self.version}"
+            try:
+                self._get(ref, "sync_timeout_s", i, doing, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.RayActorError:
+                self._replace(i, actor, doing)  # the new worker loads the current version itself
+        self._acks = []
+
+    # ------------------------------------------------------------------ generation
+    def submit(self, prompts: list[list[int]], params: SamplingParams, min_version: int | None = None) -> Pending:
+        """Send the prompts to the workers (after the queued weight loads); ``collect`` waits for them."""
+        check_request(prompts, params)
+        self._wait_loads()
+        seeds = prompt_seeds(params, len(prompts))
+        k = len(self.workers)
+        bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
+        version = self.version if min_version is None else min_version
+        jobs = []
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if b > a:
+                p = replace(params, seeds=seeds[a:b], seed=None)
+                jobs.append(_Job(i, self.workers[i], a, b, p, self.workers[i].generate.remote(prompts[a:b], p, version)))
+        return Pending(prompts, jobs, version)
+
+    def collect(self, pending: Pending) -> list[Rollout]:
+        ray, t0 = self._ray, time.perf_counter()
+        parts: list[list[Rollout]] = []
+        for job in pending.jobs:
+            while True:
+                doing = (f"generating {job.hi - job.lo} prompts x {job.params.n} samples with weights version "
+                         f">= {pending.min_version}")
+                try:
+                    outs, busy = self._get(job.ref, "call_timeout_s", job.worker, doing)
+                    break
+                except ray.exceptions.RayActorError:
+                    self._replace(job.worker, job.actor, doing)
+                    job.actor = self.workers[job.worker]
+                    job.ref = job.actor.generate.remote(pending.prompts[job.lo:job.hi], job.params,
+                                                        pending.min_version)
+            self._busy[job.worker] += busy
+            self._tokens[job.worker] += sum(len(o.completion_ids) for o in outs)
+            parts.append(outs)
+        out = [r for part in parts for r in part]
+        dt = time.perf_counter() - t0
+        new = sum(len(r.completion_ids) for r in out)
+        self.last_stats = {"gen_s": dt, "new_tokens": float(new), "tokens_per_s": new / max(dt, 1e-9)}
+        return out
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        if not prompts:
+            return []
+        return self.collect(self.submit(prompts, params))
+
+    # ------------------------------------------------------------------ the end
+    def worker_table(self) -> list[dict]:
+        """Per worker: tokens generated, tokens/s while generating, idle share of the run so far."""
+        wall = max(time.perf_counter() - self._t0, 1e-9)
+        return [{"worker": i, "pid": self.pids[i], "tokens": self._tokens[i],
+                 "tokens_per_s": self._tokens[i] / max(self._busy[i], 1e-9),
+                 "idle_share": max(0.0, 1.0 - self._busy[i] / wall)} for i in range(len(self.workers))]
+
+    def close(self) -> None:
+        """Stop the workers, and the local cluster when this engine started it."""
+        ray = self._ray
+        for w in self.workers:
+            if w is not None:
+                try:
+                    ray.kill(w)
+                except Exception:  # already gone
+                    pass
+        self.workers = [None] * len(self.workers)
+        if self._started and ray.is_initialized():
+            ray.shutdown()

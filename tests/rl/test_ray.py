@@ -1,0 +1,221 @@
+"""launcher=ray: rollout workers as Ray actors on a local cluster, synchronous and asynchronous.
+
+Ray binds to the machine's network address whatever its options say, so these tests run only inside a
+private network namespace where loopback is the only interface (scripts/test.sh runs them so:
+``unshare -n bash -c 'ip link set lo up; pytest -m ray'``); elsewhere they are skipped and say why.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import load_config
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+COMMON = ["train.progress=false", "train.log_every=1", "task_eval_prompts=64", "task_eval_samples=4",
+          "reward=builtin_correct"]
+
+
+def _only_loopback() -> bool:
+    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]  # this process's network namespace
+    return {line.split(":")[0].strip() for line in lines} <= {"lo"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if not _only_loopback():
+        pytest.skip("Ray binds to this machine's network address: run in a private network namespace "
+                    "(scripts/test.sh does: unshare -n bash -c 'ip link set lo up; pytest -m ray')")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _rows(run_dir):
+    return [json.loads(r) for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_rows(run_dir):
+    return [r for r in _rows(run_dir) if "reward/mean" in r]
+
+
+def _grpo(sft_policy, out, *extra):
+    from posttrain.algorithms.grpo import GRPOConfig, run
+
+    return run(load_config(GRPOConfig, None, [f"model.name_or_path={sft_policy}", f"train.output_dir={out}",
+                                              *COMMON, *extra]))
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "train.max_steps=3", "train.lr=1e-4",
+         "task_eval_prompts=16"]
+
+
+def test_ray_synchronous_equals_local(sft_policy, tmp_path):
+    """Two workers, max_staleness 0: the same rewards, losses and final weights as one process (each
+    prompt has its own seed, so which worker samples it does not matter)."""
+    _grpo(sft_policy, tmp_path / "local", *SMALL)
+    s = _grpo(sft_policy, tmp_path / "ray", *SMALL, "launcher=ray", "ray.rollout_workers=2")
+    a, b = _train_rows(tmp_path / "local"), _train_rows(tmp_path / "ray")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for k in ("reward/mean", "reward/std", "train/loss", "kl", "entropy", "response/length_mean"):
+            assert x[k] == pytest.approx(y[k], abs=1e-5), k
+        assert y["async/staleness_max"] == 0
+    wa, wb = _weights(tmp_path / "local"), _weights(tmp_path / "ray")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+    assert [r["worker"] for r in s["rollout_workers"]] == [0, 1] and all(r["tokens"] > 0 for r in s["rollout_workers"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2])
+def test_async_grpo_raises_heldout_accuracy(sft_policy, tmp_path, k):
+    """Bounded staleness k: the workers sample steps t+1..t+k while step t trains; the rollouts are at
+    most k versions old, corrected by the rollout log-probs (TIS), and GRPO still learns by the margin
+    the local learning test asserts (tests/rl/test_learning.py)."""
+    s = _grpo(sft_policy, tmp_path, "rollout.prompts_per_step=32", "rollout.group_size=8", "train.max_steps=20",
+              "train.lr=1e-4", "launcher=ray", "ray.rollout_workers=2", f"async.max_staleness={k}")
+    assert s["final"]["accuracy"] > s["initial"]["accuracy"] + 0.06, (s["initial"], s["final"])
+    rows = _train_rows(tmp_path)
+    lags = [r["async/staleness_max"] for r in rows]
+    assert lags[:k + 1] == list(range(k + 1)) and set(lags[k:]) == {k}, lags  # the pipeline fills, then k
+    assert all("tis/capped_frac" in r and "logprob_gap" in r for r in rows)
+    assert max(r["logprob_gap"] for r in rows[k:]) > 0  # stale rollouts differ from the learner's policy
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ray::RolloutWorker" in cmd:
+                pids.append(int(d))
+    return pids
+
+
+def test_killed_worker_is_replaced_and_no_prompt_is_lost(sft_policy, tmp_path):
+    """SIGKILL one worker mid-run: the controller starts a new one and sends its prompts again; every
+    step has its full batch, and the rewards equal those of a run that was never interrupted."""
+    steps = ["rollout.prompts_per_step=8", "rollout.group_size=4", "train.max_steps=6", "train.lr=1e-4",
+             "task_eval_prompts=16", "launcher=ray", "ray.rollout_workers=2"]
+    _grpo(sft_policy, tmp_path / "clean", *steps)
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        path = tmp_path / "killed" / "metrics.jsonl"
+        while time.time() < deadline:
+            if path.exists() and sum(1 for r in path.read_text().splitlines() if '"reward/mean"' in r) >= 2:
+                pids = _worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    _grpo(sft_policy, tmp_path / "killed", *steps)
+    t.join()
+    assert killed, "the worker was never killed"
+    a, b = _train_rows(tmp_path / "clean"), _train_rows(tmp_path / "killed")
+    assert len(b) == 6 and all(r["batch/rollouts"] == 32 for r in b)
+    assert b[-1]["async/restarts"] == 1
+    assert [r["reward/mean"] for r in a] == pytest.approx([r["reward/mean"] for r in b], abs=1e-6)
+
+
+def _engine(tiny_path, worker_cls=None, **cfg):
+    import functools
+
+    from posttrain.config import ModelConfig
+    from posttrain.engines.ray_engine import RayRolloutEngine, RolloutWorker
+    from posttrain.models.loading import load_causal_lm, load_tokenizer
+    from posttrain.rollouts.config import RayConfig, RolloutConfig
+    from posttrain.rollouts.experience import local_engine
+
+    tok = load_tokenizer(tiny_path)
+    model = load_causal_lm(ModelConfig(name_or_path=tiny_path))
+    make = functools.partial(local_engine, tokenizer=tok, cfg=RolloutConfig(engine_dtype="model"))
+    engine = RayRolloutEngine(model, make, RayConfig(rollout_workers=2, **cfg), worker_cls or RolloutWorker)
+    engine.local = make  # the same engine in this process
+    return engine, model
+
+
+def _params():
+    from posttrain.engines.rollout import SamplingParams
+
+    return SamplingParams(max_new_tokens=4, n=2, seed=1, stop_token_ids=[])
+
+
+def test_weights_that_never_reach_a_worker_stop_the_run_within_the_timeout(tiny_path):
+    from posttrain.engines.ray_engine import RolloutWorker
+    from posttrain.errors import ServiceError
+
+    class Hangs(RolloutWorker):  # the weight load of worker 1 never finishes
+        def load(self, version, weights):
+            if self.index == 1:
+                time.sleep(3600)
+            return super().load(version, weights)
+
+    engine, model = _engine(tiny_path, Hangs, sync_timeout_s=3.0)
+    try:
+        engine.update_weights(model, version=1)
+        t0 = time.monotonic()
+        with pytest.raises(ServiceError, match=r"rollout worker 1 \(pid \d+\) did not finish loading weights "
+                                               r"version 1 within ray.sync_timeout_s=3 s"):
+            engine.generate([[5, 6, 7], [8, 9]], _params())
+        assert time.monotonic() - t0 < 10
+    finally:
+        engine.close()
+
+
+def test_a_worker_never_samples_with_older_weights_than_asked(tiny_path):
+    from posttrain.engines.ray_engine import RolloutWorker
+    from posttrain.errors import ServiceError
+
+    class Drops(RolloutWorker):  # acknowledges the load but keeps its old weights
+        def load(self, version, weights):
+            return version
+
+    engine, model = _engine(tiny_path, Drops)
+    try:
+        engine.update_weights(model, version=3)
+        with pytest.raises(ServiceError, match="holds weights version -1 but was asked to sample with version 3"):
+            engine.generate([[5, 6, 7], [8, 9]], _params())
+    finally:
+        engine.close()
+
+
+def test_workers_sample_what_the_local_engine_samples_after_a_weight_update(tiny_path):
+    """Weights sent as a version reach the workers: their samples equal the local engine's on the
+    updated model, prompt by prompt."""
+    engine, model = _engine(tiny_path)
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        engine.update_weights(model, version=1)
+        prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+        got = engine.generate(prompts, _params())
+        want = engine.local(model).generate(prompts, _params())
+        assert [r.completion_ids for r in got] == [r.completion_ids for r in want]
+        assert all(r.version == 1 for r in got)
+        assert {r["worker"] for r in engine.worker_table()} == {0, 1}
+    finally:
+        engine.close()
