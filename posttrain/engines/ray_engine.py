@@ -80,6 +80,7 @@ class Pending:
     prompts: list[list[int]]
     jobs: list[_Job]
     min_version: int
+    loads: list                  # the weight loads queued before the jobs: (worker, actor, ref, version)
 
 
 def start_ray(address: str | None, num_cpus: float) -> bool:
@@ -111,7 +112,7 @@ class RayRolloutEngine:
         self._actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(worker_cls)
         self.version = -1                # the policy as shipped; update_weights numbers the rest
         self._weights_ref = None
-        self._acks: list[tuple[int, object, object]] = []
+        self._acks: list[tuple[int, object, object, int]] = []
         self.restarts, self.last_stats = 0, {}
         self._busy = [0.0] * cfg.rollout_workers
         self._tokens = [0] * cfg.rollout_workers
@@ -169,23 +170,23 @@ class RayRolloutEngine:
         src = getattr(model, "module", model)
         weights = {n: p.detach().to("cpu", copy=True) for n, p in src.named_parameters() if p.requires_grad}
         self.version, self._weights_ref = version, self._ray.put(weights)
-        self._acks = [(i, w, w.load.remote(version, self._weights_ref)) for i, w in enumerate(self.workers)]
+        self._acks = [(i, w, w.load.remote(version, self._weights_ref), version) for i, w in enumerate(self.workers)]
 
-    def _wait_loads(self) -> None:
+    def _wait_loads(self, acks: list) -> None:
         ray, deadline = self._ray, time.monotonic() + self.cfg.sync_timeout_s
-        for i, actor, ref in self._acks:
-            doing = f"loading weights version {self.version}"
+        for i, actor, ref, version in acks:
+            doing = f"loading weights version {version}"
             try:
                 self._get(ref, "sync_timeout_s", i, doing, timeout=max(0.0, deadline - time.monotonic()))
             except ray.exceptions.RayActorError:
                 self._replace(i, actor, doing)  # the new worker loads the current version itself
-        self._acks = []
 
     # ------------------------------------------------------------------ generation
     def submit(self, prompts: list[list[int]], params: SamplingParams, min_version: int | None = None) -> Pending:
-        """Send the prompts to the workers (after the queued weight loads); ``collect`` waits for them."""
+        """Send the prompts to the workers, queued behind the weight loads sent since the last request;
+        ``collect`` waits for both (one round trip, not two)."""
         check_request(prompts, params)
-        self._wait_loads()
+        loads, self._acks = self._acks, []
         seeds = prompt_seeds(params, len(prompts))
         k = len(self.workers)
         bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
@@ -195,10 +196,11 @@ class RayRolloutEngine:
             if b > a:
                 p = replace(params, seeds=seeds[a:b], seed=None)
                 jobs.append(_Job(i, self.workers[i], a, b, p, self.workers[i].generate.remote(prompts[a:b], p, version)))
-        return Pending(prompts, jobs, version)
+        return Pending(prompts, jobs, version, loads)
 
     def collect(self, pending: Pending) -> list[Rollout]:
         ray, t0 = self._ray, time.perf_counter()
+        self._wait_loads(pending.loads)  # a load that never finishes is named as such, within sync_timeout_s
         parts: list[list[Rollout]] = []
         for job in pending.jobs:
             while True:

@@ -109,35 +109,72 @@ def _worker_pids() -> list[int]:
     return pids
 
 
-def test_killed_worker_is_replaced_and_no_prompt_is_lost(sft_policy, tmp_path):
+SIX = ["rollout.prompts_per_step=8", "rollout.group_size=4", "train.max_steps=6", "train.lr=1e-4",
+       "task_eval_prompts=16", "launcher=ray", "ray.rollout_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sft_policy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _grpo(sft_policy, out, *SIX)
+    return _train_rows(out)
+
+
+def _count(path: Path, key: str) -> int:
+    return sum(1 for r in path.read_text().splitlines() if key in r) if path.exists() else 0
+
+
+def test_killed_worker_is_replaced_and_no_prompt_is_lost(sft_policy, tmp_path, uninterrupted):
     """SIGKILL one worker mid-run: the controller starts a new one and sends its prompts again; every
     step has its full batch, and the rewards equal those of a run that was never interrupted."""
-    steps = ["rollout.prompts_per_step=8", "rollout.group_size=4", "train.max_steps=6", "train.lr=1e-4",
-             "task_eval_prompts=16", "launcher=ray", "ray.rollout_workers=2"]
-    _grpo(sft_policy, tmp_path / "clean", *steps)
     killed = []
 
     def killer():
         deadline = time.time() + 120
-        path = tmp_path / "killed" / "metrics.jsonl"
         while time.time() < deadline:
-            if path.exists() and sum(1 for r in path.read_text().splitlines() if '"reward/mean"' in r) >= 2:
-                pids = _worker_pids()
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-                    return
+            if _count(tmp_path / "metrics.jsonl", '"reward/mean"') >= 2 and (pids := _worker_pids()):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
             time.sleep(0.02)
 
     t = threading.Thread(target=killer)
     t.start()
-    _grpo(sft_policy, tmp_path / "killed", *steps)
+    _grpo(sft_policy, tmp_path, *SIX)
     t.join()
     assert killed, "the worker was never killed"
-    a, b = _train_rows(tmp_path / "clean"), _train_rows(tmp_path / "killed")
-    assert len(b) == 6 and all(r["batch/rollouts"] == 32 for r in b)
-    assert b[-1]["async/restarts"] == 1
-    assert [r["reward/mean"] for r in a] == pytest.approx([r["reward/mean"] for r in b], abs=1e-6)
+    rows = _train_rows(tmp_path)
+    assert len(rows) == 6 and all(r["batch/rollouts"] == 32 for r in rows)
+    assert rows[-1]["async/restarts"] == 1
+    assert [r["reward/mean"] for r in rows] == pytest.approx([r["reward/mean"] for r in uninterrupted], abs=1e-6)
+
+
+def test_sigkilled_controller_resumes_at_its_checkpoint(sft_policy, tmp_path, uninterrupted):
+    """SIGKILL the controller after its step-2 checkpoint; `train.resume=true` continues from step 2 with
+    the data position and policy version it stored: steps 3-6 equal the uninterrupted run's."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "posttrain.cli", "grpo", f"model.name_or_path={sft_policy}",
+           f"train.output_dir={tmp_path}", *COMMON, *SIX, "train.save_every=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "checkpoints" / "step-2").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the controller and the Ray processes it started
+        proc.wait()
+    assert _count(tmp_path / "metrics.jsonl", '"reward/mean"') < 6
+    out = subprocess.run([*cmd, "train.resume=true"], capture_output=True, text=True, timeout=600,
+                         start_new_session=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "from step 2" in out.stdout + out.stderr
+    rows = _train_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # nothing lost or counted twice
+    assert [r["reward/mean"] for r in rows] == pytest.approx([r["reward/mean"] for r in uninterrupted], abs=1e-6)
+    assert [r["train/loss"] for r in rows] == pytest.approx([r["train/loss"] for r in uninterrupted], abs=1e-5)
 
 
 def _engine(tiny_path, worker_cls=None, **cfg):
