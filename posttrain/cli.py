@@ -56,7 +56,12 @@ def _run(name: str, cmd: Command, config_file: str | None, overrides: tuple[str,
         if print_config:  # the dry run: nothing loaded but the config
             click.echo(resolved_yaml(cfg, command=name), nl=False)
             return
-        result = run(cfg)
+        if getattr(cfg, "launcher", None) == "ray" and cfg.ray.learners > 1:
+            from posttrain.engines.ray_learners import launch_learners  # the learners are Ray actors
+
+            result = launch_learners(cfg, run)
+        else:
+            result = run(cfg)
         if isinstance(result, dict) and result.get("run_dir") and os.environ.get("RANK", "0") == "0":
             click.echo(f"done: {result['run_dir']}")
     except PosttrainError as e:

@@ -36,6 +36,9 @@ class RolloutWorker:
     """One rollout worker (run as a Ray actor): a rollout engine around its own copy of the policy."""
 
     def __init__(self, index: int, model, make_engine, threads: int, version: int):
+        from posttrain.models.attention import register
+
+        register()  # the packed attention the trainer's model may name, in this process too
         torch.set_num_threads(max(1, threads))
         self.index, self.model, self.version = index, model, version
         self.engine = make_engine(model)

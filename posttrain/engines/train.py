@@ -246,7 +246,10 @@ class TrainEngine:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
         out = {k: v / len(micro_batches) for k, v in sums.items()}
-        out["loss"] = step_loss  # micro-batch losses are sum/N, so they add up to this process's step loss
+        # micro-batch losses are sum/N (N the global count), so they add up to this process's share; the
+        # shares of all processes add up to the step's loss, which every process reports
+        out["loss"] = (self.accelerator.reduce(step_loss.to(self.device), reduction="sum").cpu()
+                       if self.world_size > 1 else step_loss)
         params = [p for p in model.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -128,6 +128,11 @@ class RayConfig:
     call_timeout_s: float = opt(600.0, "Longest wait for one worker's share of a step's generation.")
     max_restarts: int = opt(3, "Rollout workers restarted after dying, over the whole run (their prompts are "
                             "sent again); one more death stops the run.")
+    learners: int = opt(1, "Training ranks. 1: the controller process trains. N > 1: N Ray actors form one "
+                        "torch.distributed group (train.strategy ddp or fsdp, as under torchrun); rank 0 drives "
+                        "the rollout workers.")
+    cpus_per_learner: float = opt(1.0, "ray.learners > 1: Ray CPUs per learner actor (also its torch threads).")
+    gpus_per_learner: float = opt(0.0, "ray.learners > 1: Ray GPUs per learner actor (1 on GPU nodes).")
 
     def validate(self) -> None:
         if self.rollout_workers < 1:
@@ -136,8 +141,11 @@ class RayConfig:
         for key in ("cpus_per_worker", "sync_timeout_s", "call_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"ray.{key} must be > 0", where=f"ray.{key}")
-        if self.gpus_per_worker < 0 or self.max_restarts < 0:
-            raise ConfigError("ray.gpus_per_worker and ray.max_restarts must be >= 0", where="ray")
+        if self.gpus_per_worker < 0 or self.max_restarts < 0 or self.gpus_per_learner < 0:
+            raise ConfigError("ray.gpus_per_worker, ray.gpus_per_learner and ray.max_restarts must be >= 0",
+                              where="ray")
+        if self.learners < 1 or self.cpus_per_learner <= 0:
+            raise ConfigError("ray.learners must be >= 1 and ray.cpus_per_learner > 0", where="ray.learners")
 
 
 @dataclass

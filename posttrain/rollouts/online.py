@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.engines.loop import between_steps, finish
+from posttrain.engines.ray_learners import GroupRolloutEngine, check_group
 from posttrain.engines.runlog import MetricsLogger, Progress, say
 from posttrain.engines.train import TrainEngine, make_run_dir
-from posttrain.errors import ConfigError, TrainingError
+from posttrain.errors import TrainingError
 from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
 from posttrain.models.forward import ref_logp_fn, to_layout
 from posttrain.models.loading import tokenizer_for
@@ -130,6 +131,7 @@ class Online:
     evaluate: Callable[[], dict]
     summary: dict
     flat_steps: int = 0          # RL steps in a row without a learning signal
+    remote: bool = False         # launcher=ray: one rollout engine (the workers) for the whole run
 
 
 def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable = lambda m: m,
@@ -151,17 +153,18 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     if check_engine is not None:
         check_engine(engine)
     ray_cfg = cfg.ray if getattr(cfg, "launcher", "local") == "ray" else None
-    if ray_cfg is not None and engine.world_size > 1:
-        raise ConfigError("launcher=ray trains in the controller process, and this run has "
-                          f"{engine.world_size} processes", where="launcher",
-                          fix="start it as one process (no torchrun / accelerate launch), or use launcher=local")
+    if ray_cfg is not None:
+        check_group(cfg, engine.world_size)
     plan = plan_batches(cfg.rollout, cfg.train, engine.world_size)
     temp = cfg.rollout.temperature
     need_ref = cfg.kl.beta > 0 or cfg.kl.track
     ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
     # FSDP: no whole model outside engine.gathered(); each step builds its engine around a gathered copy
-    policy = None if engine.fsdp else policy_of(engine.unwrapped)
-    gen = None if engine.fsdp else make_engine(policy, tokenizer, cfg.rollout, cfg.model.name_or_path, ray_cfg)
+    if ray_cfg is not None:
+        gen = remote_engine(engine, policy_of, tokenizer, cfg, ray_cfg)
+    else:
+        gen = None if engine.fsdp else make_engine(policy_of(engine.unwrapped), tokenizer, cfg.rollout,
+                                                   cfg.model.name_or_path)
     maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
                             rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
                             rank=engine.rank, world=engine.world_size,
@@ -175,7 +178,8 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
 
     def evaluate() -> dict[str, float]:
         p = policy_of(engine.unwrapped)  # under FSDP the main process's gathered copy
-        g = make_engine(p, tokenizer, cfg.rollout, cfg.model.name_or_path) if engine.fsdp else gen
+        g = (make_engine(p, tokenizer, cfg.rollout, cfg.model.name_or_path) if engine.fsdp and ray_cfg is None
+             else getattr(gen, "main_engine", gen))  # the ray learner group: rank 0's engine alone
         g.update_weights(p, version=o.step)  # version v = the weights after v RL steps
         return task_eval(p, tokenizer, g, cfg.rollout.prompts, cfg.task_eval_prompts, cfg.task_eval_samples,
                          cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
@@ -187,6 +191,7 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
                ref_logp_fn(ref_model, lambda: policy_of(engine.unwrapped), temp) if need_ref else None, gen, maker, kl_ctl, logger,
                Progress(n_steps, command, cfg.train.progress), step, evaluate, summary)
     if ray_cfg is not None:
+        o.remote = True
         atexit.register(gen.close)  # the workers (and a cluster this run started) end with the run, even on errors
     if step == 0:
         with engine.gathered():
@@ -203,7 +208,8 @@ def sampling_policy(o: Online, policy_of: Callable = lambda m: m):
     process with a rollout engine built around ``policy_of(copy)``, both freed when the block ends."""
     with o.engine.gathered(everywhere=True):
         model = o.engine.unwrapped
-        if o.engine.fsdp:
+        rebuild = o.engine.fsdp and not o.remote
+        if rebuild:
             o.gen = o.maker.engine = make_engine(policy_of(model), o.tokenizer, o.cfg.rollout,
                                                  o.cfg.model.name_or_path)
         else:
@@ -211,8 +217,19 @@ def sampling_policy(o: Online, policy_of: Callable = lambda m: m):
         try:
             yield model
         finally:
-            if o.engine.fsdp:
+            if rebuild:
                 o.gen = o.maker.engine = None
+
+
+def remote_engine(engine: TrainEngine, policy_of: Callable, tokenizer, cfg, ray_cfg):
+    """launcher=ray: the Ray rollout workers, started by the main process from its whole policy (under
+    FSDP the gathered copy); with several learner ranks each rank sees them through a GroupRolloutEngine."""
+    with engine.gathered():
+        inner = (make_engine(policy_of(engine.unwrapped), tokenizer, cfg.rollout, cfg.model.name_or_path, ray_cfg)
+                 if engine.is_main else None)
+    if engine.world_size == 1:
+        return inner
+    return GroupRolloutEngine(inner, engine.rank, engine.world_size)
 
 
 def finish_online(o: Online, save: Callable) -> dict:

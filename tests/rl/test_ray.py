@@ -57,27 +57,95 @@ def _grpo(sft_policy, out, *extra):
 def _weights(run_dir):
     from safetensors.torch import load_file
 
-    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+    final = Path(run_dir) / "final"
+    return load_file(str(final / "model.safetensors" if (final / "model.safetensors").exists()
+                         else final / "adapter_model.safetensors"))
 
 
 SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "train.max_steps=3", "train.lr=1e-4",
          "task_eval_prompts=16"]
 
 
-def test_ray_synchronous_equals_local(sft_policy, tmp_path):
-    """Two workers, max_staleness 0: the same rewards, losses and final weights as one process (each
-    prompt has its own seed, so which worker samples it does not matter)."""
-    _grpo(sft_policy, tmp_path / "local", *SMALL)
-    s = _grpo(sft_policy, tmp_path / "ray", *SMALL, "launcher=ray", "ray.rollout_workers=2")
-    a, b = _train_rows(tmp_path / "local"), _train_rows(tmp_path / "ray")
+@pytest.fixture(scope="module")
+def local_small(sft_policy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    _grpo(sft_policy, out, *SMALL)
+    return out
+
+
+# metrics of the whole batch; across learner ranks only those that are means over equal shares are
+# exact (a per-rank std or token-weighted mean, averaged over ranks, is not the batch's)
+EXACT = ("reward/mean", "reward/std", "train/loss", "kl", "entropy", "response/length_mean")
+PER_RANK_EXACT = ("reward/mean", "train/loss", "kl", "response/length_mean")
+
+
+def _same_run(a_dir, b_dir, keys=EXACT, weights_tol=1e-5):
+    a, b = _train_rows(a_dir), _train_rows(b_dir)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
-        for k in ("reward/mean", "reward/std", "train/loss", "kl", "entropy", "response/length_mean"):
+        for k in keys:
             assert x[k] == pytest.approx(y[k], abs=1e-5), k
         assert y["async/staleness_max"] == 0
-    wa, wb = _weights(tmp_path / "local"), _weights(tmp_path / "ray")
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+    wa, wb = _weights(a_dir), _weights(b_dir)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= weights_tol
+
+
+def test_ray_synchronous_equals_local(sft_policy, tmp_path, local_small):
+    """Two workers, max_staleness 0: the same rewards, losses and final weights as one process (each
+    prompt has its own seed, so which worker samples it does not matter)."""
+    s = _grpo(sft_policy, tmp_path, *SMALL, "launcher=ray", "ray.rollout_workers=2")
+    _same_run(local_small, tmp_path)
     assert [r["worker"] for r in s["rollout_workers"]] == [0, 1] and all(r["tokens"] > 0 for r in s["rollout_workers"])
+
+
+def _group(sft_policy, out, *extra):
+    from posttrain.algorithms.grpo import GRPOConfig, run
+    from posttrain.engines.ray_learners import launch_learners
+
+    cfg = load_config(GRPOConfig, None, [f"model.name_or_path={sft_policy}", f"train.output_dir={out}", *COMMON,
+                                         *SMALL, "launcher=ray", "ray.rollout_workers=2", "ray.learners=2", *extra])
+    return launch_learners(cfg, run)
+
+
+def test_learner_group_of_ray_actors_equals_one_process(sft_policy, tmp_path, local_small):
+    """ray.learners=2: two learner actors form one torch.distributed group (DDP), rank 0 drives the two
+    rollout workers, and the run equals the single-process one (rewards, losses, weights to 1e-5)."""
+    s = _group(sft_policy, tmp_path)
+    assert s["world_size"] == 2 and s["strategy"] == "ddp"
+    _same_run(local_small, tmp_path, PER_RANK_EXACT)
+
+
+def test_fsdp_learner_group_equals_torchrun(sft_policy, tmp_path):
+    """train.strategy=fsdp in a Ray learner group is the FSDP2 run torchrun gives, number for number
+    (FSDP2 itself differs from one process by its reduction order, ~1e-5: tests/rl/test_fsdp_rl.py)."""
+    from pt_helpers import torchrun
+
+    s = _group(sft_policy, tmp_path / "ray", "train.strategy=fsdp")
+    assert s["world_size"] == 2 and s["strategy"] == "fsdp"
+    out = torchrun("grpo", f"model.name_or_path={sft_policy}", f"train.output_dir={tmp_path / 'torchrun'}",
+                   *COMMON, *SMALL, "train.strategy=fsdp")
+    assert out.returncode == 0, out.stderr[-3000:]
+    _same_run(tmp_path / "torchrun", tmp_path / "ray", PER_RANK_EXACT)
+
+
+def test_lora_adapters_reach_the_workers(sft_policy, tmp_path):
+    """LoRA sends only the adapters, and the workers sample from the trained policy: the run equals the
+    local one (whose engine samples from the trained model itself) while the policy moves away from the
+    start (an adapter that never reached a worker would sample from the initial policy)."""
+    lora = ["lora.enabled=true", "train.lr=3e-3"]
+    _grpo(sft_policy, tmp_path / "local", *SMALL, *lora)
+    _grpo(sft_policy, tmp_path / "ray", *SMALL, *lora, "launcher=ray", "ray.rollout_workers=2")
+    # the same samples and losses at every step; Adam at lr 3e-3 turns float noise in near-zero adapter
+    # gradients into ~1e-5 differences of the adapters themselves
+    _same_run(tmp_path / "local", tmp_path / "ray", weights_tol=1e-4)
+    assert _train_rows(tmp_path / "ray")[-1]["kl"] > 0.05
+
+
+def test_learner_group_needs_its_launcher(sft_policy, tmp_path):
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ray.learners=2 runs the learners as Ray actors"):
+        _grpo(sft_policy, tmp_path, *SMALL, "launcher=ray", "ray.learners=2")
 
 
 @pytest.mark.slow
