@@ -18,7 +18,7 @@ import torch
 
 from posttrain.errors import ConfigError
 
-__all__ = ["gae", "discounted_returns", "group_advantages", "rloo_advantages", "reinforce_advantages",
+__all__ = ["gae", "discounted_returns", "distillation_advantages", "group_advantages", "rloo_advantages", "reinforce_advantages",
            "zero_variance_groups", "overlong_penalty", "best_of_n_kl", "expand_to_tokens"]
 
 
@@ -75,6 +75,23 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
         out[:, t] = torch.where(v, g_t, zero)
         carry = torch.where(v, g_t, carry)
     return out
+
+
+def distillation_advantages(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
+                            gamma: float = 0.0) -> torch.Tensor:
+    """On-policy distillation: per-token advantages from the reverse KL to a teacher on the student's own
+    samples y ~ π_s (Agarwal et al. 2024, GKD; Thinking Machines 2025, "On-Policy Distillation").
+
+        r_t = log π_T(y_t | y_<t) − log π_s(y_t | y_<t)          (one-sample estimate of −KL(π_s‖π_T) at t)
+        A_t = Σ_{k≥0} γ^k r_{t+k}                                (γ = 0: A_t = r_t, the per-token form)
+
+    Σ_t r_t estimates −KL(π_s‖π_T) of the whole sequence; with γ = 1, E[Σ_t A_t ∇log π_s(y_t)] is its exact
+    gradient, and γ = 0 (Thinking Machines' choice) drops the future terms: lower variance, slightly
+    biased. Both log-probs are detached inputs. Shapes [B, T]; 0 where masked.
+    """
+    _check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, mask=mask)
+    rewards = (teacher_logp - student_logp) * mask
+    return rewards if gamma == 0 else discounted_returns(rewards, mask, gamma)
 
 
 def _groups(rewards: torch.Tensor, group_size: int, need: int = 1) -> torch.Tensor:

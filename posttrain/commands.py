@@ -39,6 +39,8 @@ COMMANDS: dict[str, Command] = {
                     "GRPO and its variants (Dr.GRPO, DAPO, GSPO, CISPO) with verifiable or learned rewards."),
     "rloo": Command("posttrain.algorithms.rloo", "RLOOConfig", "REINFORCE leave-one-out (RLOO)."),
     "reinforce": Command("posttrain.algorithms.reinforce", "ReinforceConfig", "REINFORCE with a baseline."),
+    "distill": Command("posttrain.algorithms.distill", "DistillConfig",
+                       "On-policy distillation: the student samples, the teacher's per-token reverse KL is the reward."),
     "best-of-n": Command("posttrain.algorithms.best_of_n", "BestOfNConfig",
                          "Best-of-N: rejection-sampling SFT data, or an inference-time baseline with its KL."),
     "serve": Command("posttrain.serving.openai_server", "ServeConfig",

@@ -269,8 +269,10 @@ def end_rl_step(o: Online, m: dict, n_rollouts: int, t0: float) -> dict:
 
 def no_signal(m: dict) -> str | None:
     """Why an RL step carried no learning signal, or None: every reward of the batch equal (or none
-    valid), or a zero gradient norm."""
+    valid; not in distillation, whose signal is the reverse KL to the teacher), or a zero gradient norm."""
     std, invalid, grad = m.get("reward/std"), m.get("response/invalid_frac"), m.get("train/grad_norm")
+    if m.get("distill/reverse_kl") and grad != 0.0:  # distillation: the teacher's log-probs are the signal
+        return None
     if invalid is not None and invalid >= 1.0:
         return "no reward applied to any sample (response/invalid_frac 1)"
     if std is not None and std == 0.0 and m.get("batch/rollouts", 2.0) > 1:

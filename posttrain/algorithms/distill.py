@@ -1,0 +1,164 @@
+"""On-policy distillation: the student samples, the teacher scores the student's own tokens, and the
+per-token reverse KL to the teacher is the reward (Agarwal et al. 2024, GKD; Thinking Machines 2025;
+veRL's on-policy distillation).
+
+Each step samples ``group_size`` completions for each of ``prompts_per_step`` prompts from the student,
+computes the student's and the teacher's log-probs of every sampled token (no-grad forwards), and
+trains on the per-token advantages of :func:`posttrain.advantages.distillation_advantages`:
+
+    r_t = log π_T(y_t) − log π_s(y_t),   A_t = Σ_k γ^k r_{t+k}   (γ = 0 by default: A_t = r_t)
+    L   = −Σ_t A_t · ρ_t / Σ_t 1   (the clipped surrogate over tokens; ρ ≡ 1 with one update per batch)
+
+optionally plus ``task_weight`` × the task reward's group-normalised advantage (GRPO's) on every token.
+Unlike SFT on the teacher's samples (off-policy distillation), the student learns on the states it
+reaches itself, where the teacher says how it would have continued. Student and teacher must share a
+tokenizer: the teacher scores the student's token ids as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from posttrain.advantages import distillation_advantages, expand_to_tokens, group_advantages
+from posttrain.config import LoraConfig, ModelConfig, opt
+from posttrain.engines.loop import save_final
+from posttrain.errors import ConfigError
+from posttrain.models.forward import policy_logp_fn, ref_logp_fn, token_forward
+from posttrain.models.loading import load_policy, tokenizer_for
+from posttrain.models.reference import frozen_reference
+from posttrain.rewards.combine import check_reward_config, default_reward
+from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
+from posttrain.rollouts.experience import fill_invalid, minibatches
+from posttrain.rollouts.metrics import merge_update_metrics
+from posttrain.rollouts.online import (end_rl_step, finish_online, online_setup, pg_recipe, policy_gradient_terms,
+                                      sampling_policy)
+
+SOURCES = ("Agarwal et al. 2024 (GKD: on-policy, reverse KL); Thinking Machines 2025 'On-Policy Distillation' "
+           "(per-token reverse KL as the advantage, discount 0)")
+
+
+@dataclass
+class DistillLossConfig:
+    clip_low: float = opt(0.2, "ε_low of the clipped surrogate (matters only with ppo_epochs > 1).")
+    clip_high: float = opt(0.2, "ε_high of the clipped surrogate.")
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = opt(
+        "token_mean", "Per-token losses averaged over all tokens (every token's KL counts alike) or per "
+        "sequence first.", "Thinking Machines 2025: token mean")
+    ppo_epochs: int = opt(1, "Passes over each batch (one optimizer step per minibatch).")
+    entropy_coef: float = opt(0.0, "Entropy bonus coefficient (0 = off).")
+
+    def validate(self) -> None:
+        if self.ppo_epochs < 1 or self.clip_low <= 0 or self.clip_high <= 0:
+            raise ConfigError("loss.ppo_epochs must be >= 1 and the clip ranges > 0", where="loss")
+
+
+@dataclass
+class DistillConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="The student (usually an SFT model's final/).")
+    teacher: ModelConfig = opt(factory=lambda: ModelConfig(name_or_path=""),
+                               help="The teacher: a causal LM with the student's tokenizer.")
+    lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters on the student.")
+    rollout: RolloutConfig = opt(factory=lambda: RolloutConfig(prompts_per_step=16, group_size=4),
+                                 help="Prompts and the student's sampling.")
+    gamma: float = opt(0.0, "Discount of the per-token reverse-KL rewards: 0 = each token's own (lower "
+                       "variance), 1 = reward-to-go (the exact gradient of the sequence's reverse KL).", SOURCES)
+    reward: list[str] = opt([], "Task reward(s), scored and logged every step and mixed in with task_weight "
+                            "(empty: builtin_correct on the built-in task's prompts).")
+    reward_weights: list[float] = opt([], "One weight per reward (empty = all 1.0).")
+    task_weight: float = opt(0.0, "Weight of the task reward's group-normalised advantage added to every "
+                             "token's distillation advantage (0 = pure distillation).")
+    shaping: ShapingConfig = opt(factory=lambda: ShapingConfig(overlong_buffer=0),
+                                 help="Truncation policy for the task reward.")
+    kl: KLConfig = opt(factory=lambda: KLConfig(beta=0.0, placement="loss", track=False),
+                       help="KL to the initial student (off by default: the teacher is the anchor).")
+    loss: DistillLossConfig = opt(factory=DistillLossConfig, help="The surrogate and its aggregation.")
+    train: RLTrainConfig = opt(factory=lambda: RLTrainConfig(lr=1e-5, schedule="constant", warmup_ratio=0.0,
+                                                             max_steps=100, log_every=1),
+                               help="Optimisation; batch sizes count rollouts.")
+    task_eval_prompts: int = opt(64, "Built-in task: held-out prompts for accuracy / gold reward.")
+    task_eval_samples: int = opt(4, "Built-in task: samples per held-out prompt (temperature 1).")
+
+    def __post_init__(self):
+        self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_correct")
+
+    def validate(self) -> None:
+        if not self.teacher.name_or_path:
+            raise ConfigError("distillation needs a teacher", where="teacher.name_or_path",
+                              fix="teacher.name_or_path=<a causal LM with the student's tokenizer>")
+        if not 0 <= self.gamma <= 1:
+            raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}", where="gamma")
+        if self.task_weight < 0:
+            raise ConfigError("task_weight must be >= 0", where="task_weight")
+        if self.task_weight and self.rollout.group_size < 2:
+            raise ConfigError("the task advantage is group-normalised and needs rollout.group_size >= 2",
+                              where="rollout.group_size")
+        check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
+
+
+def check_same_tokenizer(student_cfg: ModelConfig, teacher_cfg: ModelConfig) -> None:
+    """The teacher scores the student's token ids, so the two vocabularies must be the same."""
+    s, t = tokenizer_for(student_cfg), tokenizer_for(teacher_cfg)
+    if s.get_vocab() != t.get_vocab():
+        diff = len(set(s.get_vocab().items()) ^ set(t.get_vocab().items()))
+        raise ConfigError(f"the student ({student_cfg.name_or_path}) and the teacher ({teacher_cfg.name_or_path}) "
+                          f"have different tokenizers ({diff} vocabulary entries differ), so the teacher cannot "
+                          "score the student's tokens", where="teacher.name_or_path",
+                          fix="use a teacher of the student's model family (same tokenizer), or SFT the student on "
+                              "the teacher's samples (off-policy distillation: best-of-n or collect, then sft)")
+
+
+def distill_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """distill/reverse_kl: Σ m (log π_s − log π_T) / Σ m, the per-token reverse KL estimate on the
+    student's samples; distill/reverse_kl_seq: its sum per sequence, averaged over sequences."""
+    d = (student_logp - teacher_logp) * mask
+    rows = (mask.sum(1) > 0).sum().clamp(min=1)
+    return {"distill/reverse_kl": float(d.sum() / mask.sum().clamp(min=1)),
+            "distill/reverse_kl_seq": float(d.sum() / rows)}
+
+
+def run(cfg: DistillConfig) -> dict:
+    check_same_tokenizer(cfg.model, cfg.teacher)
+    recipe = pg_recipe(cfg)
+    o = online_setup(cfg, "distill", lambda tokenizer: load_policy(cfg.model, cfg.lora))
+    engine, plan, G = o.engine, o.plan, cfg.rollout.group_size
+    teacher = frozen_reference(cfg.teacher, cfg.teacher.name_or_path, False).to(engine.device)
+    teacher_fn = ref_logp_fn(teacher, None, cfg.rollout.temperature)
+    o.summary["teacher"] = cfg.teacher.name_or_path
+
+    def loss_fn(model, mb, total):
+        out = token_forward(model, mb, recipe.temperature, want_entropy=True)
+        loss, _, metrics, _ = policy_gradient_terms(recipe, out, mb, mb.get("old_logp"), o.kl_ctl.value)
+        return loss * (recipe.count(mb) / total), metrics
+
+    # ---- loop: the student samples -> student and teacher log-probs -> per-token advantages -> update
+    row: dict = {}
+    while o.step < o.n_steps:
+        t0 = time.perf_counter()
+        with sampling_policy(o) as policy:
+            exp = o.maker.make(o.step, policy=policy_logp_fn(policy, recipe.temperature), ref=o.ref_fn,
+                               need_old=True, micro=plan.micro)
+        m = exp.metrics
+        if len(exp):
+            t1 = time.perf_counter()
+            teacher_logp = o.maker.forward_all(exp, teacher_fn, plan.micro)
+            m["teacher_s"] = time.perf_counter() - t1
+            adv = distillation_advantages(exp.old_logp, teacher_logp, exp.mask, cfg.gamma)
+            m.update(distill_metrics(exp.old_logp, teacher_logp, exp.mask))
+            if cfg.task_weight:
+                task = group_advantages(fill_invalid(exp.scores, exp.valid, G), G, scale_by_std=True)
+                adv = adv + cfg.task_weight * expand_to_tokens(task, exp.mask)
+            exp.advantages = adv
+            t2 = time.perf_counter()
+            steps = []
+            for _, micro_idx in minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,
+                                            seed=cfg.train.seed * 7919 + o.step, group_size=G):
+                steps.append(engine.step([exp.micro_batch(idx) for idx in micro_idx], loss_fn, recipe.count))
+            m.update(merge_update_metrics(steps))
+            m["train_s"] = time.perf_counter() - t2
+        row = end_rl_step(o, m, len(exp), t0)
+    o.summary["last_step"] = row
+    return finish_online(o, save=lambda: save_final(engine, o.tokenizer, o.run_dir, cfg.lora))
