@@ -21,8 +21,10 @@ of ``ray.rollout_workers`` actors holds a rollout engine around its own copy of 
 
 from __future__ import annotations
 
+import copy
 import os
 import time
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,6 +42,8 @@ class RolloutWorker:
 
         register()  # the packed attention the trainer's model may name, in this process too
         torch.set_num_threads(max(1, threads))
+        if torch.cuda.is_available():  # Ray shows a worker with num_gpus > 0 its GPU(s) only
+            model = model.to("cuda")
         self.index, self.model, self.version = index, model, version
         self.engine = make_engine(model)
         self.params = dict(model.named_parameters())
@@ -84,6 +88,7 @@ class Pending:
     jobs: list[_Job]
     min_version: int
     loads: list                  # the weight loads queued before the jobs: (worker, actor, ref, version)
+    ahead: list                  # generation requests queued before those loads
 
 
 def start_ray(address: str | None, num_cpus: float) -> bool:
@@ -100,6 +105,9 @@ def start_ray(address: str | None, num_cpus: float) -> bool:
     return True
 
 
+_LIVE: "weakref.WeakSet[RayRolloutEngine]" = weakref.WeakSet()  # engines of this process not closed yet
+
+
 class RayRolloutEngine:
     """``RayRolloutEngine(model, make_engine, cfg)``: ``cfg`` is a :class:`~posttrain.rollouts.config.RayConfig`;
     ``make_engine(model)`` builds a worker's rollout engine (it runs inside the worker)."""
@@ -110,7 +118,13 @@ class RayRolloutEngine:
         self.cfg, self._ray = cfg, ray
         self._started = start_ray(cfg.address, cfg.rollout_workers * cfg.cpus_per_worker)
         src = getattr(model, "module", model)
+        if any(p.device.type != "cpu" for p in src.parameters()):  # workers may see no GPU, or another one
+            src = copy.deepcopy(src).cpu()
         self._model_ref = ray.put(src)  # what a new or replaced worker starts from
+        for other in list(_LIVE):  # a run that ended in an error in this process leaves its workers: end them
+            other.close()
+        _LIVE.add(self)
+        self._inflight: list[list] = [[] for _ in range(cfg.rollout_workers)]  # submitted, not collected
         self._make_engine = make_engine
         self._actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(worker_cls)
         self.version = -1                # the policy as shipped; update_weights numbers the rest
@@ -142,6 +156,10 @@ class RayRolloutEngine:
                                f"ray.max_restarts={self.cfg.max_restarts} workers were already restarted in "
                                "this run", fix="look at the worker's log above (out of memory?); raise ray.max_restarts")
         self.restarts += 1
+        try:
+            self._ray.kill(actor)  # dead or unreachable: its resources go back to the cluster
+        except Exception:
+            pass
         say(f"rollout worker {i} (pid {self.pids[i]}) died while {doing}; starting a new one "
             f"({self.restarts} of ray.max_restarts={self.cfg.max_restarts}) and sending its prompts again")
         self._start(i)
@@ -190,6 +208,7 @@ class RayRolloutEngine:
         ``collect`` waits for both (one round trip, not two)."""
         check_request(prompts, params)
         loads, self._acks = self._acks, []
+        ahead = [r for refs in self._inflight for r in refs]  # queued before this request's loads
         seeds = prompt_seeds(params, len(prompts))
         k = len(self.workers)
         bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
@@ -199,10 +218,13 @@ class RayRolloutEngine:
             if b > a:
                 p = replace(params, seeds=seeds[a:b], seed=None)
                 jobs.append(_Job(i, self.workers[i], a, b, p, self.workers[i].generate.remote(prompts[a:b], p, version)))
-        return Pending(prompts, jobs, version, loads)
+                self._inflight[i].append(jobs[-1].ref)
+        return Pending(prompts, jobs, version, loads, ahead)
 
     def collect(self, pending: Pending) -> list[Rollout]:
         ray, t0 = self._ray, time.perf_counter()
+        if pending.ahead:  # the timeouts below start when the workers reach this request
+            ray.wait(pending.ahead, num_returns=len(pending.ahead), timeout=self.cfg.call_timeout_s)
         self._wait_loads(pending.loads)  # a load that never finishes is named as such, within sync_timeout_s
         parts: list[list[Rollout]] = []
         for job in pending.jobs:
@@ -215,8 +237,10 @@ class RayRolloutEngine:
                 except ray.exceptions.RayActorError:
                     self._replace(job.worker, job.actor, doing)
                     job.actor = self.workers[job.worker]
-                    job.ref = job.actor.generate.remote(pending.prompts[job.lo:job.hi], job.params,
-                                                        pending.min_version)
+                    old, job.ref = job.ref, job.actor.generate.remote(pending.prompts[job.lo:job.hi], job.params,
+                                                                      pending.min_version)
+                    self._inflight[job.worker] = [job.ref if r is old else r for r in self._inflight[job.worker]]
+            self._inflight[job.worker] = [r for r in self._inflight[job.worker] if r is not job.ref]
             self._busy[job.worker] += busy
             self._tokens[job.worker] += sum(len(o.completion_ids) for o in outs)
             parts.append(outs)
@@ -249,5 +273,6 @@ class RayRolloutEngine:
                 except Exception:  # already gone
                     pass
         self.workers = [None] * len(self.workers)
+        _LIVE.discard(self)
         if self._started and ray.is_initialized():
             ray.shutdown()

@@ -36,6 +36,7 @@ class GroupRolloutEngine:
     def __init__(self, inner, rank: int, world: int):
         self.inner, self.rank, self.world = inner, rank, world
         self._version, self.restarts, self.last_stats = -1, 0, {}
+        self.oldest_version = None  # the oldest weights version in the last collected request, every rank
 
     @property
     def main_engine(self):
@@ -69,10 +70,12 @@ class GroupRolloutEngine:
             bounds = [0]
             for s in sizes:
                 bounds.append(bounds[-1] + s * k)
-            payload = [(outs[a:b], self.inner.restarts, self.inner.last_stats) for a, b in zip(bounds, bounds[1:])]
+            oldest = min((o.version for o in outs if o.version is not None), default=None)
+            payload = [(outs[a:b], self.inner.restarts, self.inner.last_stats, oldest)
+                       for a, b in zip(bounds, bounds[1:])]
         mine = [None]
         dist.scatter_object_list(mine, payload if self.rank == 0 else None, src=0)
-        outs, self.restarts, self.last_stats = mine[0]
+        outs, self.restarts, self.last_stats, self.oldest_version = mine[0]
         return outs
 
     def generate(self, prompts, params):
@@ -127,7 +130,13 @@ def launch_learners(cfg, run_fn):
     actor = ray.remote(num_cpus=r.cpus_per_learner, num_gpus=r.gpus_per_learner)(Learner)
     learners = [actor.remote(rank, r.learners, int(r.cpus_per_learner)) for rank in range(r.learners)]
     try:
-        addr, port = ray.get(learners[0].address.remote(), timeout=r.call_timeout_s)
+        try:  # every learner placed and started before any of them waits at the rendezvous
+            addr, port = ray.get([a.address.remote() for a in learners], timeout=r.call_timeout_s)[0]
+        except ray.exceptions.GetTimeoutError:
+            raise TrainingError(f"the {r.learners} learner actors did not all start within ray.call_timeout_s="
+                                f"{r.call_timeout_s:g} s", where="ray.learners",
+                                fix="the cluster may lack the resources asked for: ray.cpus_per_learner / "
+                                    "ray.gpus_per_learner x ray.learners (see `ray status`)") from None
         refs = [a.run.remote(run_fn, cfg, addr, port) for a in learners]
         pending = list(refs)
         while pending:

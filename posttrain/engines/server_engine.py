@@ -246,7 +246,8 @@ class ServerRolloutEngine:
                                   fix="start posttrain serve with logprobs_mode=processed_logprobs")
         if self._model is not None and not _same(self._synced, _fingerprint(self._model)):
             self.update_weights(self._model)  # the trainer stepped since the last sync
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        seed = (params.seed if params.seed is not None else params.seeds[0] % 2**31 if params.seeds
+                else int(torch.randint(0, 2**31 - 1, ()).item()))  # a server request has one seed
         k = len(self.servers)
         bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
         jobs = [(s, prompts[a:b], params, (seed + 1_000_003 * i) % 2**31)

@@ -197,11 +197,14 @@ class ExperienceMaker:
         m = {}
         versions = [o.version for o in outs if o.version is not None]
         if versions:
-            lag = [self.engine.version - v for v in versions]
-            if max(lag) > self.max_staleness:
+            # several learner ranks decide together (a regeneration is a collective): on the oldest
+            # version of the whole request, which the group engine reports
+            oldest = getattr(self.engine, "oldest_version", None)
+            m["async/regenerated"] = 0.0
+            if self.engine.version - (min(versions) if oldest is None else oldest) > self.max_staleness:
                 outs = self.engine.generate(ids, params)
                 m["async/regenerated"] = float(len(outs))
-                lag = [self.engine.version - o.version for o in outs]
+            lag = [self.engine.version - o.version for o in outs]
             m["async/staleness_mean"], m["async/staleness_max"] = sum(lag) / len(lag), float(max(lag))
             m["async/restarts"] = float(getattr(self.engine, "restarts", 0))
         return outs, m

@@ -192,7 +192,6 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
                Progress(n_steps, command, cfg.train.progress), step, evaluate, summary)
     if ray_cfg is not None:
         o.remote = True
-        atexit.register(gen.close)  # the workers (and a cluster this run started) end with the run, even on errors
     if step == 0:
         with engine.gathered():
             if engine.is_main:
@@ -227,6 +226,8 @@ def remote_engine(engine: TrainEngine, policy_of: Callable, tokenizer, cfg, ray_
     with engine.gathered():
         inner = (make_engine(policy_of(engine.unwrapped), tokenizer, cfg.rollout, cfg.model.name_or_path, ray_cfg)
                  if engine.is_main else None)
+    if inner is not None:
+        atexit.register(inner.close)  # the workers (and a cluster this run started) end with the run, even on errors
     if engine.world_size == 1:
         return inner
     return GroupRolloutEngine(inner, engine.rank, engine.world_size)
