@@ -31,7 +31,7 @@ from posttrain.models.forward import policy_logp_fn, ref_logp_fn, token_forward
 from posttrain.models.loading import load_policy, tokenizer_for
 from posttrain.models.reference import frozen_reference
 from posttrain.rewards.combine import check_reward_config, default_reward
-from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig
+from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig, refuse_environment
 from posttrain.rollouts.experience import fill_invalid, minibatches
 from posttrain.rollouts.metrics import merge_update_metrics
 from posttrain.rollouts.online import (end_rl_step, finish_online, online_setup, pg_recipe, policy_gradient_terms,
@@ -86,6 +86,7 @@ class DistillConfig:
         self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_correct")
 
     def validate(self) -> None:
+        refuse_environment(self.rollout, "distill")
         if not self.teacher.name_or_path:
             raise ConfigError("distillation needs a teacher", where="teacher.name_or_path",
                               fix="teacher.name_or_path=<a causal LM with the student's tokenizer>")

@@ -143,11 +143,16 @@ class GRPOConfig:
 
     def __post_init__(self):
         resolve_variant(self, self.variant)
-        self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_correct")
+        if not self.rollout.environment:  # an environment gives its own reward
+            self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_correct")
 
     def validate(self) -> None:
         check_launcher(self)
-        check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
+        if self.rollout.environment and self.reward:
+            raise ConfigError("with rollout.environment the environment gives the reward; reward would be ignored",
+                              where="reward", fix="remove reward (or score inside the environment)")
+        if not self.rollout.environment:
+            check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
         if self.rollout.engine == "vllm" and self.lora.enabled:
             raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
                               "so every rollout would come from the initial model", where="rollout.engine",

@@ -40,7 +40,7 @@ from posttrain.models.heads import load_reward_model, save_reward_model
 from posttrain.models.loading import eval_mode, load_policy, save_pretrained
 from posttrain.rewards.combine import check_reward_config, default_reward
 from posttrain.rollouts.config import (AsyncConfig, KLConfig, RayConfig, RLTrainConfig, RolloutConfig,
-                                       ShapingConfig, check_launcher)
+                                       ShapingConfig, check_launcher, refuse_environment)
 from posttrain.rollouts.experience import minibatches
 from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics
 from posttrain.rollouts.online import (PGRecipe, end_rl_step, finish_online, online_setup, pg_recipe,
@@ -132,6 +132,7 @@ class PPOConfig:
 
     def validate(self) -> None:
         check_launcher(self)
+        refuse_environment(self.rollout, "ppo")
         if self.rollout.engine == "vllm" and self.lora.enabled:
             raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
                               "so every rollout would come from the initial model", where="rollout.engine",

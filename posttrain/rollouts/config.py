@@ -69,6 +69,14 @@ class RolloutConfig:
     server_retries: int = opt(2, "rollout.engine=server: retries of a request whose connection failed or that "
                               "got a 5xx answer (not of one that timed out), then the run stops with an error "
                               "naming the server.")
+    environment: str | None = opt(None, "Multi-turn episodes against an environment instead of one completion per "
+                                  "prompt: builtin:calc (the calculator tool; the built-in tool task's prompts are "
+                                  "builtin:tool_prompts), builtin:no_tools (the same task, tools refused), or "
+                                  "module:Class (reset(row) -> messages, step(action) -> Step). The environment "
+                                  "gives the reward.", "docs/rl.md, multi-turn episodes")
+    max_turns: int = opt(4, "Multi-turn: most policy turns per episode (then it ends, counted as truncated).")
+    max_episode_tokens: int = opt(256, "Multi-turn: most tokens after the first prompt (sampled and observation "
+                                  "tokens); then the episode ends, counted as truncated.")
     server_weights_dir: str | None = opt(None, "rollout.engine=server: directory the trainer writes its "
                                          "weights to after each update for the servers to load; they must be "
                                          "able to read it (same host or a shared filesystem). null = a new "
@@ -94,6 +102,8 @@ class RolloutConfig:
             raise ConfigError(f"rollout.vllm_kwargs is set but rollout.engine is {self.engine}",
                               where="rollout.vllm_kwargs", fix="set rollout.engine=vllm, or remove rollout.vllm_kwargs")
         self._validate_servers()
+        if self.environment is not None and (self.max_turns < 1 or self.max_episode_tokens < 1):
+            raise ConfigError("rollout.max_turns and rollout.max_episode_tokens must be >= 1", where="rollout.max_turns")
 
     def _validate_servers(self) -> None:
         if self.engine == "server" and not self.servers:
@@ -158,6 +168,12 @@ class AsyncConfig:
     def validate(self) -> None:
         if self.max_staleness < 0:
             raise ConfigError("async.max_staleness must be >= 0", where="async.max_staleness")
+
+
+def refuse_environment(rollout: RolloutConfig, command: str) -> None:
+    if rollout.environment:
+        raise ConfigError(f"{command} does not run multi-turn episodes yet", where="rollout.environment",
+                          fix="use grpo, rloo or reinforce with rollout.environment, or remove it")
 
 
 def check_launcher(cfg) -> None:

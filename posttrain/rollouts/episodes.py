@@ -212,7 +212,7 @@ def run_episodes(engine, tokenizer, envs: list, rows: list[dict], params: Sampli
             break
         budget = [max_tokens - len(eps[i].completion_ids) for i in active]
         p = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, max(budget))), seed=None,
-                    seeds=[(seed * 1_000_003 + i) * 131 + turn for i in active], stop_token_ids=[eos_id])
+                    seeds=[((seed * 1_000_003 + i) * 131 + turn) % 2**62 for i in active], stop_token_ids=[eos_id])
         outs = engine.generate([ids[i] for i in active], p)
         still = []
         for i, out, left in zip(active, outs, budget):
@@ -263,3 +263,45 @@ def episode_metrics(eps: list[Episode]) -> dict[str, Any]:
             "episode/masked_frac": 1 - sum(sum(e.mask) for e in eps) / max(tokens, 1),
             "episode/truncated_turns": sum(e.truncated == "turns" for e in eps) / n,
             "episode/truncated_tokens": sum(e.truncated == "tokens" for e in eps) / n}
+
+
+# ----------------------------------------------------------------------------- loading and batching
+
+
+def load_environment(spec: str) -> Callable[[], Any]:
+    """A factory of fresh environments (one per episode) for ``rollout.environment``."""
+    from posttrain.tasks import tool_task
+
+    if spec == "builtin:calc":
+        return lambda: ToolEnvironment({tool_task.TOOL: lambda expr: calculator(expr)}, tool_task.score)
+    if spec == "builtin:no_tools":
+        return lambda: ToolEnvironment({}, tool_task.score)
+    if ":" in spec and not spec.startswith("builtin:"):
+        import importlib
+
+        module, name = spec.rsplit(":", 1)
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise DataError(f"cannot load the environment {spec!r}: {e}", where="rollout.environment",
+                            fix="give module:Class with the module importable (on PYTHONPATH)") from e
+        return cls
+    raise DataError(f"unknown environment {spec!r}", where="rollout.environment",
+                    fix="use builtin:calc, builtin:no_tools or module:Class")
+
+
+def episode_batch(eps: list[Episode]) -> dict:
+    """Episodes as the tensors of an RL batch: scores [N], mask and rollout log-probs [N, T] (T the longest
+    episode after its prompt; the mask is 1 on sampled tokens only), final texts and finish reasons."""
+    import torch
+
+    T = max((len(e.completion_ids) for e in eps), default=0) or 1
+    mask, rlp = torch.zeros(len(eps), T), torch.zeros(len(eps), T)
+    for i, e in enumerate(eps):
+        mask[i, :len(e.mask)] = torch.tensor(e.mask, dtype=torch.float32)
+        rlp[i, :len(e.logprobs)] = torch.tensor(e.logprobs, dtype=torch.float32)
+    last = [next((m.get("content") or "" for m in reversed(e.messages) if m["role"] == "assistant"), "")
+            for e in eps]
+    return {"prompt_ids": [e.prompt_ids for e in eps], "completion_ids": [e.completion_ids for e in eps],
+            "texts": last, "finish": ["length" if e.truncated else "stop" for e in eps],
+            "scores": torch.tensor([e.reward for e in eps], dtype=torch.float32), "mask": mask, "rollout_logp": rlp}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -44,6 +44,7 @@ from posttrain.models.forward import collate_shared, to_layout
 from posttrain.rewards import outcome_metrics
 from posttrain.rewards.combine import combine_rewards
 from posttrain.rollouts.config import BatchPlan, RolloutConfig, ShapingConfig
+from posttrain.rollouts.episodes import episode_batch, episode_metrics, load_environment, run_episodes
 from posttrain.rollouts.metrics import group_std_zero_frac, rollout_metrics
 
 
@@ -140,6 +141,7 @@ class ExperienceMaker:
         # asynchronous RL: steps t+1..t+k are submitted while step t trains (engines with submit/collect)
         self.max_staleness, self.last_step = max_staleness, last_step
         self.pending: dict[int, object] = {}
+        self.env = load_environment(rollout.environment) if rollout.environment else None
         self.prompt_ids = []
         for i, r in enumerate(records):
             ids = encode_prompt(tokenizer, r["prompt"])
@@ -179,7 +181,7 @@ class ExperienceMaker:
     def prefetch(self, step: int) -> None:
         """Asynchronous RL: submit steps ``step+1 .. step+k`` (k = max_staleness) not yet submitted, to be
         sampled with the weights the workers hold now."""
-        if not self.max_staleness or not hasattr(self.engine, "submit"):
+        if not self.max_staleness or not hasattr(self.engine, "submit") or self.env is not None:
             return
         last = step + self.max_staleness if self.last_step is None else min(step + self.max_staleness,
                                                                              self.last_step - 1)
@@ -213,6 +215,16 @@ class ExperienceMaker:
         idx, ids, params = self.request(step, round_)
         G = self.rollout.group_size
         t0 = time.perf_counter()
+        if self.env is not None:  # multi-turn: G episodes per prompt, the environment's reward
+            recs = [self.records[i] for i in idx for _ in range(G)]
+            eps = run_episodes(self.engine, self.tokenizer, [self.env() for _ in recs], recs, replace(params, n=1),
+                               max_turns=self.rollout.max_turns, max_tokens=self.rollout.max_episode_tokens,
+                               seed=params.seeds[0] if params.seeds else 0)
+            b = episode_batch(eps)
+            return Experience([r["prompt"] for r in recs], b["prompt_ids"], b["completion_ids"], b["texts"],
+                              b["finish"], G, b["scores"], torch.ones(len(eps), dtype=torch.bool),
+                              {"environment": b["scores"]}, b["mask"], b["rollout_logp"],
+                              metrics={"gen_s": time.perf_counter() - t0, "reward_s": 0.0, **episode_metrics(eps)})
         outs, lag_metrics = self._rollouts(step, round_, ids, params)
         t1 = time.perf_counter()
         recs = [self.records[i] for i in idx for _ in range(G)]

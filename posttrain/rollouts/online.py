@@ -40,7 +40,7 @@ from posttrain.rollouts.experience import (
     rollout_is_weight,
 )
 from posttrain.rollouts.metrics import reduce_metrics
-from posttrain.rollouts.task_eval import task_eval
+from posttrain.rollouts.task_eval import episode_eval, episode_eval_rows, task_eval
 
 # ----------------------------------------------------------------------------- the recipe
 
@@ -143,7 +143,7 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     causal LM that samples (PPO's actor-critic holds it)."""
     records = load_prompt_records(cfg.rollout)
     eval_records = load_eval_records(cfg.rollout)
-    rewards = load_rewards(cfg.reward, cfg.reward_weights)
+    rewards = load_rewards(cfg.reward, cfg.reward_weights) if cfg.reward else []  # [] = the environment's
     run_dir = make_run_dir(cfg.train, command, cfg)
     tokenizer = tokenizer_for(cfg.model)
     model = build_model(tokenizer)
@@ -181,6 +181,12 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
         g = (make_engine(p, tokenizer, cfg.rollout, cfg.model.name_or_path) if engine.fsdp and ray_cfg is None
              else getattr(gen, "main_engine", gen))  # the ray learner group: rank 0's engine alone
         g.update_weights(p, version=o.step)  # version v = the weights after v RL steps
+        if maker.env is not None:  # multi-turn: held-out episodes
+            ro = cfg.rollout
+            rows = episode_eval_rows(ro.prompts, eval_records, cfg.task_eval_prompts)
+            return episode_eval(g, tokenizer, maker.env, rows, cfg.task_eval_samples, cfg.train.seed,
+                                max_turns=ro.max_turns, max_tokens=ro.max_episode_tokens,
+                                max_new_tokens=ro.max_new_tokens) if rows else {}
         return task_eval(p, tokenizer, g, cfg.rollout.prompts, cfg.task_eval_prompts, cfg.task_eval_samples,
                          cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
 

@@ -30,6 +30,31 @@ def task_eval(model, tokenizer, engine, prompts_source: str, n_prompts: int, n_s
     return out
 
 
+def episode_eval(engine, tokenizer, env_factory, rows: list[dict], n_samples: int, seed: int, *, max_turns: int,
+                 max_tokens: int, max_new_tokens: int) -> dict[str, float]:
+    """Held-out multi-turn metrics: ``n_samples`` episodes per row at temperature 1; ``accuracy`` is the
+    mean episode reward (the built-in tool task's reward is 1 for the exact sum), plus the episode metrics."""
+    from posttrain.engines.rollout import SamplingParams
+    from posttrain.rollouts.episodes import episode_metrics, run_episodes
+
+    reps = [r for r in rows for _ in range(n_samples)]
+    eps = run_episodes(engine, tokenizer, [env_factory() for _ in reps], reps,
+                       SamplingParams(max_new_tokens=max_new_tokens, n=1), max_turns=max_turns,
+                       max_tokens=max_tokens, seed=seed + 17)
+    return {"accuracy": sum(e.reward for e in eps) / max(len(eps), 1), **episode_metrics(eps)}
+
+
+def episode_eval_rows(prompts_source: str, eval_records: list[dict] | None, n: int) -> list[dict]:
+    """The held-out rows of a multi-turn run: rollout.eval_prompts, or the built-in tool task's."""
+    if eval_records:
+        return eval_records[:n]
+    if prompts_source == "builtin:tool_prompts":
+        from posttrain.tasks import tool_task
+
+        return tool_task.prompt_records(n, held=True)
+    return []
+
+
 def builtin_task_eval(model, tokenizer, n_prompts: int = 64, n_samples: int = 4, seed: int = 0,
                       temperature: float = 1.0, engine=None) -> dict[str, float]:
     """The built-in task's held-out metrics on samples from the policy: mean gold reward and

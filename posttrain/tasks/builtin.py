@@ -178,7 +178,17 @@ def corpus(n: int = 2000) -> list[str]:
     return texts + FILLERS + ["system\n"] * 50
 
 
+def _tool():
+    from posttrain.tasks import tool_task  # the multi-turn task (docs/builtin_task.md)
+
+    return tool_task
+
+
 BUILTIN_SOURCES = {
+    "tool_sft": lambda: _tool().sft_records(tools=True),
+    "tool_sft_notools": lambda: _tool().sft_records(tools=False),
+    "tool_prompts": lambda: _tool().prompt_records(),
+    "tool_eval_prompts": lambda: _tool().prompt_records(256, held=True),
     "sft": lambda: sft_records(),
     "eval": lambda: eval_records(),
     "prompts": lambda: prompt_records(),

@@ -84,3 +84,23 @@ def grpo_teacher(sft_policy) -> str:
         f"model.name_or_path={sft_policy}", "reward=builtin_correct", "rollout.prompts_per_step=32",
         "rollout.group_size=8", "train.max_steps=30", "train.lr=1e-4", "train.progress=false",
         "task_eval_prompts=64"]) / "final")
+
+
+TOOL_SFT = ["model.name_or_path=tiny", "data.eval=null", "task_eval=false", "train.epochs=6", "train.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def tool_sft_policy(tiny_path) -> str:
+    """final/ of the SFT model of the built-in tool task, trained on demonstrations that call the
+    calculator (held-out episode accuracy ~0.34: the demonstrator is right ~60% of the time)."""
+    from posttrain.algorithms.sft import SFTConfig, run
+
+    return str(cached_run("tool-sft", SFTConfig, run, ["data.train=builtin:tool_sft", *TOOL_SFT]) / "final")
+
+
+@pytest.fixture(scope="session")
+def notool_sft_policy(tiny_path) -> str:
+    """final/ of the same task's SFT model without the tool (answers the sum directly; ~0.24)."""
+    from posttrain.algorithms.sft import SFTConfig, run
+
+    return str(cached_run("notool-sft", SFTConfig, run, ["data.train=builtin:tool_sft_notools", *TOOL_SFT]) / "final")

@@ -141,6 +141,17 @@ def test_lora_adapters_reach_the_workers(sft_policy, tmp_path):
     assert _train_rows(tmp_path / "ray")[-1]["kl"] > 0.05
 
 
+def test_ppo_on_ray_asynchronous(sft_policy, tmp_path):
+    """PPO (its actor-critic's policy sampled by the workers) with staleness 1."""
+    from posttrain.algorithms.ppo import PPOConfig, run
+
+    s = run(load_config(PPOConfig, None, [f"model.name_or_path={sft_policy}", f"train.output_dir={tmp_path}",
+                                          *COMMON, *SMALL, "launcher=ray", "ray.rollout_workers=2",
+                                          "async.max_staleness=1"]))
+    lags = [r["async/staleness_max"] for r in _train_rows(tmp_path)]
+    assert lags == [0, 1, 1] and s["launcher"] == "ray" and (tmp_path / "value").exists()
+
+
 def test_learner_group_needs_its_launcher(sft_policy, tmp_path):
     from posttrain.errors import ConfigError
 
