@@ -89,7 +89,10 @@ def test_ppo_against_learned_reward_model(sft_policy, reward_model, tmp_path):
     cfg = load_config(PPOConfig, None, [
         f"model.name_or_path={sft_policy}", f"train.output_dir={tmp_path}", f"reward=rm:{reward_model}",
         "value.init=reward_model", "rollout.prompts_per_step=64", "rollout.eval_prompts=builtin:eval_prompts",
-        "kl.beta=0.1", "train.max_steps=24", "train.batch_size=32", "train.lr=1e-5", *COMMON])
+        # lr 5e-6: at 1e-5 the policy over-optimizes some of these small reward models within 24 steps (their
+        # score keeps rising while the gold reward falls below the SFT model's), depending on which pairs of SFT
+        # samples trained them; at 5e-6 the gold reward ended above the SFT model's with each of three
+        "kl.beta=0.1", "train.max_steps=24", "train.batch_size=32", "train.lr=5e-6", *COMMON])
     s = run(cfg)
     before, after = s["initial"], s["final"]
     assert after["reward"] > before["reward"] + 0.1, (before, after)  # the RM's score, held-out prompts
