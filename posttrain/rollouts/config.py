@@ -187,6 +187,11 @@ def check_launcher(cfg) -> None:
                           "treat them as on-policy", where="rollout.correction",
                           fix="rollout.correction=tis (the default), or async.max_staleness=0")
     if cfg.launcher == "ray":
+        if cfg.rollout.environment and cfg.ray.learners > 1:  # ranks' episodes end at different turns
+            raise ConfigError("multi-turn episodes with several Ray learners are not supported yet (each rank's "
+                              "episodes end after a different number of turns, and the rollout requests of the "
+                              "learner group are collective)", where="ray.learners",
+                              fix="ray.learners=1 with rollout.environment")
         if cfg.rollout.engine != "local":
             raise ConfigError(f"launcher=ray hosts the local engine in each rollout worker; rollout.engine="
                               f"{cfg.rollout.engine} is not hosted there yet", where="rollout.engine",

@@ -39,6 +39,9 @@ def test_an_environment_brings_its_own_reward(tiny_path, tmp_path):
     with pytest.raises(ConfigError, match="the environment gives the reward"):
         load_config(GRPOConfig, None, [f"model.name_or_path={tiny_path}", "rollout.environment=builtin:calc",
                                        "reward=builtin_correct", *TASK])
+    with pytest.raises(ConfigError, match="multi-turn episodes with several Ray learners"):
+        load_config(GRPOConfig, None, [f"model.name_or_path={tiny_path}", "rollout.environment=builtin:calc",
+                                       "launcher=ray", "ray.learners=2", *TASK])
     with pytest.raises(ConfigError, match="ppo does not run multi-turn episodes yet"):
         load_config(PPOConfig, None, [f"model.name_or_path={tiny_path}", "rollout.environment=builtin:calc", *TASK])
 

@@ -152,6 +152,21 @@ def test_ppo_on_ray_asynchronous(sft_policy, tmp_path):
     assert lags == [0, 1, 1] and s["launcher"] == "ray" and (tmp_path / "value").exists()
 
 
+def test_multi_turn_episodes_on_ray_workers(tiny_path, tmp_path):
+    """Episodes advance turn by turn through the Ray workers like through the local engine."""
+    _grpo(tiny_path, tmp_path / "ray", "rollout.prompts=builtin:tool_prompts", "rollout.environment=builtin:calc",
+          "reward=[]", "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=8",
+          "rollout.max_episode_tokens=24", "train.max_steps=2", "task_eval_prompts=4", "task_eval_samples=1",
+          "launcher=ray", "ray.rollout_workers=2")
+    _grpo(tiny_path, tmp_path / "local", "rollout.prompts=builtin:tool_prompts", "rollout.environment=builtin:calc",
+          "reward=[]", "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=8",
+          "rollout.max_episode_tokens=24", "train.max_steps=2", "task_eval_prompts=4", "task_eval_samples=1")
+    a, b = _train_rows(tmp_path / "local"), _train_rows(tmp_path / "ray")
+    for x, y in zip(a, b):
+        for k in ("episode/turns", "episode/tool_calls", "episode/masked_frac", "reward/mean", "train/loss"):
+            assert x[k] == pytest.approx(y[k], abs=1e-5), k
+
+
 def test_learner_group_needs_its_launcher(sft_policy, tmp_path):
     from posttrain.errors import ConfigError
 
