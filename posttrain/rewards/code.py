@@ -35,9 +35,10 @@ from posttrain.rewards.verifiers import check_batch, get_column
 
 OUTCOMES = ("passed", "failed", "error", "timeout", "memory", "no_tests")
 
-# Runs in the child. Reads {"code", "tests": [[source, is_test], ...], limits, "nonce"} from stdin,
-# prints one line "<nonce> <json result>" on a private copy of stdout. User output goes to
-# /dev/null, so it can neither flood the parent nor forge the result without the nonce.
+# Runs in the child. Reads {"code", "tests": [[source, is_test], ...], limits, "nonce", "capture"} from
+# stdin, prints one line "<nonce> <json result>" on a private copy of stdout. User output goes to
+# /dev/null (with "capture": N, Python-level prints go to a buffer whose last N characters are returned),
+# so it can neither flood the parent nor forge the result without the nonce.
 _HARNESS = r"""
 import json, os, resource, sys
 p = json.loads(sys.stdin.read())
@@ -49,6 +50,9 @@ out = os.dup(1)
 null = os.open(os.devnull, os.O_RDWR)
 for fd in (0, 1, 2):
     os.dup2(null, fd)
+if p["capture"]:  # the Python tool: what the code prints is its answer
+    import io
+    sys.stdout = sys.stderr = io.StringIO()
 res = {"passed": 0, "total": sum(t for _, t in p["tests"]), "error": None, "memory": False}
 def note(e, where):
     if isinstance(e, MemoryError):
@@ -71,6 +75,8 @@ for i, (src, is_test) in enumerate(p["tests"]):
     except BaseException as e:
         note(e, f"test {i}")
         setup_ok = setup_ok and bool(is_test)
+if p["capture"]:
+    res["stdout"] = sys.stdout.getvalue()[-p["capture"]:]
 os.write(out, (p["nonce"] + " " + json.dumps(res) + "\n").encode())
 os._exit(0)  # skip user atexit handlers and non-daemon threads
 """
@@ -216,8 +222,30 @@ class CodeTestsReward:
         total = sum(is_test for _, is_test in tests)
         if total == 0:
             return CodeResult("no_tests")
+        res, why = self._spawn(code, tests)
+        if res is None:
+            return CodeResult(why[0], 0, total, why[1])
+        passed = res["passed"]
+        outcome = ("passed" if passed == total else "memory" if res["memory"]
+                   else "error" if res.get("solution_failed") else "failed")
+        return CodeResult(outcome, passed, total, res["error"])
+
+    def run_script(self, code: str, max_chars: int = 2000) -> str:
+        """Run ``code`` under the same limits and return what it printed (the last ``max_chars``
+        characters), or ``error: ...`` naming what stopped it: the sandboxed Python tool of
+        multi-turn episodes."""
+        res, why = self._spawn(code, [], capture=max_chars)
+        if res is None:
+            return f"error: {why[0]}: {why[1]}"
+        out = res.get("stdout", "")
+        if not res["error"]:
+            return out
+        return "\n".join(x for x in (out.rstrip("\n"), f"error: {res['error']}") if x)
+
+    def _spawn(self, code: str, tests: list, capture: int = 0):
+        """(the harness's result, None) or (None, (outcome, why)) for one child process."""
         nonce = secrets.token_hex(16)
-        payload = {"code": code, "tests": tests, "nonce": nonce,
+        payload = {"code": code, "tests": tests, "nonce": nonce, "capture": capture,
                    "memory": self.memory_mb * 2**20, "cpu": int(self.timeout_s) + 1,  # also binds children that escape the group
                    "fsize": self.file_mb * 2**20, "nofile": 64}
         with tempfile.TemporaryDirectory(prefix="posttrain-code-", ignore_cleanup_errors=True) as tmp:
@@ -229,22 +257,16 @@ class CodeTestsReward:
             try:
                 out, err = proc.communicate(json.dumps(payload).encode(), timeout=self.timeout_s)
             except subprocess.TimeoutExpired:
-                return CodeResult("timeout", 0, total, f"no result within {self.timeout_s} s")
+                return None, ("timeout", f"no result within {self.timeout_s} s")
             finally:
                 self._kill_group(proc)  # children the code left behind
         for line in out.decode(errors="replace").splitlines():
             if line.startswith(nonce + " "):
-                res = json.loads(line[len(nonce) + 1:])
-                break
-        else:
-            if proc.returncode == -signal.SIGXCPU:
-                return CodeResult("timeout", 0, total, "CPU time limit")
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            return CodeResult("error", 0, total, f"exit code {proc.returncode} {tail[0]}"[:500])
-        passed = res["passed"]
-        outcome = ("passed" if passed == total else "memory" if res["memory"]
-                   else "error" if res.get("solution_failed") else "failed")
-        return CodeResult(outcome, passed, total, res["error"])
+                return json.loads(line[len(nonce) + 1:]), None
+        if proc.returncode == -signal.SIGXCPU:
+            return None, ("timeout", "CPU time limit")
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return None, ("error", f"exit code {proc.returncode} {tail[0]}"[:500])
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen) -> None:

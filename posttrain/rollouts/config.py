@@ -71,7 +71,8 @@ class RolloutConfig:
                               "naming the server.")
     environment: str | None = opt(None, "Multi-turn episodes against an environment instead of one completion per "
                                   "prompt: builtin:calc (the calculator tool; the built-in tool task's prompts are "
-                                  "builtin:tool_prompts), builtin:no_tools (the same task, tools refused), or "
+                                  "builtin:tool_prompts), builtin:python (a sandboxed Python tool instead), "
+                                  "builtin:no_tools (the same task, tools refused), or "
                                   "module:Class (reset(row) -> messages, step(action) -> Step). The environment "
                                   "gives the reward.", "docs/rl.md, multi-turn episodes")
     max_turns: int = opt(4, "Multi-turn: most policy turns per episode (then it ends, counted as truncated).")

@@ -115,6 +115,15 @@ def calculator(expression: str) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
+def python_tool(timeout_s: float = 5.0, memory_mb: int = 512) -> Callable[[str], str]:
+    """A Python tool: ``code -> what it prints`` in the code verifier's sandbox (a limited, isolated child
+    process per call, killed at ``timeout_s``); an exception or a limit comes back as ``error: ...``."""
+    from posttrain.rewards.code import CodeTestsReward
+
+    box = CodeTestsReward(timeout_s=timeout_s, memory_mb=memory_mb)
+    return lambda code: box.run_script(str(code))
+
+
 class ToolEnvironment:
     """Tool use: every tool call in the assistant's turn is run (timed, ``timeout_s`` each) and its
     output, or its error, is a ``tool`` message; the episode ends at a turn without tool calls, scored
@@ -274,6 +283,9 @@ def load_environment(spec: str) -> Callable[[], Any]:
 
     if spec == "builtin:calc":
         return lambda: ToolEnvironment({tool_task.TOOL: lambda expr: calculator(expr)}, tool_task.score)
+    if spec == "builtin:python":  # the tool task with a sandboxed Python tool instead of the calculator
+        run = python_tool()
+        return lambda: ToolEnvironment({"python": lambda code: run(code)}, tool_task.score, timeout_s=10.0)
     if spec == "builtin:no_tools":
         return lambda: ToolEnvironment({}, tool_task.score)
     if ":" in spec and not spec.startswith("builtin:"):
@@ -287,7 +299,7 @@ def load_environment(spec: str) -> Callable[[], Any]:
                             fix="give module:Class with the module importable (on PYTHONPATH)") from e
         return cls
     raise DataError(f"unknown environment {spec!r}", where="rollout.environment",
-                    fix="use builtin:calc, builtin:no_tools or module:Class")
+                    fix="use builtin:calc, builtin:python, builtin:no_tools or module:Class")
 
 
 def episode_batch(eps: list[Episode]) -> dict:

@@ -151,3 +151,23 @@ def test_real_engine_episode_logprobs_are_the_models_on_the_trained_ids(tiny_mod
         m = torch.tensor(ep.mask, dtype=torch.bool)
         assert torch.allclose(taken[m], torch.tensor(ep.logprobs)[m], atol=1e-4)
         assert sum(ep.mask) == len([x for x in ep.logprobs if x != 0.0])
+
+
+def test_the_python_tool_runs_in_the_sandbox_and_reports_failures():
+    from posttrain.rollouts.episodes import python_tool
+
+    run = python_tool(timeout_s=3)
+    assert run("print(sum([7, 5, 9, 8, 6]))").strip() == "35"
+    assert run("print('a'); 1/0").startswith("a\nerror: solution: ZeroDivisionError")
+    assert run("while True: pass").startswith("error: timeout")
+    assert "MemoryError" in run("x = bytearray(2**33)")
+
+
+def test_a_python_tool_episode(tokenizer):
+    from posttrain.rollouts.episodes import load_environment
+
+    call = '<tool_call>{"name": "python", "arguments": {"code": "print(2+3)"}}</tool_call>'
+    engine = Scripted({0: [char_ids(tokenizer, call), char_ids(tokenizer, "5")]})
+    ep = run_episodes(engine, tokenizer, [load_environment("builtin:python")()], [{"prompt": "2+3?", "answer": "5"}],
+                      params(), max_turns=3, max_tokens=512)[0]
+    assert ep.messages[2]["content"].strip() == "5" and ep.reward == 1.0 and ep.tool_errors == 0
