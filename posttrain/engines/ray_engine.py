@@ -273,6 +273,8 @@ class RayRolloutEngine:
                 except Exception:  # already gone
                     pass
         self.workers = [None] * len(self.workers)
+        self._model_ref = self._weights_ref = None  # atexit keeps this engine; not the object-store copies
+        self._acks, self._inflight = [], [[] for _ in self._inflight]
         _LIVE.discard(self)
         if self._started and ray.is_initialized():
             ray.shutdown()
