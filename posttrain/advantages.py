@@ -18,7 +18,8 @@ import torch
 
 from posttrain.errors import ConfigError
 
-__all__ = ["gae", "discounted_returns", "distillation_advantages", "group_advantages", "rloo_advantages", "reinforce_advantages",
+__all__ = ["gae", "discounted_returns", "distillation_advantages", "turn_credit_advantages", "group_scale",
+           "group_advantages", "rloo_advantages", "reinforce_advantages",
            "zero_variance_groups", "overlong_penalty", "best_of_n_kl", "expand_to_tokens"]
 
 
@@ -92,6 +93,36 @@ def distillation_advantages(student_logp: torch.Tensor, teacher_logp: torch.Tens
     _check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, mask=mask)
     rewards = (teacher_logp - student_logp) * mask
     return rewards if gamma == 0 else discounted_returns(rewards, mask, gamma)
+
+
+def turn_credit_advantages(seq_adv: torch.Tensor, token_rewards: torch.Tensor, mask: torch.Tensor,
+                           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-turn episodes with a reward per turn: a token is not credited with the rewards of the turns
+    before it (causality: its action cannot change them), the reward-to-go form of the policy gradient.
+
+        R_i = Σ_k r_{i,k}   (the episode's return, what the sequence estimator Â_i was computed from)
+        E_{i,t} = Σ_{k<t} r_{i,k} = R_i − Σ_{k≥t} r_{i,k}   (rewards earned before token t)
+        A_{i,t} = Â_i − E_{i,t} / s_i
+
+    i.e. R_i replaced by the reward-to-go in the estimator's numerator, the baseline unchanged (every
+    estimator here is linear in r_i: GRPO's (r − mean)/s with s the group std, Dr. GRPO's, RLOO's
+    and REINFORCE's with s = 1). Turn rewards sit on each turn's last sampled token; with one reward
+    at the end E = 0 and A_{i,t} = Â_i. Shapes: seq_adv [N], token_rewards and mask [N, T], scale
+    [N] or None (1); returns [N, T], 0 where masked.
+    """
+    _check_same_shape(token_rewards=token_rewards, mask=mask)
+    earned_before = (token_rewards * mask).sum(dim=1, keepdim=True) - discounted_returns(token_rewards, mask, 1.0)
+    s = torch.ones_like(seq_adv) if scale is None else scale
+    return (seq_adv[:, None] - earned_before / s[:, None]) * mask
+
+
+def group_scale(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """[N] the divisor GRPO's advantage used for each sample: its group's std + eps, or 1 where the group
+    is constant (its Â is 0 and the divisor would be eps). Shapes: rewards [N] -> [N]."""
+    g = _groups(rewards, group_size, need=2).double()
+    s = torch.where(zero_variance_groups(rewards, group_size)[:, None], torch.ones_like(g),
+                    g.std(dim=1, keepdim=True) + eps)
+    return s.reshape(-1).to(rewards.dtype)
 
 
 def _groups(rewards: torch.Tensor, group_size: int, need: int = 1) -> torch.Tensor:

@@ -29,7 +29,8 @@ from typing import Literal
 
 import torch
 
-from posttrain.advantages import expand_to_tokens, group_advantages, reinforce_advantages, rloo_advantages
+from posttrain.advantages import (expand_to_tokens, group_advantages, group_scale, reinforce_advantages,
+                                  rloo_advantages, turn_credit_advantages)
 from posttrain.config import LoraConfig, ModelConfig, opt
 from posttrain.engines.loop import save_final
 from posttrain.errors import ConfigError
@@ -38,7 +39,7 @@ from posttrain.models.forward import policy_logp_fn, token_forward
 from posttrain.models.loading import load_policy
 from posttrain.rewards.combine import check_reward_config, default_reward
 from posttrain.rollouts.config import (AsyncConfig, KLConfig, RayConfig, RLTrainConfig, RolloutConfig,
-                                       ShapingConfig, check_launcher)
+                                       ShapingConfig, check_environment_reward, check_launcher)
 from posttrain.rollouts.experience import fill_invalid, minibatches
 from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics, sequence_kl
 from posttrain.rollouts.online import (PGRecipe, end_rl_step, finish_online, online_setup, pg_recipe,
@@ -100,6 +101,11 @@ class PolicyLossConfig:
     ppo_epochs: int = opt(1, "Passes over each rollout batch (each pass = train.batch_size-sized "
                           "minibatches, one optimizer step each).", "TRL num_iterations=1; DAPO 16 steps")
     entropy_coef: float = opt(0.0, "Entropy bonus coefficient (0 = off).", "TRL GRPO default 0")
+    turn_credit: Literal["episode", "reward_to_go"] | None = opt(
+        None, "Multi-turn episodes with a reward per turn: reward_to_go = a token is not credited with the "
+              "rewards of earlier turns (advantages.turn_credit_advantages); episode = every token gets the "
+              "episode's advantage. Equal when only the last turn is rewarded. null = reward_to_go, episode "
+              "for gspo (its ratio is per sequence).", "rlhf-book ch. 6 (reward-to-go)")
 
     def validate(self) -> None:
         if self.ppo_epochs < 1:
@@ -148,10 +154,7 @@ class GRPOConfig:
 
     def validate(self) -> None:
         check_launcher(self)
-        if self.rollout.environment and self.reward:
-            raise ConfigError("with rollout.environment the environment gives the reward; reward would be ignored",
-                              where="reward", fix="remove reward (or score inside the environment)")
-        if not self.rollout.environment:
+        if not check_environment_reward(self):
             check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
         if self.rollout.engine == "vllm" and self.lora.enabled:
             raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
@@ -185,6 +188,8 @@ def resolve_variant(cfg, variant: str) -> None:
         cfg.dynamic_sampling = d["dynamic_sampling"]
     if cfg.shaping.overlong_buffer is None:
         cfg.shaping.overlong_buffer = int(d["overlong"] * cfg.rollout.max_new_tokens)
+    if cfg.loss.turn_credit is None:
+        cfg.loss.turn_credit = "episode" if cfg.loss.policy_loss == "gspo" else "reward_to_go"
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -248,8 +253,13 @@ def run(cfg: GRPOConfig, command: str = "grpo") -> dict:
             if recipe.kl_in_reward:  # r − β Σ_t KL_t, before the baseline (RLOO, REINFORCE)
                 scores = scores - o.kl_ctl.value * sequence_kl(exp, recipe.kl_estimator)
             group = len(exp) if cfg.loss.advantage == "batch_mean" else G  # whose mean stands in
-            adv = advantage_fn(fill_invalid(scores, exp.valid, group), G)
-            exp.advantages = expand_to_tokens(adv, exp.mask)
+            filled = fill_invalid(scores, exp.valid, group)
+            adv = advantage_fn(filled, G)
+            if exp.token_rewards is not None and cfg.loss.turn_credit == "reward_to_go":  # per-turn rewards
+                scale = group_scale(filled, G) if cfg.loss.advantage == "group_std" else None
+                exp.advantages = turn_credit_advantages(adv, exp.token_rewards, exp.mask, scale)
+            else:
+                exp.advantages = expand_to_tokens(adv, exp.mask)
             t1 = time.perf_counter()
             steps = []
             for _, micro_idx in minibatches(len(exp), plan.minibatches, cfg.loss.ppo_epochs, plan.micro,

@@ -40,7 +40,7 @@ from posttrain.models.heads import load_reward_model, save_reward_model
 from posttrain.models.loading import eval_mode, load_policy, save_pretrained
 from posttrain.rewards.combine import check_reward_config, default_reward
 from posttrain.rollouts.config import (AsyncConfig, KLConfig, RayConfig, RLTrainConfig, RolloutConfig,
-                                       ShapingConfig, check_launcher, refuse_environment)
+                                       ShapingConfig, check_environment_reward, check_launcher)
 from posttrain.rollouts.experience import minibatches
 from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics
 from posttrain.rollouts.online import (PGRecipe, end_rl_step, finish_online, online_setup, pg_recipe,
@@ -122,7 +122,8 @@ class PPOConfig:
     async_: AsyncConfig = opt(factory=AsyncConfig, help="Asynchronous RL (launcher=ray): bounded staleness.")
 
     def __post_init__(self):
-        self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_gold")
+        if not self.rollout.environment:  # an environment gives its own reward
+            self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_gold")
         if self.kl.beta is None:
             self.kl.beta = PPO_KL["beta"]
         if self.kl.placement is None:
@@ -132,12 +133,12 @@ class PPOConfig:
 
     def validate(self) -> None:
         check_launcher(self)
-        refuse_environment(self.rollout, "ppo")
         if self.rollout.engine == "vllm" and self.lora.enabled:
             raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
                               "so every rollout would come from the initial model", where="rollout.engine",
                               fix="use rollout.engine=local with LoRA, or train all weights (lora.enabled=false)")
-        check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
+        if not check_environment_reward(self):
+            check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
         if self.value.init == "reward_model" and not self.value.path and not any(r.startswith("rm:") for r in self.reward):
             raise ConfigError("value.init=reward_model needs a reward model", where="value.init",
                               fix="use reward=rm:<path>, or give value.path")
@@ -205,14 +206,18 @@ def make_loss(cfg: PPOConfig, recipe: PGRecipe, kl_coef):
 
 
 def advantages(exp, cfg: PPOConfig, kl_coef, kl_tok: torch.Tensor | None):
-    """Per-token rewards (−β KL_t, + the score on the last token) -> GAE advantages and returns."""
+    """Per-token rewards (−β KL_t, + the score on the last token; in multi-turn episodes each turn's
+    reward on its last sampled token) -> GAE advantages and returns. GAE skips the masked observation
+    tokens, so an episode's trajectory is its sampled tokens in order."""
     mask = exp.mask
     rewards = torch.zeros_like(mask)
     if kl_tok is not None:
         rewards = rewards - kl_coef * kl_tok * mask
-    last = (exp.lengths - 1).clamp(min=0)
-    rows = torch.arange(len(exp))
-    rewards[rows, last] += exp.scores * exp.valid.float()
+    if exp.token_rewards is not None:
+        rewards = rewards + exp.token_rewards * exp.valid.float()[:, None]
+    else:
+        last = (exp.lengths - 1).clamp(min=0)
+        rewards[torch.arange(len(exp)), last] += exp.scores * exp.valid.float()
     if cfg.loss.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     adv, returns = gae(rewards, exp.values, mask, cfg.loss.gamma, cfg.loss.lam)

@@ -72,7 +72,8 @@ class RolloutConfig:
     environment: str | None = opt(None, "Multi-turn episodes against an environment instead of one completion per "
                                   "prompt: builtin:calc (the calculator tool; the built-in tool task's prompts are "
                                   "builtin:tool_prompts), builtin:python (a sandboxed Python tool instead), "
-                                  "builtin:no_tools (the same task, tools refused), or "
+                                  "builtin:no_tools (the same task, tools refused), "
+                                  "openenv:http://HOST:PORT (an OpenEnv environment server; posttrain[openenv]), or "
                                   "module:Class (reset(row) -> messages, step(action) -> Step). The environment "
                                   "gives the reward.", "docs/rl.md, multi-turn episodes")
     max_turns: int = opt(4, "Multi-turn: most policy turns per episode (then it ends, counted as truncated).")
@@ -174,7 +175,16 @@ class AsyncConfig:
 def refuse_environment(rollout: RolloutConfig, command: str) -> None:
     if rollout.environment:
         raise ConfigError(f"{command} does not run multi-turn episodes yet", where="rollout.environment",
-                          fix="use grpo, rloo or reinforce with rollout.environment, or remove it")
+                          fix="use grpo, rloo, reinforce or ppo with rollout.environment, or remove it")
+
+
+def check_environment_reward(cfg) -> bool:
+    """With ``rollout.environment`` the environment gives the reward, so a ``reward`` would be ignored:
+    refused. Returns whether the run has an environment."""
+    if cfg.rollout.environment and cfg.reward:
+        raise ConfigError("with rollout.environment the environment gives the reward; reward would be ignored",
+                          where="reward", fix="remove reward (or score inside the environment)")
+    return bool(cfg.rollout.environment)
 
 
 def check_launcher(cfg) -> None:

@@ -58,6 +58,7 @@ class Episode:
     tool_calls: int = 0
     tool_errors: int = 0
     truncated: str | None = None     # None, "turns" or "tokens"
+    turn_ends: list[int] = field(default_factory=list)  # index in completion_ids of each turn's last sampled token
     messages: list[dict] = field(default_factory=list)  # the conversation, for people to read
 
     @property
@@ -230,6 +231,7 @@ def run_episodes(engine, tokenizer, envs: list, rows: list[dict], params: Sampli
             ep.mask += [1] * len(sampled)
             ep.logprobs += list(out.logprobs)[:len(sampled)]
             ep.turns += 1
+            ep.turn_ends.append(len(ep.completion_ids) - 1)  # -1 for an empty first turn: no token to credit
             ids[i] += sampled
             text = tokenizer.decode(sampled, skip_special_tokens=True)
             content, calls = parse(text)
@@ -260,6 +262,9 @@ def run_episodes(engine, tokenizer, envs: list, rows: list[dict], params: Sampli
         active = still
     for i in active:  # still going after max_turns
         eps[i].truncated = "turns"
+    for env in envs:  # remote sessions end with their episodes
+        if hasattr(env, "close"):
+            env.close()
     return eps
 
 
@@ -267,7 +272,10 @@ def episode_metrics(eps: list[Episode]) -> dict[str, Any]:
     """Turns, tool calls and errors per episode, masked-token share, truncation by limit (docs/metrics.md)."""
     n = max(len(eps), 1)
     tokens = sum(len(e.mask) for e in eps)
-    return {"episode/turns": sum(e.turns for e in eps) / n, "episode/tool_calls": sum(e.tool_calls for e in eps) / n,
+    turn_rewards = [r for e in eps for r in e.turn_rewards]
+    return {"episode/turns": sum(e.turns for e in eps) / n,
+            "episode/turn_reward": sum(turn_rewards) / max(len(turn_rewards), 1),
+            "episode/before_last_reward": sum(sum(e.turn_rewards[:-1]) for e in eps) / n, "episode/tool_calls": sum(e.tool_calls for e in eps) / n,
             "episode/tool_errors": sum(e.tool_errors for e in eps) / n,
             "episode/masked_frac": 1 - sum(sum(e.mask) for e in eps) / max(tokens, 1),
             "episode/truncated_turns": sum(e.truncated == "turns" for e in eps) / n,
@@ -288,6 +296,10 @@ def load_environment(spec: str) -> Callable[[], Any]:
         return lambda: ToolEnvironment({"python": lambda code: run(code)}, tool_task.score, timeout_s=10.0)
     if spec == "builtin:no_tools":
         return lambda: ToolEnvironment({}, tool_task.score)
+    if spec.startswith("openenv:"):  # an OpenEnv server: openenv:http://host:port
+        from posttrain.rollouts.openenv import openenv_factory
+
+        return openenv_factory(spec[len("openenv:"):])
     if ":" in spec and not spec.startswith("builtin:"):
         import importlib
 
@@ -299,21 +311,25 @@ def load_environment(spec: str) -> Callable[[], Any]:
                             fix="give module:Class with the module importable (on PYTHONPATH)") from e
         return cls
     raise DataError(f"unknown environment {spec!r}", where="rollout.environment",
-                    fix="use builtin:calc, builtin:python, builtin:no_tools or module:Class")
+                    fix="use builtin:calc, builtin:python, builtin:no_tools, openenv:URL or module:Class")
 
 
 def episode_batch(eps: list[Episode]) -> dict:
-    """Episodes as the tensors of an RL batch: scores [N], mask and rollout log-probs [N, T] (T the longest
-    episode after its prompt; the mask is 1 on sampled tokens only), final texts and finish reasons."""
+    """Episodes as the tensors of an RL batch: scores [N] (the sum of turn rewards), mask and rollout
+    log-probs [N, T] (T the longest episode after its prompt; the mask is 1 on sampled tokens only),
+    token_rewards [N, T] (each turn's reward on its last sampled token), final texts, finish reasons."""
     import torch
 
     T = max((len(e.completion_ids) for e in eps), default=0) or 1
-    mask, rlp = torch.zeros(len(eps), T), torch.zeros(len(eps), T)
+    mask, rlp, tok_r = torch.zeros(len(eps), T), torch.zeros(len(eps), T), torch.zeros(len(eps), T)
     for i, e in enumerate(eps):
         mask[i, :len(e.mask)] = torch.tensor(e.mask, dtype=torch.float32)
         rlp[i, :len(e.logprobs)] = torch.tensor(e.logprobs, dtype=torch.float32)
+        for end, r in zip(e.turn_ends, e.turn_rewards):
+            tok_r[i, max(end, 0)] += r  # an empty turn (end -1) earns only 0 (a token-limit stop)
     last = [next((m.get("content") or "" for m in reversed(e.messages) if m["role"] == "assistant"), "")
             for e in eps]
     return {"prompt_ids": [e.prompt_ids for e in eps], "completion_ids": [e.completion_ids for e in eps],
             "texts": last, "finish": ["length" if e.truncated else "stop" for e in eps],
-            "scores": torch.tensor([e.reward for e in eps], dtype=torch.float32), "mask": mask, "rollout_logp": rlp}
+            "scores": torch.tensor([e.reward for e in eps], dtype=torch.float32), "mask": mask, "rollout_logp": rlp,
+            "token_rewards": tok_r}

@@ -69,6 +69,7 @@ class Experience:
     advantages: torch.Tensor | None = None  # [N, T]
     returns: torch.Tensor | None = None  # [N, T] PPO value targets
     metrics: dict[str, float] = field(default_factory=dict)
+    token_rewards: torch.Tensor | None = None  # [N, T] multi-turn: each turn's reward on its last sampled token
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -89,7 +90,7 @@ class Experience:
                           [self.finish[i] for i in idx], self.group_size, self.scores[t], self.valid[t],
                           {k: v[t] for k, v in self.components.items()}, self.mask[t], self.rollout_logp[t],
                           pick(self.old_logp), pick(self.ref_logp), pick(self.values), pick(self.advantages),
-                          pick(self.returns), dict(self.metrics))
+                          pick(self.returns), dict(self.metrics), pick(self.token_rewards))
 
     @staticmethod
     def concat(parts: list["Experience"]) -> "Experience":
@@ -111,7 +112,7 @@ class Experience:
                           cat([p.mask for p in parts]), cat([p.rollout_logp for p in parts]),
                           cat([p.old_logp for p in parts]), cat([p.ref_logp for p in parts]),
                           cat([p.values for p in parts]), cat([p.advantages for p in parts]),
-                          cat([p.returns for p in parts]), dict(first.metrics))
+                          cat([p.returns for p in parts]), dict(first.metrics), cat([p.token_rewards for p in parts]))
 
     def micro_batch(self, idx: list[int]) -> dict:
         """A packed training micro-batch of rollouts ``idx`` (a prompt shared by consecutive rollouts
@@ -224,7 +225,8 @@ class ExperienceMaker:
             return Experience([r["prompt"] for r in recs], b["prompt_ids"], b["completion_ids"], b["texts"],
                               b["finish"], G, b["scores"], torch.ones(len(eps), dtype=torch.bool),
                               {"environment": b["scores"]}, b["mask"], b["rollout_logp"],
-                              metrics={"gen_s": time.perf_counter() - t0, "reward_s": 0.0, **episode_metrics(eps)})
+                              metrics={"gen_s": time.perf_counter() - t0, "reward_s": 0.0, **episode_metrics(eps)},
+                              token_rewards=b["token_rewards"])
         outs, lag_metrics = self._rollouts(step, round_, ids, params)
         t1 = time.perf_counter()
         recs = [self.records[i] for i in idx for _ in range(G)]

@@ -171,3 +171,28 @@ def test_a_python_tool_episode(tokenizer):
     ep = run_episodes(engine, tokenizer, [load_environment("builtin:python")()], [{"prompt": "2+3?", "answer": "5"}],
                       params(), max_turns=3, max_tokens=512)[0]
     assert ep.messages[2]["content"].strip() == "5" and ep.reward == 1.0 and ep.tool_errors == 0
+
+
+class PerTurn(ToolEnvironment):
+    """The calculator environment that also pays 0.25 for each turn that calls a tool."""
+
+    def step(self, action):
+        st = super().step(action)
+        return st if st.done else type(st)(st.observation, 0.25, False, st.info)
+
+
+def test_per_turn_rewards_sit_on_each_turns_last_sampled_token(tokenizer):
+    from posttrain.rollouts.episodes import episode_batch
+
+    s1, s2, s3 = (char_ids(tokenizer, CALL % "2+3"), char_ids(tokenizer, CALL % "1+1"), char_ids(tokenizer, "5"))
+    eps = run_episodes(Scripted({0: [s1, s2, s3]}), tokenizer, [PerTurn({"calculator": calculator}, score)],
+                       [{"prompt": "What is 2+3?", "answer": "5"}], params(), max_turns=4, max_tokens=512)
+    ep = eps[0]
+    assert ep.turn_rewards == [0.25, 0.25, 1.0] and ep.reward == 1.5
+    b = episode_batch(eps)
+    ends = b["token_rewards"][0].nonzero().flatten().tolist()
+    assert ends == ep.turn_ends and b["token_rewards"][0, ends].tolist() == [0.25, 0.25, 1.0]
+    assert ends[0] == len(s1) - 1 and ends[-1] == len(ep.completion_ids) - 1
+    assert all(ep.mask[e] == 1 for e in ends) and b["scores"].tolist() == [1.5]
+    m = episode_metrics(eps)
+    assert m["episode/turn_reward"] == 0.5 and m["episode/before_last_reward"] == 0.5

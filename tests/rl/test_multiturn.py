@@ -42,8 +42,26 @@ def test_an_environment_brings_its_own_reward(tiny_path, tmp_path):
     with pytest.raises(ConfigError, match="multi-turn episodes with several Ray learners"):
         load_config(GRPOConfig, None, [f"model.name_or_path={tiny_path}", "rollout.environment=builtin:calc",
                                        "launcher=ray", "ray.learners=2", *TASK])
-    with pytest.raises(ConfigError, match="ppo does not run multi-turn episodes yet"):
-        load_config(PPOConfig, None, [f"model.name_or_path={tiny_path}", "rollout.environment=builtin:calc", *TASK])
+    with pytest.raises(ConfigError, match="the environment gives the reward"):
+        load_config(PPOConfig, None, [f"model.name_or_path={tiny_path}", "rollout.environment=builtin:calc",
+                                      "reward=builtin_gold", *TASK])
+    from posttrain.algorithms.distill import DistillConfig
+
+    with pytest.raises(ConfigError, match="distill does not run multi-turn episodes yet"):
+        load_config(DistillConfig, None, [f"model.name_or_path={tiny_path}", f"teacher.name_or_path={tiny_path}",
+                                          "rollout.environment=builtin:calc", *TASK])
+
+
+def test_ppo_runs_episodes_with_gae_over_the_sampled_tokens(tiny_path, tmp_path):
+    from posttrain.algorithms.ppo import PPOConfig, run
+
+    s = run(load_config(PPOConfig, None, [
+        f"model.name_or_path={tiny_path}", f"train.output_dir={tmp_path}", "rollout.environment=builtin:calc", *TASK,
+        "rollout.prompts_per_step=4", "rollout.max_new_tokens=8", "rollout.max_episode_tokens=24",
+        "train.max_steps=1", "train.batch_size=4", "task_eval_prompts=4", "task_eval_samples=1"]))
+    step = next(json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if "reward/mean" in r)
+    assert step["batch/rollouts"] == 4 and "episode/turns" in step and "value_loss" in step
+    assert "accuracy" in s["final"]
 
 
 @pytest.mark.slow

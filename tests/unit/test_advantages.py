@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from posttrain.advantages import (best_of_n_kl, discounted_returns, expand_to_tokens, gae, group_advantages,
-                                  overlong_penalty, reinforce_advantages, rloo_advantages, zero_variance_groups)
+from posttrain.advantages import (best_of_n_kl, discounted_returns, expand_to_tokens, gae, group_advantages, group_scale,
+                                  overlong_penalty, reinforce_advantages, rloo_advantages, turn_credit_advantages,
+                                  zero_variance_groups)
 from posttrain.errors import ConfigError
 
 F64 = torch.float64
@@ -154,3 +155,30 @@ def test_runs_on_meta_tensors_so_no_host_sync():
     assert adv.shape == ret.shape == discounted_returns(x, m, 1.0).shape == (2, 4)
     assert group_advantages(r, 3).shape == rloo_advantages(r, 3).shape == (6,)
     assert zero_variance_groups(r, 3).shape == (2,) and overlong_penalty(r, 10, 2).shape == (6,)
+
+
+def test_turn_credit_hand_values():
+    # row 0: turns end at t=1 (r 0.5) and t=4 (r 1.0), t=2 an observation token; R = 1.5, s = 2
+    #   rewards earned before each token E = [0, 0, -, 0.5, 0.5] -> A = 0.3 − E/2 = [0.3, 0.3, 0, 0.05, 0.05]
+    # row 1: one turn rewarded at its end (t=3, r 2); E = 0 -> A = Â = −0.3 on its valid tokens
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]], dtype=F64)
+    r = torch.zeros(2, 5, dtype=F64)
+    r[0, 1], r[0, 4], r[1, 3] = 0.5, 1.0, 2.0
+    a = turn_credit_advantages(torch.tensor([0.3, -0.3], dtype=F64), r, mask, torch.tensor([2.0, 2.0], dtype=F64))
+    assert torch.allclose(a, torch.tensor([[0.3, 0.3, 0, 0.05, 0.05], [-0.3, -0.3, -0.3, -0.3, 0]], dtype=F64))
+
+
+def test_turn_credit_with_only_a_final_reward_is_the_episode_advantage():
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=F64)
+    r = torch.zeros(2, 6, dtype=F64)
+    r[0, 5], r[1, 2] = 1.0, 0.0
+    adv = group_advantages(torch.tensor([1.0, 0.0], dtype=F64), 2)
+    assert torch.equal(turn_credit_advantages(adv, r, mask, group_scale(torch.tensor([1.0, 0.0], dtype=F64), 2)),
+                       expand_to_tokens(adv, mask))
+
+
+def test_group_scale_is_the_grpo_divisor_and_one_for_constant_groups():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0], dtype=F64)
+    s = group_scale(r, 4)
+    assert torch.allclose(s, torch.tensor([math.sqrt(1 / 3) + 1e-6] * 4 + [1.0] * 4, dtype=F64))
+    assert torch.allclose(group_advantages(r, 4)[:4], (r[:4] - 0.5) / s[:4])
