@@ -13,6 +13,24 @@ optionally plus ``task_weight`` × the task reward's group-normalised advantage 
 Unlike SFT on the teacher's samples (off-policy distillation), the student learns on the states it
 reaches itself, where the teacher says how it would have continued. Student and teacher must share a
 tokenizer: the teacher scores the student's token ids as they are.
+
+The teacher is a local model (``teacher.name_or_path``, loaded frozen next to the student) or one or more
+OpenAI-compatible servers (``teacher_server``: ``posttrain serve`` or ``vllm serve``), which score each
+step's prompt + completion token ids through vLLM's ``prompt_logprobs`` extension of ``/v1/completions``
+(:meth:`ServerRolloutEngine.score`: requests of ``train.micro_batch_size`` sequences, the
+``rollout.server_*`` timeouts and retries). Server prompt log-probs are the raw ``log_softmax(logits)``
+(vLLM applies no temperature to them), while the local teacher scores at the student's sampling
+temperature, so a server teacher needs ``rollout.temperature=1`` (refused otherwise); then both give
+the same numbers.
+
+The tokenizer check: a local teacher's vocabulary is compared with the student's entry by entry. A
+server has no tokenizer to load and neither API reports one (``/v1/models`` names the model only), so
+at start-up every server scores a probe, the student's tokens of a mixed text plus 64 ids spread over
+the student's whole vocabulary (its last id included), and returns each token's text (``decoded_token``):
+an id beyond the server's vocabulary (HTTP 400), or more than a tenth of the probed tokens decoding
+differently from the student's tokenizer, is refused. This catches a different vocabulary, not two
+tokenizers that differ in a few entries; ``decoded_token`` is compared with the token's decoded text or
+its vocabulary piece (what vLLM versions return), leading spaces aside.
 """
 
 from __future__ import annotations
@@ -26,7 +44,9 @@ import torch
 from posttrain.advantages import distillation_advantages, expand_to_tokens, group_advantages
 from posttrain.config import LoraConfig, ModelConfig, opt
 from posttrain.engines.loop import save_final
-from posttrain.errors import ConfigError
+from posttrain.engines.runlog import say
+from posttrain.engines.server_engine import ServerRolloutEngine
+from posttrain.errors import ConfigError, ServiceError
 from posttrain.models.forward import policy_logp_fn, ref_logp_fn, token_forward
 from posttrain.models.loading import load_policy, tokenizer_for
 from posttrain.models.reference import frozen_reference
@@ -60,7 +80,13 @@ class DistillLossConfig:
 class DistillConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="The student (usually an SFT model's final/).")
     teacher: ModelConfig = opt(factory=lambda: ModelConfig(name_or_path=""),
-                               help="The teacher: a causal LM with the student's tokenizer.")
+                               help="The teacher: a causal LM with the student's tokenizer (or teacher_server).")
+    teacher_server: list[str] = opt([], "Instead of a local teacher: base URL(s) of OpenAI-compatible servers "
+                                    "serving it (posttrain serve, or vllm serve), e.g. http://127.0.0.1:8001/v1; "
+                                    "they score the student's tokens with vLLM's prompt_logprobs, each step's "
+                                    "sequences shared between them. Needs rollout.temperature=1; timeouts and "
+                                    "retries are rollout.server_timeout_s / server_retries.",
+                                    "vLLM's prompt_logprobs (/v1/completions)")
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters on the student.")
     rollout: RolloutConfig = opt(factory=lambda: RolloutConfig(prompts_per_step=16, group_size=4),
                                  help="Prompts and the student's sampling.")
@@ -87,9 +113,23 @@ class DistillConfig:
 
     def validate(self) -> None:
         refuse_environment(self.rollout, "distill")
-        if not self.teacher.name_or_path:
+        if not self.teacher.name_or_path and not self.teacher_server:
             raise ConfigError("distillation needs a teacher", where="teacher.name_or_path",
-                              fix="teacher.name_or_path=<a causal LM with the student's tokenizer>")
+                              fix="teacher.name_or_path=<a causal LM with the student's tokenizer>, or "
+                                  "teacher_server=<URL of a server serving it, e.g. http://127.0.0.1:8001/v1>")
+        if self.teacher.name_or_path and self.teacher_server:
+            raise ConfigError(f"both teacher.name_or_path ({self.teacher.name_or_path}) and teacher_server are set; "
+                              "the teacher is either a local model or a server", where="teacher_server",
+                              fix="remove one of them (teacher.name_or_path= or teacher_server=[])")
+        for url in self.teacher_server:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"teacher_server: {url!r} is not an http(s) URL", where="teacher_server",
+                                  fix="e.g. teacher_server=http://127.0.0.1:8001/v1")
+        if self.teacher_server and self.rollout.temperature != 1:
+            raise ConfigError(f"a teacher server reports raw log-probs (log_softmax of the logits; vLLM's prompt "
+                              f"log-probs ignore temperature), but a local teacher would score the student's "
+                              f"tokens at rollout.temperature={self.rollout.temperature}", where="rollout.temperature",
+                              fix="set rollout.temperature=1.0, or use a local teacher (teacher.name_or_path)")
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}", where="gamma")
         if self.task_weight < 0:
@@ -112,6 +152,49 @@ def check_same_tokenizer(student_cfg: ModelConfig, teacher_cfg: ModelConfig) -> 
                               "the teacher's samples (off-policy distillation: best-of-n or collect, then sft)")
 
 
+_PROBE = "The quick brown fox jumps over 13 lazy dogs: 7 + 35 = 42?\n  Café, naïve, 日本語 — {\"ok\": [1, 2]}"
+
+
+def check_server_tokenizer(client: ServerRolloutEngine, tokenizer) -> None:
+    """Every teacher server must decode the student's token ids as the student does (module docstring)."""
+    n = len(tokenizer)
+    ids = tokenizer.encode(_PROBE, add_special_tokens=False) + [round(i * (n - 1) / 63) for i in range(64)]
+    try:
+        per_server = client.prompt_logprobs([[ids[0], *ids]], batch_size=1, every_server=True)
+    except ServiceError as e:
+        if "answered HTTP 4" not in e.what:
+            raise
+        raise ConfigError(f"a teacher server refused the student's token ids 0..{n - 1}: {e.what}",
+                          where="teacher_server", fix="serve a teacher with the student's tokenizer") from None
+    for s, (lps,) in zip(client.servers, per_server):
+        seen, differ = 0, []
+        for t, entry in zip(ids, lps[1:]):
+            got = ((entry or {}).get(str(t)) or {}).get("decoded_token")
+            if got is None:
+                continue
+            text, seen = tokenizer.decode([t]), seen + 1
+            if got not in (text, tokenizer.convert_ids_to_tokens(t)) and got.lstrip(" ") != text.lstrip(" "):
+                differ.append(f"{t}: {text!r} here, {got!r} there")
+        if not seen:
+            say(f"teacher_server {s.url} returns no decoded_token: its vocabulary cannot be checked")
+        elif len(differ) * 10 > seen:
+            raise ConfigError(f"the teacher server {s.url} ({s.model}) decodes {len(differ)} of {seen} probed token "
+                              f"ids differently from the student's tokenizer ({'; '.join(differ[:3])}), so it cannot "
+                              "score the student's tokens", where="teacher_server",
+                              fix="serve a teacher of the student's model family (same tokenizer)")
+
+
+def server_teacher_logp(client: ServerRolloutEngine, exp, micro: int) -> torch.Tensor:
+    """The server teacher's log-probs of the sampled tokens, [N, T] aligned with ``exp.mask`` (rows
+    without a token in the loss are not sent)."""
+    out = torch.zeros(exp.mask.shape)
+    rows = exp.mask.any(1).nonzero().flatten().tolist()
+    scored = client.score([exp.prompt_ids[i] for i in rows], [exp.completion_ids[i] for i in rows], micro)
+    for i, lp in zip(rows, scored):
+        out[i, :len(lp)] = torch.tensor(lp)
+    return out
+
+
 def distill_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> dict:
     """distill/reverse_kl: Σ m (log π_s − log π_T) / Σ m, the per-token reverse KL estimate on the
     student's samples; distill/reverse_kl_seq: its sum per sequence, averaged over sequences."""
@@ -122,13 +205,31 @@ def distill_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask
 
 
 def run(cfg: DistillConfig) -> dict:
-    check_same_tokenizer(cfg.model, cfg.teacher)
+    client = None
+    if cfg.teacher_server:
+        client = ServerRolloutEngine(cfg.teacher_server, timeout_s=cfg.rollout.server_timeout_s,
+                                     retries=cfg.rollout.server_retries, sync_weights=False)
+    try:
+        if client is None:
+            check_same_tokenizer(cfg.model, cfg.teacher)
+        else:
+            check_server_tokenizer(client, tokenizer_for(cfg.model))
+        return _run(cfg, client)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _run(cfg: DistillConfig, client: ServerRolloutEngine | None) -> dict:
     recipe = pg_recipe(cfg)
     o = online_setup(cfg, "distill", lambda tokenizer: load_policy(cfg.model, cfg.lora))
     engine, plan, G = o.engine, o.plan, cfg.rollout.group_size
-    teacher = frozen_reference(cfg.teacher, cfg.teacher.name_or_path, False).to(engine.device)
-    teacher_fn = ref_logp_fn(teacher, None, cfg.rollout.temperature)
-    o.summary["teacher"] = cfg.teacher.name_or_path
+    if client is None:
+        teacher = frozen_reference(cfg.teacher, cfg.teacher.name_or_path, False).to(engine.device)
+        teacher_fn = ref_logp_fn(teacher, None, cfg.rollout.temperature)
+        o.summary["teacher"] = cfg.teacher.name_or_path
+    else:
+        o.summary["teacher"] = ", ".join(f"{s.model} at {s.url}" for s in client.servers)
 
     def loss_fn(model, mb, total):
         out = token_forward(model, mb, recipe.temperature, want_entropy=True)
@@ -145,7 +246,8 @@ def run(cfg: DistillConfig) -> dict:
         m = exp.metrics
         if len(exp):
             t1 = time.perf_counter()
-            teacher_logp = o.maker.forward_all(exp, teacher_fn, plan.micro)
+            teacher_logp = (o.maker.forward_all(exp, teacher_fn, plan.micro) if client is None
+                            else server_teacher_logp(client, exp, plan.micro))
             m["teacher_s"] = time.perf_counter() - t1
             adv = distillation_advantages(exp.old_logp, teacher_logp, exp.mask, cfg.gamma)
             m.update(distill_metrics(exp.old_logp, teacher_logp, exp.mask))

@@ -28,6 +28,14 @@ timeout is not (the same request would wait again). Then a :class:`~posttrain.er
 names the server and what to check. So a dead server ends the run within seconds and a hung one within
 ``timeout_s`` plus the retries' connection attempts.
 
+``score(prompts, completions)`` (``prompt_logprobs``) gives log p(c_t | prompt, c_<t) of every given token under
+the servers' own model, e.g. a distillation teacher's: each server gets a contiguous block of the sequences,
+``batch_size`` of them (prompt + completion as token ids) per ``POST /completions`` with vLLM's ``prompt_logprobs:
+0`` and ``max_tokens`` 0 (``posttrain serve``) or 1 (vLLM, which needs at least one token to generate); the log-prob
+of each completion token is its own entry in ``prompt_logprobs``. These are the model's raw ``log_softmax(logits)``
+(vLLM's prompt log-probs, whatever its ``--logprobs-mode``). Opened with ``sync_weights=False`` the engine only reads
+from its servers (a teacher): no reload endpoint is needed and ``update_weights`` is refused.
+
 Log-probs are what the server reports: ``posttrain serve`` started with
 ``logprobs_mode=processed_logprobs`` and vLLM with ``--logprobs-mode processed_logprobs`` report the
 sampling distribution (``Rollout.logprobs``' semantics); the raw default equals it at temperature 1
@@ -87,11 +95,12 @@ class ServerRolloutEngine:
     ``model`` (optional) is synced to them at once. See the module docstring."""
 
     def __init__(self, servers: list[str], model=None, *, timeout_s: float = 300.0, connect_timeout_s: float = 10.0,
-                 retries: int = 2, weights_dir: str | None = None, backoff_s: float = 0.5, transport=None):
+                 retries: int = 2, weights_dir: str | None = None, backoff_s: float = 0.5, transport=None,
+                 sync_weights: bool = True):
         if not servers:
             raise ConfigError("the server rollout engine needs at least one server URL", where="rollout.servers",
                               fix="rollout.servers=[http://127.0.0.1:8001/v1]")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+        if sync_weights and torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             raise ConfigError("rollout.engine=server runs with one trainer process for now (each process would "
                               "reload the servers' weights on its own)", where="rollout.engine",
@@ -100,9 +109,12 @@ class ServerRolloutEngine:
         self.retries, self.backoff_s = int(retries), float(backoff_s)
         self._client = httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
                                     transport=transport)
+        self.sync_weights = sync_weights
         self.servers = [self._probe(u) for u in servers]
         self._pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="rollout-server")
-        if weights_dir is None:
+        if not sync_weights:  # read-only (a teacher): no weight files
+            self.weights_dir, self._cleanup = None, lambda: None
+        elif weights_dir is None:
             self.weights_dir = Path(tempfile.mkdtemp(prefix="posttrain-weights-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.weights_dir), True)
         else:  # a directory of the user's: remove only this process's files at exit
@@ -170,6 +182,8 @@ class ServerRolloutEngine:
         r = self._call("GET", root + "/posttrain/weights", "asking for the weight version")
         if r.status_code == 200:
             return _Server(url, root, "posttrain", name, self._json(r, "GET /posttrain/weights").get("logprobs_mode"))
+        if not self.sync_weights:  # read-only: any OpenAI-compatible server with vLLM's extensions
+            return _Server(url, root, "vllm", name, None)
         r = self._call("POST", root + "/collective_rpc", "asking for the weight version", retry_5xx=False,
                        json={"method": VLLM_VERSION, "timeout": self.timeout_s})  # 5xx: no such worker method
         if r.status_code == 200:
@@ -197,6 +211,9 @@ class ServerRolloutEngine:
         the engine numbers its own versions)."""
         from safetensors.torch import save_model
 
+        if not self.sync_weights:
+            raise ConfigError("this server engine was opened read-only (sync_weights=False, e.g. a teacher): it does "
+                              "not send weights to its servers", where="rollout.servers")
         src = getattr(model, "module", model)  # DDP / accelerate wrappers
         if getattr(src, "peft_config", None) is not None:
             raise ConfigError("rollout.engine=server syncs full model weights; LoRA adapters would never reach "
@@ -296,6 +313,58 @@ class ServerRolloutEngine:
         reason = ("length" if c.get("finish_reason") == "length" else
                   "stop_string" if isinstance(c.get("stop_reason"), str) else "stop")
         return Rollout(list(prompt), [int(t) for t in ids], [float(x) for x in lps], reason)
+
+    # ------------------------------------------------------------------ scoring
+    def prompt_logprobs(self, seqs: list[list[int]], batch_size: int = 16, top_k: int = 0,
+                        every_server: bool = False) -> list:
+        """vLLM's ``prompt_logprobs`` of each token sequence (per token: None for the first, then
+        ``{"<token id>": {"logprob", ...}}`` for the token and the ``top_k`` likeliest), in order; the servers
+        share the sequences in contiguous blocks. ``every_server``: each server scores every sequence, and the
+        result is one such list per server (a start-up check that they all serve what is expected)."""
+        if every_server:
+            return self._parallel(self._prompt_logprobs_on, [(s, seqs, batch_size, top_k) for s in self.servers])
+        k = len(self.servers)
+        bounds = [round(i * len(seqs) / k) for i in range(k + 1)]
+        jobs = [(s, seqs[a:b], batch_size, top_k) for s, a, b in zip(self.servers, bounds[:-1], bounds[1:]) if b > a]
+        return [x for part in self._parallel(self._prompt_logprobs_on, jobs) for x in part]
+
+    def _prompt_logprobs_on(self, s: _Server, seqs: list[list[int]], batch_size: int, top_k: int) -> list:
+        out = []
+        for i in range(0, len(seqs), max(1, batch_size)):
+            chunk = [list(x) for x in seqs[i:i + max(1, batch_size)]]
+            body = {"model": s.model, "prompt": chunk, "prompt_logprobs": top_k, "temperature": 0,
+                    "max_tokens": 0 if s.kind == "posttrain" else 1}  # vLLM generates >= 1 token (without echo)
+            data = self._json(self._call("POST", s.url + "/completions", "scoring", json=body), "POST /v1/completions")
+            choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
+            if len(choices) != len(chunk):
+                raise ServiceError(f"{s.url} returned {len(choices)} choices for {len(chunk)} prompts", where=s.url)
+            for seq, c in zip(chunk, choices):
+                lp = c.get("prompt_logprobs")
+                if not isinstance(lp, list) or len(lp) != len(seq):
+                    raise ServiceError(f"{s.url} returned {'no' if lp is None else len(lp)} prompt_logprobs for a "
+                                       f"{len(seq)}-token prompt", where=s.url,
+                                       fix="use posttrain serve or vllm serve (vLLM's prompt_logprobs extension)")
+                out.append(lp)
+        return out
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 16) -> list[list[float]]:
+        """log p(c_t | prompt, c_<t) of every token of each completion under the servers' model (the module
+        docstring); ``batch_size`` sequences per request."""
+        if any(not p for p in prompts):
+            raise ConfigError("scoring needs a non-empty prompt before each completion (the first token of a "
+                              "sequence has no log-prob)", where="prompts")
+        seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+        out = []
+        for p, c, lps in zip(prompts, completions, self.prompt_logprobs(seqs, batch_size)):
+            row = []
+            for j, t in enumerate(c):
+                entry = (lps[len(p) + j] or {}).get(str(t))
+                if not isinstance(entry, dict) or not isinstance(entry.get("logprob"), (int, float)):
+                    raise ServiceError(f"a server's prompt_logprobs have no log-prob for token {t} at position "
+                                       f"{len(p) + j}", where=", ".join(s.url for s in self.servers))
+                row.append(float(entry["logprob"]))
+            out.append(row)
+        return out
 
     def close(self) -> None:
         """Stop the request threads and delete the weight files this engine wrote."""

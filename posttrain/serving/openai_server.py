@@ -10,6 +10,10 @@ Endpoints (the subset judges and evaluation need, with OpenAI's request and resp
 - for trainers (``rollout.engine=server``), :mod:`posttrain.serving.rollout_api`: the token path of
   ``/v1/completions`` (token-id prompts, ``return_token_ids``, vLLM's extra sampling fields) and
   ``GET``/``POST /posttrain/weights`` (reload the weights from a safetensors file, with a version)
+- for a distillation teacher, vLLM's ``prompt_logprobs: k`` (0..5; token-id prompts): per choice a list
+  aligned with the prompt, ``null`` first, then ``{"<id>": {"logprob", "rank", "decoded_token"}}`` for
+  the token and the k likeliest; the model's raw ``log_softmax(logits)`` whatever ``logprobs_mode``, as
+  in vLLM. ``max_tokens: 0`` (an extension: vLLM needs 1) scores without generating (empty choices)
 
 Log-probs are those of the model's own next-token distribution (log-softmax of the raw logits),
 not of the temperature/top-p-adjusted sampling distribution, so they are comparable across
@@ -33,13 +37,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+from pydantic import Field
+
 from posttrain.config import ModelConfig, opt
 from posttrain.data.chat import encode_prompt
 from posttrain.errors import ConfigError, ServiceError
-from posttrain.models.loading import load_causal_lm, load_tokenizer
+from posttrain.models.forward import separable_head
+from posttrain.models.loading import eval_mode, load_causal_lm, load_tokenizer
 from posttrain.serving import rollout_api
-from posttrain.serving.generation import _engine, _generate, cut_at_stop, stop_token_ids
-from posttrain.serving.protocol import TOKEN_FIELDS, APIError, ChatRequest, CompletionRequest, _Sampling
+from posttrain.serving.generation import _engine, _generate, _pad_id, cut_at_stop, stop_token_ids
+from posttrain.serving.protocol import (MAX_TOP_LOGPROBS, TOKEN_FIELDS, APIError, ChatRequest, CompletionRequest,
+                                        _Sampling)
 
 
 @dataclass
@@ -76,6 +85,11 @@ class ServeConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+class _CompletionRequest(CompletionRequest):  # + vLLM's prompt_logprobs (the module docstring)
+    max_tokens: int | None = Field(None, ge=0)  # 0: prompt_logprobs only, nothing generated
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -199,10 +213,14 @@ class _Server:
                             "logprobs": logprobs, "finish_reason": "stop" if hit else g.finish_reason})
         return self.response("chat.completion", "chatcmpl", choices, [ids], sum(len(g.token_ids) for g in gens))
 
-    def completion(self, req: CompletionRequest) -> dict:
+    def completion(self, req: _CompletionRequest) -> dict:
+        if req.max_tokens == 0 and req.prompt_logprobs is None:
+            raise APIError(400, "max_tokens=0 (score without generating) needs prompt_logprobs", "max_tokens")
         max_tokens = self.check(req)
         if req.echo:
             raise APIError(400, "echo=true is not supported by posttrain serve", "echo")
+        if req.prompt_logprobs is not None:
+            return self.scored_completion(req, max_tokens)
         if req.return_token_ids or req.token_prompts() is not None:
             return rollout_api.token_completion(self, req, max_tokens)
         for key in TOKEN_FIELDS:
@@ -231,6 +249,56 @@ class _Server:
             choices.append({"index": i, "text": text, "logprobs": logprobs,
                             "finish_reason": "stop" if hit else g.finish_reason})
         return self.response("text_completion", "cmpl", choices, ids, sum(len(g.token_ids) for g in gens))
+
+    def scored_completion(self, req: _CompletionRequest, max_tokens: int) -> dict:
+        """vLLM's prompt_logprobs on token-id prompts, with or without generation (module docstring)."""
+        if req.token_prompts() is None:
+            raise APIError(400, "prompt_logprobs needs token-id prompts (prompt: [ids] or [[ids], ...])", "prompt")
+        prompts, n = rollout_api._prompts(self, req), req.n
+        if req.max_tokens != 0:  # the version check, if asked, runs there
+            body = rollout_api.token_completion(self, req, max_tokens)
+        elif req.posttrain_weights_version not in (None, self.weights_version):
+            raise APIError(409, f"this server holds weights version {self.weights_version}, the request expects "
+                                f"{req.posttrain_weights_version}", "posttrain_weights_version",
+                           "weights_version_mismatch")
+        else:
+            self.check_context(prompts, 0)
+            body = self.response("text_completion", "cmpl", [
+                {"index": i, "text": "", "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                 **({"token_ids": [], "prompt_token_ids": prompts[i // n]} if req.return_token_ids else {})}
+                for i in range(len(prompts) * n)], prompts, 0)
+        with self.lock:
+            scored = self.prompt_logprobs(prompts, req.prompt_logprobs)
+        for i, choice in enumerate(body["choices"]):
+            choice["prompt_logprobs"] = scored[i // n]
+        return body
+
+    def prompt_logprobs(self, prompts: list[list[int]], k: int) -> list[list[dict | None]]:
+        """vLLM's prompt_logprobs of each prompt (raw log-probs) from one right-padded forward."""
+        dev, width, pad = next(self.model.parameters()).device, max(len(p) for p in prompts), _pad_id(self.tokenizer)
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=dev)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=dev)
+        base, head = separable_head(self.model)
+        out = []
+        with eval_mode(self.model), torch.no_grad():
+            if head is not None:
+                hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            else:
+                full = self.model(input_ids=ids, attention_mask=mask).logits
+            for i, p in enumerate(prompts):
+                rows: list[dict | None] = [None]
+                for a in range(0, len(p) - 1, 1024):  # [1024, vocab] log-probs at a time, as vLLM
+                    b, targets = min(a + 1024, len(p) - 1), p[a + 1:a + 1025]
+                    x = head(hidden[i, a:b]) if head is not None else full[i, a:b]
+                    logp = torch.log_softmax(x.float(), dim=-1)
+                    chosen = logp.gather(-1, torch.tensor(targets, device=dev)[:, None])
+                    ranks, top = ((logp > chosen).sum(-1) + 1).tolist(), logp.topk(k, dim=-1)
+                    for j, (t, lp) in enumerate(zip(targets, chosen[:, 0].tolist())):
+                        alts = zip(top.indices[j].tolist(), top.values[j].tolist(), range(1, k + 1))
+                        rows.append({str(c): {"logprob": max(v, -9999.0), "rank": r, "decoded_token": self._token(c)[0]}
+                                     for c, v, r in [(t, lp, ranks[j]), *alts]})  # -inf: -9999.0 as vLLM
+                out.append(rows)
+        return out
 
     def response(self, obj: str, prefix: str, choices: list, prompts: list, completion_tokens: int) -> dict:
         # OpenAI counts each prompt once however many samples (n) it gets
@@ -271,7 +339,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str | None = None):
         return server.chat(req)
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest) -> dict:
+    def completions(req: _CompletionRequest) -> dict:
         return server.completion(req)
 
     @app.get("/v1/models")
@@ -300,8 +368,6 @@ def run(cfg: ServeConfig) -> dict:
     import uvicorn
 
     if cfg.threads:
-        import torch
-
         torch.set_num_threads(cfg.threads)
     app = build_app(cfg)
     try:

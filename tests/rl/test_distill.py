@@ -65,3 +65,108 @@ def test_on_policy_distillation_moves_the_student_toward_a_stronger_teacher(sft_
     kl = [r["distill/reverse_kl"] for r in rows if "distill/reverse_kl" in r]
     assert sum(kl[-3:]) / 3 < 0.5 * sum(kl[:3]) / 3, kl
     assert s["teacher"] == grpo_teacher and "teacher_s" in rows[1]
+
+
+# ----------------------------------------------------------------------------- the teacher on a server
+
+@pytest.mark.parametrize("overrides, match, where", [
+    (["teacher.name_or_path=t", "teacher_server=http://127.0.0.1:1/v1"], "both teacher.name_or_path", "teacher_server"),
+    (["teacher_server=127.0.0.1:8001"], "not an http", "teacher_server"),
+    (["teacher_server=[http://127.0.0.1:1/v1]", "rollout.temperature=0.7"], "raw log-probs", "rollout.temperature"),
+])
+def test_teacher_server_config_refusals(tiny_path, overrides, match, where):
+    from posttrain.algorithms.distill import DistillConfig
+
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(DistillConfig, None, [f"model.name_or_path={tiny_path}", *overrides])
+    assert err.value.where == where and err.value.fix
+    with pytest.raises(ConfigError, match="teacher_server=<URL"):  # the fix names both ways to give a teacher
+        load_config(DistillConfig, None, [f"model.name_or_path={tiny_path}"])
+    cfg = load_config(DistillConfig, None, [f"model.name_or_path={tiny_path}", "teacher_server=http://h:1/v1"])
+    assert cfg.teacher_server == ["http://h:1/v1"] and not cfg.teacher.name_or_path  # one URL = a list of one
+
+
+def _fake_teacher(name_of, status=200):
+    """A vLLM-like teacher server (no /posttrain routes) whose prompt_logprobs name token t ``name_of(t)``."""
+    import httpx
+
+    from posttrain.engines.server_engine import ServerRolloutEngine
+
+    def handler(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "teacher"}]})
+        if request.url.path == "/v1/completions" and status == 200:
+            body = json.loads(request.content)
+            assert body["prompt_logprobs"] == 0 and body["max_tokens"] == 1  # vLLM needs a token to generate
+            return httpx.Response(200, json={"choices": [
+                {"index": i, "text": "", "prompt_logprobs": [None] + [
+                    {str(t): {"logprob": -1.0, "rank": 1, **({} if name_of(t) is None else
+                                                              {"decoded_token": name_of(t)})}} for t in p[1:]]}
+                for i, p in enumerate(body["prompt"])]})
+        if request.url.path == "/v1/completions":
+            return httpx.Response(status, json={"error": {"message": "Token id 329 is out of vocabulary"}})
+        return httpx.Response(404, json={"error": {"message": "not found"}})
+
+    return ServerRolloutEngine(["http://teacher.test/v1"], sync_weights=False, retries=0,
+                               transport=httpx.MockTransport(handler))
+
+
+def test_a_teacher_server_with_another_vocabulary_is_refused(tokenizer):
+    from posttrain.algorithms.distill import check_server_tokenizer
+
+    n = len(tokenizer)
+    ok = [lambda t: tokenizer.decode([t]), tokenizer.convert_ids_to_tokens,  # what vLLM versions return
+          lambda t: " " + tokenizer.decode([t]) if t % 7 == 0 else tokenizer.decode([t]),  # leading spaces aside
+          lambda t: None]  # no decoded_token: nothing to compare (a warning)
+    for name_of in ok:
+        client = _fake_teacher(name_of)
+        try:
+            check_server_tokenizer(client, tokenizer)
+        finally:
+            client.close()
+    for name_of, status, match in [(lambda t: tokenizer.decode([(t + 1) % n]), 200, r"decodes \d+ of \d+ probed"),
+                                   (lambda t: "x", 400, "refused the student's token ids")]:
+        client = _fake_teacher(name_of, status)
+        try:
+            with pytest.raises(ConfigError, match=match) as err:
+                check_server_tokenizer(client, tokenizer)
+            assert err.value.where == "teacher_server"
+        finally:
+            client.close()
+
+
+@pytest.mark.slow
+def test_a_teacher_on_a_server_gives_the_local_teachers_numbers(tiny_path, tmp_path):
+    """The same 2-step run with the teacher loaded locally and served by `posttrain serve` on loopback:
+    the same reverse KL to the teacher at every step (the same teacher log-probs, hence the same update)."""
+    from posttrain.algorithms.distill import DistillConfig, run
+    from posttrain.config import ModelConfig
+    from posttrain.models.loading import load_causal_lm, load_tokenizer
+    from posttrain.serving.openai_server import start_server_in_thread
+
+    teacher = tmp_path / "teacher"  # the tiny student with noisy weights: a different model, the same tokenizer
+    model = load_causal_lm(ModelConfig(name_or_path=tiny_path))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(teacher)
+    load_tokenizer(tiny_path).save_pretrained(teacher)
+    common = [f"model.name_or_path={tiny_path}", "rollout.prompts_per_step=4", "rollout.group_size=2",
+              "train.max_steps=2", "train.lr=1e-4", "train.progress=false", "task_eval_prompts=4",
+              "task_eval_samples=1"]
+    run(load_config(DistillConfig, None, [*common, f"teacher.name_or_path={teacher}",
+                                          f"train.output_dir={tmp_path / 'local'}"]))
+    url, stop = start_server_in_thread(str(teacher), port=0)
+    try:
+        s = run(load_config(DistillConfig, None, [*common, f"teacher_server={url}",
+                                                  f"train.output_dir={tmp_path / 'server'}"]))
+    finally:
+        stop()
+    kl = {}
+    for name in ("local", "server"):
+        rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        kl[name] = [r["distill/reverse_kl"] for r in rows if "distill/reverse_kl" in r]
+    assert len(kl["server"]) == 2 and kl["server"][0] > 0.01, kl  # the teacher differs from the student
+    assert kl["server"] == pytest.approx(kl["local"], abs=1e-4), kl
+    assert s["teacher"] == f"{teacher} at {url}"

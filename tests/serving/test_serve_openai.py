@@ -234,3 +234,115 @@ def test_teacher_forced_logprobs_with_the_head_at_continuations_only_equal_the_f
         for (la, ta), (lf, tf) in zip(a_run, f_run):
             assert la == pytest.approx(lf, abs=1e-5)
             assert [[i for i, _ in t] for t in ta] == [[i for i, _ in t] for t in tf]
+
+
+# ----------------------------------------------------------------------------- prompt_logprobs (a server teacher)
+
+SEQS = [([5, 17, 42, 9], [100, 7, 300]), ([8, 3], [11, 250, 4, 60, 2]), ([8, 3], [11, 40]), ([9], [77])]
+
+
+def _local_teacher_logps(seqs):
+    """What distill's local teacher computes: ref_logp_fn over packed micro-batches (collate_shared)."""
+    import torch
+
+    from posttrain.config import ModelConfig
+    from posttrain.models.forward import collate_shared, ref_logp_fn
+    from posttrain.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(name_or_path="tiny")).eval()
+    batch = collate_shared([p for p, _ in seqs], [c for _, c in seqs])
+    with torch.no_grad():
+        flat, seq, j = ref_logp_fn(model, None, 1.0)(batch)
+    out = [[0.0] * len(c) for _, c in seqs]
+    for v, s, t in zip(flat.tolist(), seq.tolist(), j.tolist()):
+        out[s][t] = v
+    return model, out
+
+
+def test_prompt_logprobs_have_vllms_layout_and_the_local_models_numbers(server):
+    import torch
+
+    model, local = _local_teacher_logps(SEQS)
+    r = post(server, "/completions", {"model": "tiny", "prompt": [p + c for p, c in SEQS], "max_tokens": 0,
+                                      "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == len(SEQS) and body["usage"]["completion_tokens"] == 0
+    for (p, c), choice, ref in zip(SEQS, body["choices"], local):
+        assert choice["text"] == "" and choice["finish_reason"] == "length"
+        lps = choice["prompt_logprobs"]
+        assert len(lps) == len(p) + len(c) and lps[0] is None
+        for pos, token in enumerate((p + c)[1:], 1):
+            entry = lps[pos]
+            assert str(token) in entry and 1 <= len(entry) <= 3  # the token itself + the 2 likeliest
+            assert all(set(e) == {"logprob", "rank", "decoded_token"} for e in entry.values())
+            by_rank = sorted(entry.values(), key=lambda e: e["rank"])
+            assert [e["rank"] for e in by_rank][:2] == [1, 2]
+            assert [e["logprob"] for e in by_rank] == sorted((e["logprob"] for e in by_rank), reverse=True)
+            with torch.no_grad():  # the rank of the token in the model's own distribution
+                logits = model(input_ids=torch.tensor([(p + c)[:pos]])).logits[0, -1]
+            assert entry[str(token)]["rank"] == int((logits > logits[token]).sum()) + 1
+        got = [lps[len(p) + t][str(tok)]["logprob"] for t, tok in enumerate(c)]
+        assert got == pytest.approx(ref, abs=1e-5)  # = the local teacher's log-probs of the same tokens
+
+
+def test_prompt_logprobs_with_generation_and_n(server):
+    r = post(server, "/completions", {"prompt": [5, 17, 42, 9], "max_tokens": 1, "n": 2, "temperature": 1.0,
+                                      "seed": 3, "prompt_logprobs": 0, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    a, b = r.json()["choices"]
+    assert len(a["token_ids"]) == 1 and a["prompt_token_ids"] == [5, 17, 42, 9]
+    assert a["prompt_logprobs"] == b["prompt_logprobs"] and a["prompt_logprobs"][0] is None
+    assert all(len(e) == 1 for e in a["prompt_logprobs"][1:])  # k = 0: the token alone
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "Sort 2 1.", "prompt_logprobs": 0}, "prompt"),  # token-id prompts only
+    ({"prompt": [5, 6], "max_tokens": 0}, "max_tokens"),  # 0 only when scoring
+    ({"prompt": [5, 6], "max_tokens": 0, "prompt_logprobs": 6}, "prompt_logprobs"),  # ≤ 5
+    ({"prompt": [5, 6], "max_tokens": 0, "prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt": [5, 6], "max_tokens": 0, "prompt_logprobs": 0, "echo": True}, "echo"),  # still refused
+    ({"prompt": [5, 100000], "max_tokens": 0, "prompt_logprobs": 0}, "prompt"),  # beyond the vocabulary
+    ({"prompt": [[5, 6], []], "max_tokens": 0, "prompt_logprobs": 0}, "prompt"),
+])
+def test_prompt_logprobs_request_errors(server, body, param):
+    r = post(server, "/completions", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+
+
+def test_server_engine_scores_completions_like_the_local_teacher(server):
+    from posttrain.engines.server_engine import ServerRolloutEngine
+    from posttrain.errors import ConfigError
+
+    _, local = _local_teacher_logps(SEQS)
+    engine = ServerRolloutEngine([server, server], sync_weights=False, timeout_s=60)
+    try:
+        assert engine.weights_dir is None and [s.kind for s in engine.servers] == ["posttrain"] * 2
+        got = engine.score([p for p, _ in SEQS], [c for _, c in SEQS], batch_size=1)  # 2 servers x 2 requests
+        assert [len(g) for g in got] == [len(c) for _, c in SEQS]
+        assert [x for g in got for x in g] == pytest.approx([x for r in local for x in r], abs=1e-5)
+        with pytest.raises(ConfigError, match="read-only"):
+            engine.update_weights(object())
+    finally:
+        engine.close()
+
+
+def test_server_engine_scoring_names_a_server_without_prompt_logprobs():
+    from posttrain.engines.server_engine import ServerRolloutEngine
+
+    def handler(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        if request.url.path == "/v1/completions":  # an OpenAI-compatible server that ignores the field
+            return httpx.Response(200, json={"choices": [{"index": 0, "text": "x"}]})
+        return httpx.Response(404, json={"error": {"message": "not found"}})
+
+    engine = ServerRolloutEngine(["http://teacher.test/v1"], sync_weights=False, retries=0,
+                                 transport=httpx.MockTransport(handler))
+    try:
+        assert engine.servers[0].kind == "vllm"  # read-only: no reload endpoint needed
+        with pytest.raises(ServiceError, match=r"returned no prompt_logprobs for a 3-token prompt"):
+            engine.score([[1, 2]], [[3]])
+    finally:
+        engine.close()
