@@ -22,7 +22,6 @@ import ast
 import json
 import operator
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -224,7 +223,7 @@ def run_episodes(engine, tokenizer, envs: list, rows: list[dict], params: Sampli
         p = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, max(budget))), seed=None,
                     seeds=[((seed * 1_000_003 + i) * 131 + turn) % 2**62 for i in active], stop_token_ids=[eos_id])
         outs = engine.generate([ids[i] for i in active], p)
-        still = []
+        acting = []  # (episode, action) of the turns that ended at the end-of-turn token
         for i, out, left in zip(active, outs, budget):
             ep, sampled = eps[i], list(out.completion_ids)[:max(left, 0)]
             ep.completion_ids += sampled
@@ -233,21 +232,21 @@ def run_episodes(engine, tokenizer, envs: list, rows: list[dict], params: Sampli
             ep.turns += 1
             ep.turn_ends.append(len(ep.completion_ids) - 1)  # -1 for an empty first turn: no token to credit
             ids[i] += sampled
-            text = tokenizer.decode(sampled, skip_special_tokens=True)
-            content, calls = parse(text)
+            content, calls = parse(tokenizer.decode(sampled, skip_special_tokens=True))
             action = {"role": "assistant", "content": content, "tool_calls": calls}
             ep.messages.append(action)
             if not sampled or sampled[-1] != eos_id:  # cut by the token budget: no complete turn to act on
                 ep.truncated = "tokens"
                 ep.turn_rewards.append(0.0)
-                continue
-            t0 = time.perf_counter()
-            st = envs[i].step(action)
+            else:
+                acting.append((i, action))
+        still = []
+        for (i, _), st in zip(acting, _step_all(envs, acting)):
+            ep = eps[i]
             ep.turn_rewards.append(float(st.reward))
             ep.tool_calls += int(st.info.get("tool_calls", 0))
             ep.tool_errors += int(st.info.get("tool_errors", 0))
             ep.messages += st.observation
-            st.info.setdefault("env_s", time.perf_counter() - t0)
             if st.done:
                 continue
             suffix = observation_suffix(tokenizer, st.observation, eos_text)
@@ -266,6 +265,21 @@ def run_episodes(engine, tokenizer, envs: list, rows: list[dict], params: Sampli
         if hasattr(env, "close"):
             env.close()
     return eps
+
+
+def _step_all(envs: list, acting: list[tuple[int, dict]]) -> list[Step]:
+    """Each acting episode's environment steps on its action; environments that declare
+    ``concurrent_steps = True`` (remote ones: their steps are waits) step at the same time."""
+    together = [k for k, (i, _) in enumerate(acting) if getattr(envs[i], "concurrent_steps", False)]
+    out: list = [None] * len(acting)
+    if len(together) > 1:
+        with ThreadPoolExecutor(max_workers=min(32, len(together))) as pool:
+            for k, st in zip(together, pool.map(lambda k: envs[acting[k][0]].step(acting[k][1]), together)):
+                out[k] = st
+    for k, (i, action) in enumerate(acting):
+        if out[k] is None:
+            out[k] = envs[i].step(action)
+    return out
 
 
 def episode_metrics(eps: list[Episode]) -> dict[str, Any]:

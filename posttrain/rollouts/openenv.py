@@ -80,6 +80,8 @@ def observation_text(obs: dict) -> str:
 class OpenEnvEnvironment:
     """One episode in one session of the OpenEnv server at ``url``."""
 
+    concurrent_steps = True  # run_episodes steps all sessions at once: a step is a wait on the server
+
     def __init__(self, url: str, text: str, timeout_s: float = 60.0):
         self.url, self.text, self.timeout_s = url, text, timeout_s
         self.client = _client_cls()(base_url=url, connect_timeout_s=timeout_s, message_timeout_s=timeout_s)

@@ -20,10 +20,11 @@ from pt_helpers import ROOT, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     port = free_port()
+    log = tmp_path_factory.mktemp("openenv") / "server.log"  # a file: a pipe nobody reads would fill and block it
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.rollouts.openenv_tool_task", "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -34,7 +35,7 @@ def server():
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the OpenEnv server did not start: {proc.stdout.read().decode()[-2000:]}")
+                raise RuntimeError(f"the OpenEnv server did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
         yield url
     finally:
