@@ -41,6 +41,8 @@ COMMANDS: dict[str, Command] = {
     "reinforce": Command("posttrain.algorithms.reinforce", "ReinforceConfig", "REINFORCE with a baseline."),
     "distill": Command("posttrain.algorithms.distill", "DistillConfig",
                        "On-policy distillation: the student samples, the teacher's per-token reverse KL is the reward."),
+    "online-dpo": Command("posttrain.algorithms.online_dpo", "OnlineDPOConfig",
+                          "Online DPO: the policy samples two responses per prompt, a labeler orders them, DPO at once."),
     "best-of-n": Command("posttrain.algorithms.best_of_n", "BestOfNConfig",
                          "Best-of-N: rejection-sampling SFT data, or an inference-time baseline with its KL."),
     "serve": Command("posttrain.serving.openai_server", "ServeConfig",
