@@ -111,7 +111,9 @@ def _make_command(name: str, cmd: Command, full_name: str | None = None) -> clic
             overrides = (*overrides, "train.resume=true")
         if quick:
             overrides = (*overrides, "quick=true")
-        if cmd.positional and overrides and "=" not in overrides[0]:
+        if cmd.positional == "--config" and overrides and "=" not in overrides[0] and config_file is None:
+            config_file, overrides = overrides[0], overrides[1:]
+        elif cmd.positional and overrides and "=" not in overrides[0]:
             overrides = (f"{cmd.positional}={overrides[0]}", *overrides[1:])
         _run(full_name, cmd, config_file, overrides, debug, print_config)
 

@@ -17,7 +17,8 @@ class Command:
     config: str
     help: str
     run: str = "run"
-    positional: str | None = None  # config key a bare first argument fills (posttrain pipeline FILE)
+    positional: str | None = None  # config key a bare first argument fills (posttrain pipeline FILE);
+    #                                "--config": the bare first argument is the config file (posttrain loop FILE)
 
 
 COMMANDS: dict[str, Command] = {
@@ -43,6 +44,12 @@ COMMANDS: dict[str, Command] = {
                        "On-policy distillation: the student samples, the teacher's per-token reverse KL is the reward."),
     "online-dpo": Command("posttrain.algorithms.online_dpo", "OnlineDPOConfig",
                           "Online DPO: the policy samples two responses per prompt, a labeler orders them, DPO at once."),
+    "loop": Command("posttrain.loop.rounds", "LoopConfig",
+                    "The closed loop: sample, select, label (people, judges, simulated), retrain RM and policy, per round.",
+                    positional="--config"),
+    "lineage": Command("posttrain.loop.lineage", "LineageConfig",
+                       "Which labels (annotators, sources, rounds) trained a loop's model, back to the SFT model.",
+                       positional="path"),
     "best-of-n": Command("posttrain.algorithms.best_of_n", "BestOfNConfig",
                          "Best-of-N: rejection-sampling SFT data, or an inference-time baseline with its KL."),
     "serve": Command("posttrain.serving.openai_server", "ServeConfig",
