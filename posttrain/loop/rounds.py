@@ -130,7 +130,7 @@ def _scores(cfg: LoopConfig, pairs: list[dict], policy: str, reward_models: list
     exs, lens = [], []
     for p in pairs:
         e = encode_pair(tok, {"prompt": p["prompt"], "chosen": p["a"], "rejected": p["b"]}, 4096)
-        for ids in e.outs:
+        for ids in e.responses:
             exs.append(Example(list(e.prompt_ids) + list(ids), [0] * len(e.prompt_ids) + [1] * len(ids)))
             lens.append(len(ids))
     lp = compute_logps(model, exs, pad_id=tok.pad_token_id or 0).tolist()

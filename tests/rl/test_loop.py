@@ -88,3 +88,32 @@ def test_a_killed_loop_resumes_without_losing_or_repeating_labels(sft_policy, tm
     assert after[:len(labels)] == labels and len({x["label_id"] for x in after}) == len(after)
     assert {x["label_id"] for x in after if x["round"] == 0} == {x["label_id"] for x in labels}
     assert (root / "round-1" / "policy" / "lineage.json").exists()
+
+
+def test_active_rules_score_every_candidate_and_record_what_they_passed_over(sft_policy, tmp_path):
+    path = _config(tmp_path, sft_policy, sources=[{"kind": "simulated"}], eval=None, heldout_prompts=0,
+                   selection={"rule": "rm_uncertainty", "ensemble": 2, "max_per_prompt": 1})
+    run(load_config(LoopConfig, path))
+    root = tmp_path / "loop"
+    s0 = json.loads((root / "round-0" / "selection.json").read_text())
+    assert s0["applied"] == "random" and "no reward model yet" in s0["fallback"]
+    s1 = json.loads((root / "round-1" / "selection.json").read_text())
+    pairs = [json.loads(x) for x in (root / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    assert s1["applied"] == "rm_uncertainty" and len(s1["reward_models"]) == 2
+    assert set(s1["scores"]) == {p["pair_id"] for p in pairs}
+    worst_chosen = min(s1["scores"][i] for i in s1["chosen"])
+    prompt_of = {p["pair_id"]: p["prompt"] for p in pairs}
+    taken = {prompt_of[i] for i in s1["chosen"]}
+    # every pair passed over scored lower, or its prompt already had its one pair
+    assert all(s1["scores"][i] <= worst_chosen or prompt_of[i] in taken for i in s1["passed_over"])
+    boot = json.loads((root / "round-1" / "reward_e1" / "lineage.json").read_text())
+    assert boot["labels"] == len(json.loads((root / "round-1" / "reward" / "lineage.json").read_text())["label_ids"])
+    assert boot["distinct_labels"] < boot["labels"]  # a bootstrap resample repeats some labels
+
+    path = _config(tmp_path, sft_policy, sources=[{"kind": "simulated"}], eval=None, heldout_prompts=0, rounds=1,
+                   labels_per_round=12,
+                   run_dir=str(tmp_path / "margin"), selection={"rule": "policy_margin"})
+    run(load_config(LoopConfig, path))
+    sm = json.loads((tmp_path / "margin" / "round-0" / "selection.json").read_text())
+    assert sm["applied"] == "policy_margin" and max(sm["scores"][i] for i in sm["chosen"]) <= min(
+        sm["scores"][i] for i in sm["passed_over"])
