@@ -50,6 +50,10 @@ class LoopConfig:
         "Feedback sources with their share of each round's pairs: kind simulated (the built-in task's "
         "annotators; per_pair), judge (reward: a scorer spec), app (the labeling app: url, token or "
         "username/password, project, annotators, overlap, quota, deadline_s). Shares are normalised.")
+    calibrate: float = opt(0.0, "Share of the pairs dealt to people (app, simulated) that every judge labels "
+                           "too, to measure each judge's agreement with people per round (0 = none).")
+    route_unsure: float | None = opt(None, "Pairs a judge called a tie, judged differently in the two orders, or "
+                                     "gave P(a) within this of 1/2 go to people as well (null = off).")
     reward: dict[str, Any] = opt({"train": {"epochs": 3}}, "Overrides of the `reward` command, trained every "
                                  "round on all labels so far, warm-started from the previous round's model.")
     policy_command: Literal["dpo", "grpo", "ppo"] = opt(
@@ -76,13 +80,24 @@ class LoopConfig:
         if not self.sources:
             raise ConfigError("no feedback source", where="sources", fix="sources: [{kind: simulated}]")
         for i, s in enumerate(self.sources):
-            if not isinstance(s, dict) or s.get("kind") not in ("simulated", "judge", "app"):
-                raise ConfigError(f"sources[{i}] needs kind: simulated | judge | app, got {s!r}", where=f"sources[{i}]")
+            if not isinstance(s, dict) or s.get("kind") not in ("simulated", "judge", "llm_judge", "app"):
+                raise ConfigError(f"sources[{i}] needs kind: simulated | judge | llm_judge | app, got {s!r}",
+                                  where=f"sources[{i}]")
+            if s["kind"] == "llm_judge" and not s.get("backend"):
+                raise ConfigError(f"sources[{i}] (llm_judge) needs backend: hf:<model> or openai:<url>#<model>",
+                                  where=f"sources[{i}].backend")
             if float(s.get("share", 1.0)) <= 0:
                 raise ConfigError(f"sources[{i}].share must be > 0", where=f"sources[{i}].share")
             if s["kind"] == "judge" and not s.get("reward"):
                 raise ConfigError(f"sources[{i}] (judge) needs reward: a scorer spec (rm:<path>, builtin_gold, "
                                   "module:function)", where=f"sources[{i}].reward")
+        if not 0 <= self.calibrate <= 1:
+            raise ConfigError("calibrate must be in [0, 1]", where="calibrate")
+        kinds = {s["kind"] for s in self.sources}
+        if (self.calibrate or self.route_unsure is not None) and not (
+                kinds & {"judge", "llm_judge"} and kinds & {"app", "simulated"}):
+            raise ConfigError("calibrate and route_unsure need a judge source and a people source (app or "
+                              "simulated)", where="calibrate" if self.calibrate else "route_unsure")
         names = [s.get("name", s["kind"]) for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"two sources share a name ({names}); labels are attributed by source name",

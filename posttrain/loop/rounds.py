@@ -29,9 +29,9 @@ import os
 import random
 from pathlib import Path
 
-from posttrain.loop import lineage, selection
+from posttrain.loop import calibration, lineage, selection
 from posttrain.loop.config import LoopConfig
-from posttrain.loop.sources import make_source, pair_id
+from posttrain.loop.sources import JUDGES, make_source, pair_id
 from posttrain.pipeline import run_spec
 
 
@@ -151,26 +151,41 @@ def select(cfg: LoopConfig, rd: Path, r: int, pairs: list[dict], policy: str, re
     return chosen
 
 
-def label(cfg: LoopConfig, rd: Path, r: int, pairs: list[dict], chosen: list[str], store: LabelStore,
-          sources: list) -> None:
-    """Deal the chosen pairs to the sources (once: ``requests.json``), request (idempotent) and collect."""
-    if (rd / "labelled.json").exists():  # this round's labelling finished before
-        return
+def _deal(cfg: LoopConfig, rd: Path, r: int, chosen: list[str], sources: list) -> dict[str, list[str]]:
+    """The chosen pairs dealt to the sources by share, plus (``calibrate``) a share of the people's pairs
+    also to every judge. Written once (``requests.json``)."""
     path = rd / "requests.json"
     if path.exists():
-        dealt = json.loads(path.read_text())
-    else:
-        parts = selection.split_by_share(chosen, [float(s.get("share", 1.0)) for s in cfg.sources], cfg.seed + r)
-        dealt = {src.name: ids for src, ids in zip(sources, parts)}
-        _write_json(path, dealt)
-    by_id = {p["pair_id"]: p for p in pairs}
+        return json.loads(path.read_text())
+    parts = selection.split_by_share(chosen, [float(s.get("share", 1.0)) for s in cfg.sources], cfg.seed + r)
+    dealt = {src.name: ids for src, ids in zip(sources, parts)}
+    people = [i for src in sources if src.name not in _judges(cfg) for i in dealt[src.name]]
+    if cfg.calibrate and people:
+        rng = random.Random(f"{cfg.seed}:calibrate:{r}")
+        extra = sorted(rng.sample(people, max(1, round(cfg.calibrate * len(people)))))
+        for j in _judges(cfg):
+            dealt[j] = dealt[j] + extra
+    _write_json(path, dealt)
+    return dealt
+
+
+def _judges(cfg: LoopConfig) -> list[str]:
+    return [s.get("name", s["kind"]) for s in cfg.sources if s["kind"] in JUDGES]
+
+
+def label(cfg: LoopConfig, rd: Path, r: int, pairs: list[dict], chosen: list[str], store: LabelStore,
+          sources: list) -> None:
+    """Request (idempotent) and collect every source's pairs: judges first, so the pairs they are unsure
+    of can be routed to people (``route_unsure``, once: ``routed.json``)."""
+    if (rd / "labelled.json").exists():  # this round's labelling finished before
+        return
+    dealt, by_id = _deal(cfg, rd, r, chosen, sources), {p["pair_id"]: p for p in pairs}
 
     def keep(labels: list[dict]) -> None:  # each label with its round and pair, stored once
         store.add([{**lab, "round": r, **{k: by_id[lab["pair_id"]][k] for k in ("prompt", "a", "b", "model", "model_id")}}
                    for lab in labels if lab["pair_id"] in by_id])
 
-    for src in sources:
-        ids = dealt.get(src.name, [])
+    def ask(src, ids: list[str]) -> None:
         if hasattr(src, "returned"):  # labels a source handed over just before a kill
             keep(src.returned(r))
         have = {lab["pair_id"] for lab in store.rows.values() if lab["source"] == src.name}
@@ -179,7 +194,33 @@ def label(cfg: LoopConfig, rd: Path, r: int, pairs: list[dict], chosen: list[str
         todo = ids if hasattr(src, "returned") else [i for i in ids if i not in have]
         if todo:
             keep(src.collect(r, todo, wait=True))
-    _write_json(rd / "labelled.json", {"labels": sum(lab["pair_id"] in set(chosen) for lab in store.rows.values())})
+
+    judges = [src for src in sources if src.name in _judges(cfg)]
+    people = [src for src in sources if src.name not in _judges(cfg)]
+    for src in judges:
+        ask(src, dealt.get(src.name, []))
+    routed: dict[str, list[str]] = {}
+    if cfg.route_unsure is not None and people:
+        path = rd / "routed.json"
+        if path.exists():
+            routed = json.loads(path.read_text())
+        else:
+            mine = {i for src in judges for i in dealt[src.name]}
+            doubt = [i for i in calibration.unsure([x for x in store.rows.values() if x["source"] in dealt
+                                                    and x["source"] in _judges(cfg) and x["pair_id"] in mine],
+                                                   cfg.route_unsure)
+                     if all(i not in dealt[src.name] for src in people)]
+            shares = [float(s.get("share", 1.0)) for s in cfg.sources if s["kind"] not in JUDGES]
+            routed = {src.name: ids for src, ids in zip(people, selection.split_by_share(doubt, shares, cfg.seed + r))}
+            _write_json(path, routed)
+    for src in people:
+        ask(src, dealt.get(src.name, []) + routed.get(src.name, []))
+    mine = {i for ids in dealt.values() for i in ids}
+    round_labels = [x for x in store.rows.values() if x["pair_id"] in mine]
+    result = {"labels": len(round_labels), "routed_to_people": sum(len(v) for v in routed.values())}
+    if judges and people:
+        result["calibration"] = calibration.judge_vs_people(round_labels, [j.name for j in judges], cfg.seed + r)
+    _write_json(rd / "labelled.json", result)
 
 
 def preference_rows(labels: list[dict], ties: bool) -> list[dict]:
@@ -277,6 +318,9 @@ def round_result(rd: Path, r: int, store: LabelStore, chosen: set[str]) -> dict:
     for lab in store.rows.values():
         if lab["pair_id"] in chosen:
             out["labels"][lab["source"]] = out["labels"].get(lab["source"], 0) + 1
+    cal = (lineage.read_json(rd / "labelled.json") or {}).get("calibration")
+    if cal:
+        out["calibration"] = cal
     rs = lineage.read_json(rd / "reward" / "summary.json")
     if rs and "final" in rs and "accuracy" in rs["final"]:
         out["rm_accuracy"] = rs["final"]["accuracy"]

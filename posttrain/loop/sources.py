@@ -13,14 +13,16 @@ both responses). A **label** is ``{"label_id", "pair_id", "round", "choice": "a"
 after a restart is the same label, deduplicated by the loop).
 
 Built in: ``simulated`` (the built-in task's annotators, Bradley–Terry on the hidden gold reward) and
-``judge`` (a scorer: a reward model, a verifier or ``builtin_gold`` prefers the higher-scoring response,
-in both presentation orders). The labeling app is ``posttrain.loop.app_source``.
+``judge`` (a scorer: a reward model, a verifier or ``builtin_gold`` prefers the higher-scoring response)
+and ``llm_judge`` (a pairwise LLM judge, both presentation orders). The labeling app is
+``posttrain.loop.app_source``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,12 +119,51 @@ class JudgeSource:
         return {"requested": len(self.pairs)}
 
 
+class LLMJudgeSource:
+    """A pairwise LLM judge (``posttrain.judges.pairwise``: a local model ``hf:PATH`` or a server
+    ``openai:URL#MODEL``), each pair judged in both presentation orders. Orders that disagree make a
+    tie, counted as swap-inconsistent (``consistent: false`` on the label); an unparseable verdict gives
+    no label. In logprob mode ``prob_a`` (P(a better), mean over the orders) is kept too."""
+
+    def __init__(self, spec: dict, name: str = "llm_judge", seed: int = 0):
+        from posttrain.judges.backends import backend_from_spec
+        from posttrain.judges.pairwise import PROMPT_VERSION
+
+        self.name, self.spec, self.logprobs = name, spec["backend"], bool(spec.get("logprobs", False))
+        key = os.environ.get(spec["api_key_env"]) if spec.get("api_key_env") else None
+        self.backend = backend_from_spec(self.spec, api_key=key, seed=seed)
+        self.version = f"{self.spec} {PROMPT_VERSION}" + (" logprobs" if self.logprobs else "")
+        self.pairs: dict[str, Pair] = {}
+
+    def request(self, round_: int, pairs: list[Pair]) -> None:
+        self.pairs.update({p["pair_id"]: p for p in pairs})
+
+    def collect(self, round_: int, pair_ids: list[str], wait: bool = True) -> list[Label]:
+        from posttrain.judges.pairwise import Pair as JudgePair
+        from posttrain.judges.pairwise import judge_pairs
+
+        ps = [self.pairs[pid] for pid in pair_ids]
+        js = judge_pairs(self.backend, [JudgePair(p["prompt"], p["a"], p["b"]) for p in ps], logprobs=self.logprobs)
+        return [{"label_id": label_id(self.name, self.spec, p["pair_id"]), "pair_id": p["pair_id"], "round": round_,
+                 "choice": j.winner, "strength": None, "annotator": self.spec, "source": self.name,
+                 "source_version": self.version, "consistent": j.consistent, "prob_a": j.prob_a}
+                for p, j in zip(ps, js) if j.winner is not None]
+
+    def status(self, round_: int) -> dict:
+        return {"requested": len(self.pairs)}
+
+
+JUDGES = ("judge", "llm_judge")  # sources that label instantly, and can calibrate against people
+
+
 def make_source(spec: dict, state_dir: Path, seed: int) -> FeedbackSource:
     kind = spec.get("kind")
     if kind == "simulated":
         return SimulatedSource(spec.get("name", "simulated"), int(spec.get("per_pair", 1)), seed)
     if kind == "judge":
         return JudgeSource(spec["reward"], spec.get("name", "judge"))
+    if kind == "llm_judge":
+        return LLMJudgeSource(spec, spec.get("name", "llm_judge"), seed)
     if kind == "app":
         from posttrain.loop.app_source import AppSource
 
@@ -130,4 +171,4 @@ def make_source(spec: dict, state_dir: Path, seed: int) -> FeedbackSource:
     from posttrain.errors import ConfigError
 
     raise ConfigError(f"unknown feedback source kind {kind!r}", where="sources",
-                      fix="kind: simulated | judge | app")
+                      fix="kind: simulated | judge | llm_judge | app")

@@ -117,3 +117,28 @@ def test_active_rules_score_every_candidate_and_record_what_they_passed_over(sft
     sm = json.loads((tmp_path / "margin" / "round-0" / "selection.json").read_text())
     assert sm["applied"] == "policy_margin" and max(sm["scores"][i] for i in sm["chosen"]) <= min(
         sm["scores"][i] for i in sm["passed_over"])
+
+
+def test_a_judge_is_calibrated_against_people_and_its_unsure_pairs_go_to_them(sft_policy, tmp_path):
+    """The SFT model as a pairwise LLM judge (logprob mode, both orders) next to simulated people: half
+    of the people's pairs are judged too, agreement and swap inconsistency are reported per round, and
+    every pair the judge was unsure of is labelled by people as well."""
+    small = {"train": {**SMALL["train"], "batch_size": 4, "micro_batch_size": 4}}
+    path = _config(tmp_path, sft_policy, rounds=1, eval=None, heldout_prompts=0, prompts_per_round=16,
+                   labels_per_round=12, calibrate=0.5, route_unsure=0.1, reward=small, policy=small,
+                   sources=[{"kind": "simulated", "name": "people"},
+                            {"kind": "llm_judge", "name": "judge", "backend": f"hf:{sft_policy}", "logprobs": True}])
+    s = run(load_config(LoopConfig, path))
+    rd = tmp_path / "loop" / "round-0"
+    dealt = json.loads((rd / "requests.json").read_text())
+    assert set(dealt["judge"]) & set(dealt["people"])  # the calibration pairs
+    labels = _labels(tmp_path / "loop")
+    judged = {x["pair_id"]: x for x in labels if x["source"] == "judge"}
+    unsure = {i for i, x in judged.items() if i in dealt["judge"] and i not in dealt["people"] and (
+        x["choice"] == "tie" or x["consistent"] is False or abs(x["prob_a"] - 0.5) < 0.1)}
+    routed = set(json.loads((rd / "routed.json").read_text())["people"])
+    assert routed == unsure and routed <= {x["pair_id"] for x in labels if x["source"] == "people"}
+    cal = s["rounds"][0]["calibration"]["judge"]
+    both = set(judged) & {x["pair_id"] for x in labels if x["source"] == "people"}
+    assert cal["pairs"] == len(both) > 0 and 0 <= cal["agreement_ci"][0] <= cal["agreement"] <= cal["agreement_ci"][1]
+    assert cal["swap_pairs"] == len(judged) and 0 <= cal["swap_inconsistency"] <= 1
