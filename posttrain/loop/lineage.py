@@ -51,8 +51,11 @@ def supersede_if_stale(rd: Path, policy_id: str) -> None:
     shutil.move(str(rd), str(rd.with_name(f"{rd.name}.superseded-{n}")))
 
 
-def record_round(cfg, rd: Path, r: int, policy: str, policy_id: str, used: dict[str, list[str]], store) -> None:
-    """``lineage.json`` beside every model round ``r`` trained (``used``: stage -> label ids)."""
+def record_round(cfg, rd: Path, r: int, policy: str, policy_id: str, used: dict[str, list[str]],
+                 store) -> list[dict]:
+    """``lineage.json`` beside every model round ``r`` trained (``used``: stage -> label ids); returns
+    the records."""
+    records = []
     for stage, ids in used.items():
         d = rd / stage
         if not (d / "final").exists():
@@ -73,6 +76,8 @@ def record_round(cfg, rd: Path, r: int, policy: str, policy_id: str, used: dict[
         tmp = d / (FILE + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, d / FILE)
+        records.append(record)
+    return records
 
 
 def find(path: str | Path) -> tuple[Path, dict] | None:

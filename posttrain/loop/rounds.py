@@ -358,7 +358,10 @@ def run(cfg: LoopConfig) -> dict:
         rounds_pairs.append(set(chosen))
         spec, used = round_spec(cfg, rd, r, policy, prev_rd, store, rounds_pairs, heldout)
         run_spec(spec, rd, f"{cfg.name} round {r}")
-        lineage.record_round(cfg, rd, r, policy, policy_id, used, store)
+        for record in lineage.record_round(cfg, rd, r, policy, policy_id, used, store):
+            for src in sources:  # the labeling app keeps which of its labels trained which model
+                if hasattr(src, "record_model"):
+                    src.record_model(record)
         policy, prev_rd = str(rd / "policy" / "final"), rd
         policy_id = lineage.run_id(rd / "policy")
         results.append(round_result(rd, r, store, set(chosen)))
