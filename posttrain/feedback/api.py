@@ -1,10 +1,11 @@
 """The JSON API (``/api/...``). Annotators: next task, label, skip, their own assignments.
-Admins: users, projects, members, task import, stats, export. See docs/labeling.md for examples."""
+Admins: users, projects, members, task import, stats, export, the models trained on the labels.
+See docs/labeling.md for examples."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -13,7 +14,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from posttrain.errors import DataError
-from posttrain.feedback import accounts, auth, importing, quality
+from posttrain.feedback import accounts, auth, importing, quality, trained
 from posttrain.feedback.assign import (
     Invalid,
     LabelInput,
@@ -31,6 +32,7 @@ from posttrain.feedback.db import (
     FLAGS,
     LETTERS,
     MAX_CLIENT_MS,
+    MAX_ID,
     MAX_KEY,
     MAX_RATIONALE,
     Assignment,
@@ -109,6 +111,35 @@ class MembersBody(Strict):
 class TasksBody(Strict):
     records: list[Any]
     gold_from_chosen: bool = False
+
+
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_ID)]
+LongText = Annotated[str, Field(max_length=1000)]
+
+
+class ModelBody(Strict):
+    """A model ``posttrain loop`` trained (its lineage.json record) and this app's labels it was trained on."""
+
+    loop: str = Field(min_length=1, max_length=200)
+    model: str = Field(min_length=1, max_length=1000, description="Path of the model's final/.")
+    run_id: str = Field(min_length=1, max_length=200, description="New every time the model is trained.")
+    kind: Literal["reward", "policy"]
+    stage: str = Field(min_length=1, max_length=64)
+    round: Count
+    label_ids: list[Annotated[int, Field(strict=True)]] = Field(
+        description="This app's label ids (added to those already recorded for the model).")
+    labels: Count = Field(0, description="Labels trained on, from every source of the loop.")
+    distinct_labels: Count | None = None
+    per_annotator: dict[str, Count] = {}
+    per_source: dict[str, Count] = {}
+    per_round: dict[str, Count] = {}
+    source_versions: list[Annotated[str, Field(max_length=1000)]] = []
+    excluded_annotators: list[Annotated[str, Field(max_length=200)]] = []
+    started_from: LongText | None = None
+    command: str | None = Field(None, max_length=64)
+    candidates_model: LongText | None = None
+    candidates_model_id: str | None = Field(None, max_length=200)
+    loop_dir: LongText | None = None
 
 
 def messages(prompt: Any) -> list[dict]:
@@ -278,3 +309,23 @@ def export(project_id: int, aggregate: Literal["all", "majority"] = "all",
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return Response(body, media_type="application/x-ndjson")
 
+
+
+@router.post("/api/models", status_code=201)
+def record_model(body: ModelBody, p: Principal = Depends(api_admin_writer),
+                 db: Session = Depends(get_db)) -> JSONResponse:
+    """Record a trained model and the label ids it was trained on: an upsert by (loop, model, run_id)."""
+    fields = body.model_dump(exclude={"label_ids"}, exclude_none=True)
+    row, status, added, total = trained.record_model(db, fields, body.label_ids)
+    return JSONResponse({"status": status, "id": row.id, "label_ids_added": added, "app_labels": total},
+                        status_code=201 if status == "created" else 200)
+
+
+@router.get("/api/models")
+def models(label_id: int | None = None, project: str | None = None, loop: str | None = None, ids: bool = False,
+           p: Principal = Depends(api_admin), db: Session = Depends(get_db)) -> list[dict]:
+    """The recorded models (optionally: trained on label ``label_id`` / on labels of ``project`` / of ``loop``)."""
+    problem = find_text_problem({"project": project, "loop": loop})
+    if problem:
+        raise Invalid(problem)
+    return trained.list_models(db, label_id=label_id, project=project, loop=loop, ids=ids)

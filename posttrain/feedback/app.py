@@ -65,7 +65,7 @@ MiB = 1024 * 1024
 AUTH_BODY_BYTES = 64 * 1024  # /login and /api/token: a user name and a password
 PUBLIC_POSTS = {"/login", "/api/token"}  # the only bodies read before authentication (capped at 64 KiB)
 UPLOADS = re.compile(r"^/(admin/projects/[^/]+/import|api/projects/[^/]+/tasks)$")
-ADMIN_ONLY = re.compile(r"^/(admin/.*|api/users|api/projects(/[^/]+/(tasks|members))?)$")
+ADMIN_ONLY = re.compile(r"^/(admin/.*|api/users|api/models|api/projects(/[^/]+/(tasks|members))?)$")
 NO_BODY = {"GET", "HEAD", "OPTIONS"}
 
 

@@ -250,6 +250,40 @@ class Label(Base):
     user: Mapped[User] = relationship()
 
 
+class TrainedModel(Base):
+    """A model ``posttrain loop`` trained on labels of this app (its lineage record, ``POST /api/models``):
+    one row per (loop, model path, run id); ``trained_model_labels`` links it to the app's labels it
+    was trained on. The counts cover every source of the loop (judges, other apps), not only this app."""
+
+    __tablename__ = "trained_models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # sha256 of [loop, model, run_id]: one short UNIQUE key (PostgreSQL caps btree keys near 2.7 kB)
+    identity: Mapped[str] = mapped_column(String(64), unique=True)
+    loop: Mapped[str] = mapped_column(String(200), index=True)  # the loop's name
+    model: Mapped[str] = mapped_column(String(1000))  # path of its final/
+    run_id: Mapped[str] = mapped_column(String(200))  # new every time the stage trains
+    kind: Mapped[str] = mapped_column(String(16))  # reward | policy
+    stage: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)
+    labels: Mapped[int] = mapped_column(Integer)  # labels trained on, all sources
+    per_annotator: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    per_source: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    per_round: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    source_versions: Mapped[list[str]] = mapped_column(JSON, default=list)  # app projects, judge versions
+    excluded_annotators: Mapped[list[str]] = mapped_column(JSON, default=list)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # started_from, command, loop_dir, ...
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class TrainedModelLabel(Base):
+    """Label ``label_id`` of this app was among the training labels of model ``model_id``."""
+
+    __tablename__ = "trained_model_labels"
+    model_id: Mapped[int] = mapped_column(ForeignKey("trained_models.id"), primary_key=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"), primary_key=True, index=True)
+
+
 # ----------------------------------------------------------------------------- engine
 
 

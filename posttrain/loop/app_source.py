@@ -44,6 +44,10 @@ pairs, or a new AppSource after a restart, imports nothing again), pairs the app
 (identical responses, text it cannot store), and every label already returned by ``collect`` (each
 label is returned at most once, across calls and restarts; :meth:`AppSource.returned` gives them all
 again should the caller have lost them).
+
+**Trained models.** :meth:`AppSource.record_model` sends a model's lineage record (``lineage.json``) to
+``POST /api/models`` with this app's label ids only, so the app's database knows which of its labels
+trained which model (``GET /api/models?label_id=N``); re-sending it changes nothing.
 """
 
 from __future__ import annotations
@@ -58,10 +62,15 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError, ServiceError
+from posttrain.loop.app_client import AppClient
 from posttrain.loop.sources import Label, Pair
 
 TAG = "loop"  # candidate model = f"{TAG}:{pair_id}:{side}"
 BATCH = 500  # records per import request
+MODEL_IDS = 20_000  # label ids per POST /api/models (the app caps JSON bodies at 1 MiB by default)
+MODEL_KEYS = ("loop", "model", "run_id", "kind", "stage", "round", "labels", "distinct_labels", "per_annotator",
+              "per_source", "per_round", "source_versions", "excluded_annotators", "started_from", "command",
+              "candidates_model", "candidates_model_id", "loop_dir")  # of a lineage record, as the app takes them
 MAX_MODEL = 200  # the app keeps the first 200 characters of a candidate's model
 NUMBERS = {  # spec key: (default, type, valid, what it must be)
     "overlap": (1, int, lambda v: v >= 1, "a whole number >= 1"),
@@ -89,7 +98,7 @@ def _untag(model: Any) -> tuple[str, str] | None:
     return (pid, side) if pid and side in ("a", "b") else None
 
 
-class AppSource:
+class AppSource(AppClient):
     """Feedback from people in the labeling app; see the module docstring for the spec keys."""
 
     def __init__(self, spec: dict, state_dir: Path):
@@ -136,84 +145,6 @@ class AppSource:
                                   "token_env, or username + password / password_env of an admin")
         self._client = None
         self._checked: set[int] = set()  # rounds whose project was looked up in the app by this process
-
-    # ------------------------------------------------------------------------- HTTP
-
-    @property
-    def http(self):
-        import httpx
-
-        if self._client is None:
-            self._client = httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)))
-        return self._client
-
-    def _login(self) -> str:
-        r = self._send("POST", "/api/token", "getting an API token", json={"username": self.username,
-                                                                            "password": self.password}, auth=False)
-        if r.status_code in (401, 403):
-            raise ConfigError(f"{self.url} refused user {self.username!r} and the given password "
-                              f"(HTTP {r.status_code}: {self._detail(r)})", where=f"feedback source {self.name}",
-                              fix="check username and password (posttrain label add-user name=... role=admin "
-                                  "update=true resets it)")
-        self.token = self._ok(r, "POST /api/token")["token"]
-        return self.token
-
-    def _send(self, method: str, path: str, what: str, *, auth: bool = True, **kw):
-        import httpx
-
-        url, last, relogged, attempt = self.url + path, "", False, 0
-        while True:
-            headers = {"Authorization": f"Bearer {self.token or self._login()}"} if auth else {}
-            try:
-                r = self.http.request(method, url, headers=headers, **kw)
-            except httpx.HTTPError as e:  # could not connect, reset, timed out
-                last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            else:
-                if r.status_code == 401 and auth and self.username and self.password and not relogged:
-                    self.token, relogged = None, True  # an expired token: make a new one, once
-                    continue
-                if r.status_code < 500 and r.status_code != 429:
-                    return r
-                last = f"HTTP {r.status_code}: {self._detail(r)}"
-            if attempt >= self.retries:
-                raise ServiceError(f"{what} failed after {attempt + 1} tries ({last})", where=url,
-                                   fix=f"check that the labeling app runs at {self.url} (GET {self.url}/healthz; start "
-                                       "it with `posttrain label serve port=...`) and that url is right; the loop can "
-                                       "be resumed once it is back")
-            attempt += 1
-            time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
-
-    @staticmethod
-    def _detail(r) -> str:
-        try:
-            body = r.json()
-            return str(body.get("detail", body) if isinstance(body, dict) else body)[:500]
-        except ValueError:
-            return r.text[:300]
-
-    def _ok(self, r, what: str, *, ndjson: bool = False):
-        """The answer's JSON; a clear error for anything but 2xx."""
-        url = str(r.request.url)
-        if r.status_code == 401:
-            raise ConfigError(f"{what}: {self.url} refused the API token (HTTP 401: {self._detail(r)})",
-                              where=f"feedback source {self.name}: token",
-                              fix="tokens expire (token_days); make a new one with POST /api/token or "
-                                  "`posttrain label add-user name=... update=true token=true`, or give username + "
-                                  "password so the source makes its own")
-        if r.status_code == 403:
-            raise ConfigError(f"{what}: {self.url} answered HTTP 403 ({self._detail(r)})",
-                              where=f"feedback source {self.name}",
-                              fix="the source needs an admin's token or credentials (role=admin)")
-        if not 200 <= r.status_code < 300:
-            raise ServiceError(f"{what}: {url} answered HTTP {r.status_code}: {self._detail(r)}", where=url,
-                               fix="read the labeling app's log")
-        try:
-            if ndjson:
-                return [json.loads(line) for line in r.text.splitlines() if line.strip()]
-            return r.json()
-        except ValueError:
-            raise ServiceError(f"{what}: {url} answered something that is not JSON: {r.text[:200]!r}",
-                               where=url, fix=f"is {self.url} the labeling app (posttrain label serve)?") from None
 
     # ------------------------------------------------------------------------- state
 
@@ -412,3 +343,34 @@ class AppSource:
         if st["project_id"] is None:
             return self._progress(st, [], {})
         return self._progress(st, list(st["imported"]), self._labels(round_, st, self._project_id(round_, st)))
+
+    def record_model(self, record: dict) -> None:
+        """Record a trained model in the app (``POST /api/models``): ``record`` is its lineage.json record;
+        only this app's label ids (``app:<id>``) are sent, and nothing at all when there are none. Idempotent:
+        the app keeps one row per (loop, model, run_id) and adds only label ids it does not have yet, so
+        ids over MODEL_IDS go in several requests, and a record cut short by an error is completed by
+        sending it again (the loop does when resumed)."""
+        ids = sorted({int(i[4:]) for i in record.get("label_ids") or []
+                      if isinstance(i, str) and i.startswith("app:") and i[4:].isascii() and i[4:].isdigit()})
+        if not ids:
+            return
+        body = {k: record[k] for k in MODEL_KEYS if record.get(k) is not None}
+        what = f"recording {record.get('kind')} model {record.get('model')}"
+        statuses = []
+        for i in range(0, len(ids), MODEL_IDS):  # the app adds each part's ids to the model's (a union)
+            r = self._send("POST", "/api/models", what, json={**body, "label_ids": ids[i:i + MODEL_IDS]})
+            if r.status_code == 404:
+                raise ServiceError(f"{what}: the labeling app at {self.url} has no POST /api/models (HTTP 404: "
+                                   f"{self._detail(r)}); it is older than this posttrain",
+                                   where=self.url + "/api/models",
+                                   fix="restart `posttrain label serve` from this posttrain (it adds the new tables at "
+                                       "start-up); lineage.json beside the model holds the record meanwhile")
+            if r.status_code == 422:
+                raise ServiceError(f"{what}: the labeling app at {self.url} answered HTTP 422: {self._detail(r)}",
+                                   where=self.url + "/api/models",
+                                   fix="point url at the app (and database) whose labels trained this model; "
+                                       "lineage.json beside the model holds the record either way")
+            statuses.append(self._ok(r, f"POST /api/models ({what})")["status"])
+        if any(s != "unchanged" for s in statuses):
+            _say(f"{self.name}: the labeling app at {self.url} records {record.get('kind')} model "
+                 f"{record.get('model')} as trained on {len(ids)} of its labels (GET /api/models)")

@@ -1,16 +1,20 @@
 """AppSource against the real labeling app on loopback, labelled by simulated annotators over HTTP:
-tasks created once, labels exported once, A/B orientation, quota, deadline, errors."""
+tasks created once, labels exported once, A/B orientation, quota, deadline, errors, and trained models
+recorded in the app (record_model)."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from app_helpers import annotate, free_port, labeling_app
 
 from posttrain.errors import ConfigError, ServiceError
+from posttrain.loop import app_source, lineage
 from posttrain.loop.app_source import AppSource
 from posttrain.loop.sources import make_source, pair_id
 from posttrain.tasks.builtin import heldout_problems
@@ -189,3 +193,81 @@ def test_unreachable_app_and_bad_specs(tmp_path):
         AppSource({"url": url, "token": "t", "project": "p", "quota": 0}, tmp_path)
     with pytest.raises(ConfigError, match="overlap 3 needs at least 3"):
         AppSource({"url": url, "token": "t", "project": "p", "overlap": 3, "annotators": ["x", "y"]}, tmp_path)
+
+
+def test_record_model_sends_the_app_labels_once(tmp_path, monkeypatch):
+    pairs = make_pairs(0, 3, seed=2)
+    pids = [p["pair_id"] for p in pairs]
+    with labeling_app(tmp_path / "app", annotators=["careful"]) as app:
+        src = AppSource(app.spec("lin", overlap=1), tmp_path / "state")
+        src.request(0, pairs)
+        ann = annotate(app, "lin-round-0")
+        labels = src.collect(0, pids, wait=True)
+        ann.stop()
+        app_ids = sorted(int(lab["label_id"].removeprefix("app:")) for lab in labels)
+        assert len(app_ids) == 3
+        judge = {"label_id": "judge:gpt:1", "pair_id": pids[0], "round": 0, "choice": "a", "strength": 1,
+                 "annotator": "judge:gpt", "source": "judge", "source_version": "gpt@v1"}
+        store = SimpleNamespace(rows={lab["label_id"]: lab for lab in labels + [judge]})
+        # the lineage records the loop writes (lineage.record_round), as rounds.py hands them over
+        rd = tmp_path / "loop" / "round-0"
+        for stage, run in (("reward", "rm-run-1"), ("policy", "pol-run-1")):
+            (rd / stage / "final").mkdir(parents=True)
+            (rd / stage / "stage.json").write_text(json.dumps({"run_id": run, "command": stage,
+                                                               "config": {"model.name_or_path": "sft"}}))
+        cfg = SimpleNamespace(name="lin", run_dir=str(tmp_path / "loop"), exclude_annotators=[])
+        used = {"reward": sorted(store.rows), "policy": ["judge:gpt:1"]}
+        reward, policy = lineage.record_round(cfg, rd, 0, "sft", "sft", used, store)
+        posts = []
+        send = src._send
+
+        def spy(method, path, what, **kw):
+            if path == "/api/models":
+                posts.append(kw["json"]["label_ids"])
+            return send(method, path, what, **kw)
+
+        monkeypatch.setattr(src, "_send", spy)
+        src.record_model(policy)  # trained on the judge's labels only: nothing to tell the app
+        assert posts == []
+        src.record_model(reward)
+        assert posts == [app_ids]  # the app's ids only, as integers
+        src.record_model(reward)  # the loop resumed: sent again, stored once
+        AppSource(app.spec("lin", overlap=1), tmp_path / "state").record_model(reward)  # a restart
+        models = app.get("/api/models", params={"ids": "true"}).json()
+        assert len(models) == 1
+        m = models[0]
+        assert (m["loop"], m["model"], m["run_id"], m["kind"], m["round"]) == ("lin", reward["model"], "rm-run-1",
+                                                                               "reward", 0)
+        assert m["label_ids"] == app_ids and m["app_labels"] == 3 and m["labels"] == 4
+        assert m["per_source"] == {"app": 3, "judge": 1} and "gpt@v1" in m["source_versions"]
+        assert m["per_annotator"] == {"careful": 3, "judge:gpt": 1}
+        assert [x["id"] for x in app.get("/api/models", params={"label_id": app_ids[1]}).json()] == [m["id"]]
+        project = app.get("/api/models", params={"project": "lin-round-0"}).json()
+        assert [x["run_id"] for x in project] == ["rm-run-1"]
+
+        # a retrained model (new run id) with more ids than one request takes: sent in parts, one row
+        posts.clear()
+        with monkeypatch.context() as mp:
+            mp.setattr(app_source, "MODEL_IDS", 2)
+            src.record_model({**reward, "run_id": "rm-run-2"})
+        assert posts == [app_ids[:2], app_ids[2:]]
+        again = app.get("/api/models", params={"ids": "true", "label_id": app_ids[2]}).json()
+        assert [(x["run_id"], x["label_ids"]) for x in again] == [("rm-run-1", app_ids), ("rm-run-2", app_ids)]
+
+        # label ids the app does not have (another app's database): a clear error, nothing stored
+        with pytest.raises(ServiceError, match=r"HTTP 422: label_ids: no such labels in this app: 999999") as e:
+            src.record_model({**reward, "run_id": "rm-run-3", "label_ids": reward["label_ids"] + ["app:999999"]})
+        assert "point url at the app" in str(e.value)
+        assert len(app.get("/api/models").json()) == 2
+        with pytest.raises(ConfigError, match="403"):  # an annotator's token is not enough
+            AppSource({**app.spec("lin"), "token": app.tokens["careful"]}, tmp_path / "s2").record_model(reward)
+
+
+def test_record_model_against_an_app_without_the_endpoint(tmp_path):
+    src = AppSource({"url": "http://127.0.0.1:9", "token": "t", "project": "p", "retries": 0}, tmp_path)
+    old_app = httpx.MockTransport(lambda req: httpx.Response(404, json={"detail": "Not Found"}))
+    src._client = httpx.Client(transport=old_app)
+    with pytest.raises(ServiceError, match="has no POST /api/models") as e:
+        src.record_model({"kind": "reward", "model": "m/final", "label_ids": ["app:1"], "loop": "l", "run_id": "r"})
+    assert "posttrain label serve" in str(e.value)
+

@@ -60,3 +60,8 @@ def test_two_rounds_with_people_in_the_labeling_app_survive_a_kill(sft_policy, t
         assert rm1["per_source"] == {"people": len(labels)} and set(rm1["per_annotator"]) <= {"careful", "hasty"}
         pol1 = json.loads((root / "round-1" / "policy" / "lineage.json").read_text())
         assert set(pol1["label_ids"]) <= {x["label_id"] for x in labels if x["pair_id"] in chosen[1]}
+        # the app's database knows which of its labels trained which model: one row per model, none twice
+        models = app.get("/api/models", params={"ids": "true"}).json()
+        assert len(models) == 4  # reward and policy of two rounds
+        rm_row = next(m for m in models if m["model"] == rm1["model"])
+        assert sorted(f"app:{i}" for i in rm_row["label_ids"]) == sorted(rm1["label_ids"])
