@@ -1,7 +1,8 @@
 """The quick demo end to end: every stage runs and each method measurably beats SFT.
 
 This is the CI form of `posttrain demo` (`--quick`): SFT -> simulated preference labels -> reward
-model -> PPO / GRPO / DPO from the same SFT model -> evaluation -> report.
+model -> PPO / GRPO / DPO from the same SFT model -> evaluation; then multi-turn tool use (SFT on
+calculator conversations -> GRPO on episodes with the calculator) -> report.
 """
 
 import json
@@ -26,7 +27,7 @@ def demo(tmp_path_factory):
 def test_every_stage_ran(demo):
     run_dir, summary = demo
     stages = [s["stage"] for s in summary["stages"]]
-    for name in ("sft", "prefs", "reward", "ppo", "grpo", "dpo", "eval", "report"):
+    for name in ("sft", "prefs", "reward", "ppo", "grpo", "dpo", "eval", "tool_sft", "tool_grpo", "report"):
         assert name in stages
 
 
@@ -62,6 +63,21 @@ def test_ppo_raises_the_reward_model_score(demo):
     assert 0 < r["kl"] < 2.0  # moved, with the KL penalty holding it near the SFT policy
 
 
+def test_grpo_with_the_calculator_beats_its_sft_model(demo):
+    # held-out episode accuracy (64 prompts x 4 episodes) of the quick tool stages over seeds 0-2:
+    # 0.40 -> 0.53, 0.38 -> 0.70, 0.32 -> 0.57 (the standard error of the difference is ~0.045)
+    from posttrain.demo import multiturn_line
+
+    run_dir, summary = demo
+    s = json.loads((run_dir / "tool_grpo" / "summary.json").read_text())
+    assert s["final"]["accuracy"] > s["initial"]["accuracy"] + 0.05, (s["initial"], s["final"])
+    assert s["final"]["episode/tool_calls"] > 0.8  # it answers through the calculator
+    episodes = [json.loads(r) for r in (run_dir / "tool_grpo" / "episodes.jsonl").read_text().splitlines()]
+    assert episodes and any(m["role"] == "tool" for e in episodes for m in e["messages"])
+    line = multiturn_line(summary)
+    assert "tool_grpo" in line and f"{s['final']['accuracy']:.3f}" in line and "\n" not in line
+
+
 def test_every_logged_metric_is_documented(demo):
     from pt_helpers import undocumented_metrics
 
@@ -78,6 +94,13 @@ def test_report_has_every_section(demo):
     for heading in SECTIONS:
         assert slugify(heading) in ids, f"missing section {heading}: {ids}"
     assert (run_dir / "report.md").exists() and (run_dir / "summary.json").exists()
+    for heading in ("Multi-turn curves: tool_grpo", "Sample episode: tool_grpo"):
+        assert slugify(heading) in ids, f"missing section {heading}: {ids}"
+    md = (run_dir / "report.md").read_text()
+    sample = md[md.index("## Sample episode: tool_grpo"):]
+    assert "| calc({" in sample and "| tool |" in sample and "| reward |" in sample  # a call, its output, reward
+    assert "calc({&quot;expr&quot;" in (run_dir / "report.html").read_text()
+    assert "tool_grpo" in json.loads((run_dir / "summary.json").read_text())["multiturn"]
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (scripts/setup.sh)")

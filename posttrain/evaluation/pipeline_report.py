@@ -4,7 +4,8 @@ report (the first match wins):
 
 - ``pipeline.json``: a pipeline or demo run; every stage's ``metrics.jsonl`` and ``summary.json``
   and the evaluation stage's ``eval.json``. Sections (ids are fixed so tests and readers can find
-  them): stages, training curves, reward vs KL frontier, reward model, win rates, samples.
+  them): stages, training curves, reward vs KL frontier, reward model, win rates, samples, multi-turn
+  episodes (curves and a sample conversation of each stage that ran episodes; episode_report.py).
 - ``eval.json``: one ``posttrain eval`` output: policies, reward vs KL, win rates and paired
   tests, samples.
 - ``eval_reward.json``: one ``posttrain eval-reward`` output: accuracy, length baseline,
@@ -28,10 +29,13 @@ from posttrain.config import opt
 from posttrain.engines.runlog import read_metrics
 from posttrain.errors import ConfigError
 from posttrain.evaluation import plots
+from posttrain.evaluation.episode_report import add_multiturn
+from posttrain.evaluation.loop_report import is_loop, loop_report
 from posttrain.evaluation.report import Report, paired_p
 from posttrain.tasks import builtin
 
-SECTIONS = ("Stages", "Training curves", "Reward vs KL frontier", "Reward model", "Win rates", "Samples")
+SECTIONS = ("Stages", "Training curves", "Reward vs KL frontier", "Reward model", "Win rates", "Samples",
+            "Multi-turn episodes")
 EVAL_SECTIONS = ("Evaluation", "Reward vs KL frontier", "Policies", "Win rates", "Samples")
 RUN_SECTIONS = ("Run", "Training curves", "Summary")
 RL_COMMANDS = ("ppo", "grpo", "rloo", "reinforce")
@@ -40,7 +44,8 @@ RL_COMMANDS = ("ppo", "grpo", "rloo", "reinforce")
 CURVE_METRICS = ("train/loss", "eval/loss", "reward/mean", "train/rewards/margin", "train/accuracy", "kl",
                  "entropy", "eval/gold_reward", "eval/accuracy")
 MAX_FALLBACK_PANELS = 4
-LOOKED_FOR = ("pipeline.json (a pipeline or demo run), eval.json (posttrain eval), eval_reward.json "
+LOOKED_FOR = ("loop.json with labels.jsonl (posttrain loop), pipeline.json (a pipeline or demo run), eval.json "
+              "(posttrain eval), eval_reward.json "
               "(posttrain eval-reward), or metrics.jsonl, summary.json or config.yaml (one command's run, "
               "e.g. a training run)")
 
@@ -93,11 +98,13 @@ def _key_metrics(command: str, summary: dict) -> str:
 
 
 def run_kind(run_dir: Path) -> str:
-    """``"pipeline"``, ``"eval"``, ``"eval-reward"`` or ``"run"`` from the files ``run_dir`` holds;
+    """``"loop"``, ``"pipeline"``, ``"eval"``, ``"eval-reward"`` or ``"run"`` from the files ``run_dir`` holds;
     a one-paragraph ConfigError naming what it looked for when it holds none of them."""
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a directory, so there is no run to report on", where="run_dir",
                           fix=f"posttrain report RUN_DIR, where RUN_DIR holds {LOOKED_FOR}")
+    if is_loop(run_dir):
+        return "loop"
     for name, kind in (("pipeline.json", "pipeline"), ("eval.json", "eval"), ("eval_reward.json", "eval-reward")):
         if (run_dir / name).is_file():
             return kind
@@ -299,7 +306,8 @@ def _pipeline_report(run_dir: Path, title: str) -> tuple[Report, dict]:
 
     _add_win_rates(report, ev)
     _add_samples(report, ev)
-    return report, {"pipeline": pipeline, **_eval_summary(ev)}
+    multiturn = add_multiturn(report, stages, lambda s: _stage_dir(run_dir, s), curve_panels)  # episode_report.py
+    return report, {"pipeline": pipeline, **_eval_summary(ev), **({"multiturn": multiturn} if multiturn else {})}
 
 
 def _eval_report(run_dir: Path, title: str) -> tuple[Report, dict]:
@@ -385,7 +393,7 @@ def build_report(run_dir: Path, title: str = "posttrain report") -> tuple[Report
     run_dir = Path(run_dir)
     kind = run_kind(run_dir)
     build = {"pipeline": _pipeline_report, "eval": _eval_report, "eval-reward": _eval_reward_report,
-             "run": _run_report}[kind]
+             "run": _run_report, "loop": loop_report}[kind]
     return build(run_dir, title)
 
 
@@ -394,7 +402,7 @@ def run(cfg: ReportConfig) -> dict:
     report, summary = build_report(run_dir, cfg.title)
     paths = report.write(run_dir, summary=summary)
     kind = {"pipeline": "a pipeline run", "eval": "a posttrain eval output", "eval-reward": "a posttrain eval-reward "
-            "output", "run": "a single run"}[run_kind(run_dir)]
+            "output", "run": "a single run", "loop": "a posttrain loop"}[run_kind(run_dir)]
     print(f"report of {run_dir} ({kind}):")
     for kind in ("html", "md", "json"):
         print(f"  {paths[kind]}")

@@ -186,7 +186,8 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
             rows = episode_eval_rows(ro.prompts, eval_records, cfg.task_eval_prompts)
             return episode_eval(g, tokenizer, maker.env, rows, cfg.task_eval_samples, cfg.train.seed,
                                 max_turns=ro.max_turns, max_tokens=ro.max_episode_tokens,
-                                max_new_tokens=ro.max_new_tokens) if rows else {}
+                                max_new_tokens=ro.max_new_tokens, save_to=run_dir / "episodes.jsonl",
+                                step=o.step) if rows else {}
         return task_eval(p, tokenizer, g, cfg.rollout.prompts, cfg.task_eval_prompts, cfg.task_eval_samples,
                          cfg.train.seed, eval_records, rewards, cfg.rollout.max_new_tokens)
 

@@ -31,9 +31,12 @@ def task_eval(model, tokenizer, engine, prompts_source: str, n_prompts: int, n_s
 
 
 def episode_eval(engine, tokenizer, env_factory, rows: list[dict], n_samples: int, seed: int, *, max_turns: int,
-                 max_tokens: int, max_new_tokens: int) -> dict[str, float]:
+                 max_tokens: int, max_new_tokens: int, save_to=None, step: int = 0,
+                 keep: int = 8) -> dict[str, float]:
     """Held-out multi-turn metrics: ``n_samples`` episodes per row at temperature 1; ``accuracy`` is the
-    mean episode reward (the built-in tool task's reward is 1 for the exact sum), plus the episode metrics."""
+    mean episode reward (the built-in tool task's reward is 1 for the exact sum), plus the episode metrics.
+    With ``save_to`` (a path), the first episode of each of the first ``keep`` rows is written there as
+    JSON lines for people to read (replacing the file: it holds the latest evaluation, at ``step``)."""
     from posttrain.engines.rollout import SamplingParams
     from posttrain.rollouts.episodes import episode_metrics, run_episodes
 
@@ -41,6 +44,15 @@ def episode_eval(engine, tokenizer, env_factory, rows: list[dict], n_samples: in
     eps = run_episodes(engine, tokenizer, [env_factory() for _ in reps], reps,
                        SamplingParams(max_new_tokens=max_new_tokens, n=1), max_turns=max_turns,
                        max_tokens=max_tokens, seed=seed + 17)
+    if save_to is not None:
+        import json
+
+        with open(save_to, "w") as f:
+            for e, row in list(zip(eps, reps))[::max(n_samples, 1)][:keep]:
+                f.write(json.dumps({"step": step, "reward": e.reward, "turns": e.turns, "tool_calls": e.tool_calls,
+                                    "tool_errors": e.tool_errors, "truncated": e.truncated, "messages": e.messages,
+                                    "row": {k: v for k, v in row.items() if k not in ("prompt", "messages")}},
+                                   default=str) + "\n")
     return {"accuracy": sum(e.reward for e in eps) / max(len(eps), 1), **episode_metrics(eps)}
 
 

@@ -152,3 +152,82 @@ def test_report_in_headless_chromium(tmp_path, figures):
             browser.close()
     assert errors == []
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
+
+
+# ----------------------------------------------------------------------------- multi-turn episodes
+
+
+def _episode_pipeline(run_dir: Path) -> Path:
+    """A pipeline directory by hand: an SFT stage and a GRPO stage that ran calculator episodes."""
+    sft, grpo = run_dir / "tool_sft", run_dir / "tool_grpo"
+    sft.mkdir(parents=True)
+    grpo.mkdir()
+    sft.joinpath("metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n"
+                                                     for s in range(1, 4)))
+    rows = [{"step": 0, "eval/accuracy": 0.4, "eval/episode/turns": 1.9}]
+    rows += [{"step": s, "reward/mean": 0.4 + 0.05 * s, "episode/turns": 1.9, "episode/tool_calls": 0.9 + 0.01 * s,
+              "episode/tool_errors": 0.1} for s in range(1, 5)]
+    rows += [{"step": 2, "eval/accuracy": 0.5}, {"step": 4, "eval/accuracy": 0.6}]
+    grpo.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grpo.joinpath("summary.json").write_text(json.dumps({
+        "rl_steps": 4, "initial": {"accuracy": 0.4, "episode/tool_calls": 0.9},
+        "final": {"accuracy": 0.6, "episode/tool_calls": 0.95, "episode/turns": 1.95}}))
+    call = {"id": "call_0", "type": "function", "function": {"name": "calc", "arguments": {"expr": "1+3+2"}}}
+    wrong = [{"role": "user", "content": "Add the numbers 4 4 4."},
+             {"role": "assistant", "content": "12 <script>x</script>", "tool_calls": []}]
+    right = [{"role": "user", "content": "Add the numbers 1 3 2."},
+             {"role": "assistant", "content": "", "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "call_0", "content": "6"},
+             {"role": "assistant", "content": "6", "tool_calls": []}]
+    grpo.joinpath("episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
+        {"step": 4, "reward": 0.0, "turns": 1, "tool_calls": 0, "tool_errors": 0, "truncated": None,
+         "messages": wrong, "row": {"answer": "12"}},
+        {"step": 4, "reward": 1.0, "turns": 2, "tool_calls": 1, "tool_errors": 0, "truncated": None,
+         "messages": right, "row": {"answer": "6"}}]))
+    (run_dir / "pipeline.json").write_text(json.dumps({"stages": [
+        {"stage": "tool_sft", "command": "sft", "seconds": 1.0, "dir": str(sft)},
+        {"stage": "tool_grpo", "command": "grpo", "seconds": 2.0, "dir": str(grpo)}]}))
+    return run_dir
+
+
+def test_pipeline_report_shows_the_multi_turn_curve_and_a_sample_episode(tmp_path, monkeypatch):
+    from posttrain.evaluation import pipeline_report
+
+    run_dir = _episode_pipeline(tmp_path / "pipe")
+    calls = []
+    real = plots.panel_plot
+    monkeypatch.setattr(plots, "panel_plot", lambda panels, *a, **k: calls.append(panels) or real(panels, *a, **k))
+    pipeline_report.run(pipeline_report.ReportConfig(run_dir=str(run_dir)))
+    html_text = (run_dir / "report.html").read_text()
+    ids = parse_report_sections(html_text)
+    for heading in pipeline_report.SECTIONS + ("Multi-turn curves: tool_grpo", "Sample episode: tool_grpo"):
+        assert slugify(heading) in ids, (heading, ids)
+    assert "multi-turn-curves-tool-sft" not in ids  # the SFT stage ran no episodes
+    assert list(calls[-1]) == ["eval/accuracy", "reward/mean", "episode/turns", "episode/tool_calls",
+                               "episode/tool_errors"]
+    assert calls[-1]["eval/accuracy"]["eval/accuracy"] == ([0, 2, 4], [0.4, 0.5, 0.6])
+    md = (run_dir / "report.md").read_text()
+    assert "0.400 before RL → 0.600 after 4 RL steps" in md
+    sample = md[md.index("## Sample episode: tool_grpo"):]
+    # the rewarded episode that called the tool, as a conversation: the call, the tool's output, the reward
+    assert '| 1 | assistant |  | calc({"expr": "1+3+2"}) |' in sample
+    assert "| 2 | tool | 6 |  |" in sample and "| 3 | assistant | 6 |  |" in sample
+    assert "|  | reward | 1.000 |  |" in sample and "expected answer 6" in sample
+    assert "calc({&quot;expr&quot;: &quot;1+3+2&quot;})" in html_text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["multiturn"]["tool_grpo"]["final_accuracy"] == 0.6
+
+
+def test_episode_report_without_episodes_and_with_malformed_calls(tmp_path):
+    from posttrain.evaluation import episode_report, pipeline_report
+
+    run_dir = _episode_pipeline(tmp_path / "pipe")
+    (run_dir / "tool_grpo" / "episodes.jsonl").unlink()
+    (run_dir / "tool_grpo" / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    report, summary = pipeline_report.build_report(run_dir)
+    texts = {s.heading: s.data.get("text") for s in report.sections}
+    assert texts["Multi-turn episodes"].startswith("No stage ran multi-turn episodes") and "multiturn" not in summary
+    rows = episode_report.conversation_rows([
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "", "arguments": {"raw": '{"nme": "calc"'}}}]}, "not a message"])
+    assert rows == [{"turn": 0, "role": "assistant", "content": "", "tool calls": '(malformed call) {"nme": "calc"'}]
