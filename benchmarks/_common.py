@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def peak_rss_mb() -> float:
@@ -113,3 +114,18 @@ def interleaved(script: str, workers: list[str], args: list[str], repeats: int, 
         best["all_pairs_per_s"] = [round(r["pairs_per_s"], 2) for r in rs]
         out[w] = best
     return out
+
+
+def posttrain(*args: str) -> None:
+    """``posttrain ARGS`` in a subprocess (offline); exits with its output tails if it fails."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"posttrain {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+
+
+def cached(path: Path, *args: str) -> str:
+    """final/ of ``posttrain ARGS train.output_dir=path``, trained only if not there yet."""
+    if not (path / "final" / "model.safetensors").exists():
+        posttrain(*args, f"train.output_dir={path}")
+    return str(path / "final")

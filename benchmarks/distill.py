@@ -22,24 +22,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+from _common import cached, posttrain
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def posttrain(*args: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"posttrain {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-
-
-def cached(path: Path, *args: str) -> str:
-    if not (path / "final" / "model.safetensors").exists():
-        posttrain(*args, f"train.output_dir={path}")
-    return str(path / "final")
 
 
 def teacher_samples(teacher: str, out: Path, steps: int, prompts: int, samples: int, seed: int) -> None:

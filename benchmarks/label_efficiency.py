@@ -21,27 +21,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from _common import cached, posttrain
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def posttrain(*args: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"posttrain {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-
-
-def sft_model(cache: Path) -> str:
-    if not (cache / "sft" / "final" / "model.safetensors").exists():
-        posttrain("sft", "model.name_or_path=tiny", "train.epochs=2", "data.eval=null", "task_eval=false",
-                  "train.progress=false", f"train.output_dir={cache / 'sft'}")
-    return str(cache / "sft" / "final")
 
 
 def curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -87,7 +72,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     cache = Path(os.environ.get("POSTTRAIN_CACHE", ROOT / ".cache" / "posttrain")) / "bench-label-efficiency"
-    sft = sft_model(cache)
+    sft = cached(cache / "sft", "sft", "model.name_or_path=tiny", "train.epochs=2", "data.eval=null",
+                 "task_eval=false", "train.progress=false")
     small = {"train": {"epochs": 2, "progress": False, "batch_size": 8, "micro_batch_size": 8}}
     curves: dict[str, dict[int, list]] = {"random": {}, args.rule: {}}
     for seed in args.seeds:

@@ -344,15 +344,16 @@ def build(cls, data: dict[str, Any], prefix: str = ""):
         f = defaults[key]
         if is_dataclass(hints[key]) and isinstance(value, dict) and f.default_factory is not MISSING:
             # a partial section overrides the command's own defaults for it, not the class's
-            value = _merge(dataclasses.asdict(f.default_factory()), value)
+            value = merge_tree(dataclasses.asdict(f.default_factory()), value)
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_tree(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` laid on it, nested sections merged key by key (neither input is changed)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        out[k] = merge_tree(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
 
 

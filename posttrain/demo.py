@@ -10,12 +10,11 @@ The stages live in ``posttrain/pipelines/demo.yaml``; ``--quick`` applies its ``
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.config import opt, read_yaml
+from posttrain.config import merge_tree, opt, read_yaml
 from posttrain.evaluation.evaluate import format_summary
 from posttrain.pipeline import run_spec
 
@@ -36,15 +35,8 @@ def demo_spec(quick: bool) -> dict:
         for stage in spec["stages"]:
             over = overrides.get(stage["name"])
             if over:
-                stage["config"] = _merge(stage.get("config") or {}, over)
+                stage["config"] = merge_tree(stage.get("config") or {}, over)
     return spec
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def run(cfg: DemoConfig) -> dict:

@@ -29,6 +29,13 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def write_json(path: Path, obj) -> None:
+    """``obj`` as JSON at ``path``, atomically (a temporary file renamed over it)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
 def run_id(stage_dir: Path) -> str:
     """The identity of a stage's trained model: the pipeline's run id, new every time it trains."""
     return (read_json(stage_dir / "stage.json") or {}).get("run_id") or "unknown"
@@ -73,9 +80,7 @@ def record_round(cfg, rd: Path, r: int, policy: str, policy_id: str, used: dict[
                   "per_round": {str(k): v for k, v in sorted(Counter(x["round"] for x in labs).items())},
                   "source_versions": sorted({str(x.get("source_version")) for x in labs}),
                   "excluded_annotators": list(cfg.exclude_annotators)}
-        tmp = d / (FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, d / FILE)
+        write_json(d / FILE, record)
         records.append(record)
     return records
 

@@ -29,16 +29,11 @@ import os
 import random
 from pathlib import Path
 
+from posttrain.config import merge_tree
 from posttrain.loop import calibration, lineage, selection
 from posttrain.loop.config import LoopConfig
 from posttrain.loop.sources import JUDGES, make_source, pair_id
 from posttrain.pipeline import run_spec
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -146,7 +141,7 @@ def select(cfg: LoopConfig, rd: Path, r: int, pairs: list[dict], policy: str, re
     rule = "random" if fallback else cfg.selection.rule
     chosen, passed = selection.choose(pairs, cfg.labels_per_round, rule, scores, cfg.seed * 7 + r,
                                       cfg.selection.max_per_prompt)
-    _write_json(path, {"rule": cfg.selection.rule, "applied": rule, "fallback": fallback or None,
+    lineage.write_json(path, {"rule": cfg.selection.rule, "applied": rule, "fallback": fallback or None,
                        "reward_models": reward_models, "scores": scores, "chosen": chosen, "passed_over": passed})
     return chosen
 
@@ -165,7 +160,7 @@ def _deal(cfg: LoopConfig, rd: Path, r: int, chosen: list[str], sources: list) -
         extra = sorted(rng.sample(people, max(1, round(cfg.calibrate * len(people)))))
         for j in _judges(cfg):
             dealt[j] = dealt[j] + extra
-    _write_json(path, dealt)
+    lineage.write_json(path, dealt)
     return dealt
 
 
@@ -212,7 +207,7 @@ def label(cfg: LoopConfig, rd: Path, r: int, pairs: list[dict], chosen: list[str
                      if all(i not in dealt[src.name] for src in people)]
             shares = [float(s.get("share", 1.0)) for s in cfg.sources if s["kind"] not in JUDGES]
             routed = {src.name: ids for src, ids in zip(people, selection.split_by_share(doubt, shares, cfg.seed + r))}
-            _write_json(path, routed)
+            lineage.write_json(path, routed)
     for src in people:
         ask(src, dealt.get(src.name, []) + routed.get(src.name, []))
     mine = {i for ids in dealt.values() for i in ids}
@@ -220,7 +215,7 @@ def label(cfg: LoopConfig, rd: Path, r: int, pairs: list[dict], chosen: list[str
     result = {"labels": len(round_labels), "routed_to_people": sum(len(v) for v in routed.values())}
     if judges and people:
         result["calibration"] = calibration.judge_vs_people(round_labels, [j.name for j in judges], cfg.seed + r)
-    _write_json(rd / "labelled.json", result)
+    lineage.write_json(rd / "labelled.json", result)
 
 
 def preference_rows(labels: list[dict], ties: bool) -> list[dict]:
@@ -256,13 +251,6 @@ def heldout_pairs(cfg: LoopConfig, root: Path) -> str | None:
     return str(path)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = json.loads(json.dumps(base))
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def round_spec(cfg: LoopConfig, rd: Path, r: int, policy: str, prev_rd: Path | None, store: LabelStore,
                rounds_pairs: list[set[str]], heldout: str | None) -> tuple[dict, dict]:
     """The round's training pipeline and the label ids each of its models is trained on."""
@@ -293,21 +281,21 @@ def round_spec(cfg: LoopConfig, rd: Path, r: int, policy: str, prev_rd: Path | N
             used[name] = [x["label_id"] for x in boot]
         warm = prev_rd / name / "final" if prev_rd is not None else None
         init = str(warm) if warm is not None and warm.exists() else cfg.sft
-        stages.append({"name": name, "command": "reward", "config": _merge(cfg.reward, {
+        stages.append({"name": name, "command": "reward", "config": merge_tree(cfg.reward, {
             "model": {"name_or_path": init}, "data": {"train": data, "eval": heldout},
             "train": {"seed": cfg.seed + r * 31 + m}})})
     if cfg.policy_command == "dpo":  # iterative DPO: this round's pairs, this round's policy as reference
         _write_jsonl(data_dir / "dpo_train.jsonl", new_rows)
         used["policy"] = [x["label_id"] for x in new_rows]
-        pol = _merge({"data": {"train": str(data_dir / "dpo_train.jsonl"), "eval": None}}, cfg.policy)
+        pol = merge_tree({"data": {"train": str(data_dir / "dpo_train.jsonl"), "eval": None}}, cfg.policy)
     else:
         used["policy"] = used["reward"]  # through the reward model trained on them
-        pol = _merge({"reward": ["rm:${reward.final}"], "rollout": {"prompts": cfg.prompts}}, cfg.policy)
-    pol = _merge(pol, {"model": {"name_or_path": policy}, "train": {"seed": cfg.seed + r}})
+        pol = merge_tree({"reward": ["rm:${reward.final}"], "rollout": {"prompts": cfg.prompts}}, cfg.policy)
+    pol = merge_tree(pol, {"model": {"name_or_path": policy}, "train": {"seed": cfg.seed + r}})
     stages.append({"name": "policy", "command": cfg.policy_command, "config": pol})
     if cfg.eval is not None:
-        stages.append({"name": "eval", "command": "eval", "config": _merge(
-            {"best_of_n": [], "seed": cfg.seed + r}, _merge(cfg.eval, {
+        stages.append({"name": "eval", "command": "eval", "config": merge_tree(
+            {"best_of_n": [], "seed": cfg.seed + r}, merge_tree(cfg.eval, {
                 "policies": {"sft": cfg.sft, "policy": "${policy.final}"}, "baseline": "sft",
                 "reward_model": "${reward.final}"}))})
     return {"name": f"{cfg.name}-round-{r}", "stages": stages}, used
@@ -340,7 +328,7 @@ def run(cfg: LoopConfig) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     from posttrain.config import to_dict
 
-    _write_json(root / "loop.json", {"config": to_dict(cfg)})
+    lineage.write_json(root / "loop.json", {"config": to_dict(cfg)})
     prompts = [row["prompt"] for row in load_records(cfg.prompts, "prompt", options=ReadOptions(prefix=None))]
     store = LabelStore(root / "labels.jsonl")
     sources = [make_source(s, root / "sources" / s.get("name", s["kind"]), cfg.seed) for s in cfg.sources]
@@ -367,5 +355,5 @@ def run(cfg: LoopConfig) -> dict:
         results.append(round_result(rd, r, store, set(chosen)))
         print(f"loop round {r}: {json.dumps(results[-1])}", flush=True)
     summary = {"run_dir": str(root), "rounds": results, "labels": len(store.rows)}
-    _write_json(root / "summary.json", summary)
+    lineage.write_json(root / "summary.json", summary)
     return summary
