@@ -200,7 +200,7 @@ class _LMHeadLogps(torch.autograd.Function):
     With x = logits/τ, p = softmax(x), H = −Σ_v p_v log p_v and g the incoming gradients of log p(id)
     and of H:  ∂log p(id)/∂x = 1[v = id] − p,   ∂H/∂x = −p ⊙ (log p + H),
     G = ∂/∂x = g_lp·(1[v = id] − p) − g_H·p ⊙ (log p + H);   ∂/∂hidden = (G/τ) @ W,  ∂/∂W = (G/τ)ᵀ @ hidden.
-    H is summed over log p (terms ≥ 0), not as logsumexp(x) − E_p[x], which cancels in fp32."""
+    H is computed from max-shifted logits (terms ≥ 0), not as logsumexp(x) − E_p[x], which cancels in fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, ids, chunk_size: int, temperature: float, want_entropy: bool):
@@ -214,13 +214,20 @@ class _LMHeadLogps(torch.autograd.Function):
             x = (hidden[a:a + chunk_size] @ weight.t()).to(dt)
             if temperature != 1.0:
                 x = x / temperature
-            z = torch.logsumexp(x, dim=-1)
-            lse[a:a + chunk_size] = z
-            out[a:a + chunk_size] = x.gather(-1, ids[a:a + chunk_size, None]).squeeze(-1) - z
-            hits[a:a + chunk_size] = x.argmax(-1) == ids[a:a + chunk_size]
+            # one exp pass over the block serves the logsumexp and the entropy: with m = max x, d = x − m ≤ 0,
+            # e = exp d, s = Σe:  z = m + log s,  log p(id) = d_id − log s,  H = log s − Σ e·d / s
+            # (two non-negative terms: no cancellation), and id is an arg-max exactly when d_id = 0
+            m = x.amax(-1, keepdim=True)
+            d = x.sub_(m)
+            e = d.exp()
+            s = e.sum(-1)
+            log_s = s.log()
+            d_id = d.gather(-1, ids[a:a + chunk_size, None]).squeeze(-1)
+            lse[a:a + chunk_size] = m.squeeze(-1) + log_s
+            out[a:a + chunk_size] = d_id - log_s
+            hits[a:a + chunk_size] = d_id == 0
             if want_entropy:
-                logp = x.sub_(z[:, None])
-                ent[a:a + chunk_size] = -torch.linalg.vecdot(logp.exp(), logp)
+                ent[a:a + chunk_size] = log_s - torch.linalg.vecdot(e, d) / s
         ctx.save_for_backward(hidden, weight, ids, lse, ent)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         ctx.mark_non_differentiable(hits)

@@ -142,9 +142,9 @@ def sample_categorical(probs: torch.Tensor, generator: Generators) -> torch.Tens
 
     torch samples one category as the exponential race argmax_i p_i / q_i, q_i ~ Exp(1) (equivalent
     to Gumbel-max), drawing each q_i = −log1p(−u_i) one scalar at a time from a float64 uniform.
-    Here the same uniforms come from one ``torch.rand`` call and the log is vectorised: the same
-    tokens and the same generator state afterwards (tested), 2x faster (1.08 -> 0.52 ms at [128, 330],
-    86 -> 39 ms at [128, 32000]). Keeping torch's stream keeps seeded runs reproducible across versions
+    Here the same uniforms come from one ``torch.rand`` call and the log is taken only where a token can
+    win: the same tokens and the same generator state afterwards (tested), 2x faster (1.08 -> 0.52 ms at
+    [128, 330], 86 -> 39 ms at [128, 32000]; at [64, 151936] 2x faster again than the vectorised log). Keeping torch's stream keeps seeded runs reproducible across versions
     of this function, and two similar policies sampled with one seed mostly draw the same token, which
     keeps paired evaluations tight (inverting the CDF instead would be cheaper but couples them poorly).
 
@@ -156,7 +156,19 @@ def sample_categorical(probs: torch.Tensor, generator: Generators) -> torch.Tens
     if probs.device.type != "cpu":  # other devices sample differently; keep theirs
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     u = torch.rand(probs.shape, dtype=torch.float64, generator=generator)
-    return (probs / (-torch.log1p(-u)).to(probs.dtype)).argmax(-1)
+    # The race value p/fl(q) of every token is at most p/fl(u) (q = −log1p(−u) ≥ u; rounding and division
+    # are monotone), so only tokens whose bound reaches one token's exact value can win: the float64 log
+    # is taken for those few (about one per row), not for the whole [B, V] — 2x faster at V = 152k, the
+    # same tokens (tested).
+    bound = probs / u.to(probs.dtype)
+    j = bound.argmax(-1, keepdim=True)
+    floor = probs.gather(-1, j) / (-torch.log1p(-u.gather(-1, j))).to(probs.dtype)
+    rows, cols = (bound >= floor).nonzero(as_tuple=True)
+    race = probs[rows, cols] / (-torch.log1p(-u[rows, cols])).to(probs.dtype)
+    B, V = probs.shape
+    best = torch.full((B,), -1.0, dtype=race.dtype).scatter_reduce(0, rows, race, "amax")
+    first = torch.where(race == best[rows], cols, V)  # argmax's tie rule: the first index
+    return torch.full((B,), V, dtype=cols.dtype).scatter_reduce(0, rows, first, "amin")
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: Generators):

@@ -141,13 +141,19 @@ def test_top_k_and_top_p_on_a_hand_made_distribution():
     assert torch.allclose(lps[toks == 1], torch.tensor(0.4 / 0.7).log(), atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 5), (8, 330), (64, 32000)])
-def test_sample_categorical_is_torch_multinomial_draw_for_draw(shape):
-    """Same tokens and same generator state as torch.multinomial, zero-probability tokens included."""
+@pytest.mark.parametrize("shape", [(1, 5), (8, 330), (64, 32000), (8, 151936)])
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])  # nearly flat, typical, one token dominating
+def test_sample_categorical_is_torch_multinomial_draw_for_draw(shape, scale):
+    """Same tokens and same generator state as torch.multinomial, zero-probability tokens included (and
+    rows left with a few tokens, as top-k leaves them)."""
     g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
-    for _ in range(4):
-        probs = torch.softmax(3 * torch.randn(shape), -1)
+    for k in range(4):
+        probs = torch.softmax(scale * torch.randn(shape), -1)
         probs[:, 1] = 0.0
+        if k == 3 and shape[1] > 4:
+            probs[:, 4:] = 0.0
+            probs[:, 0] += 0.01
+            probs /= probs.sum(-1, keepdim=True)
         expect = torch.multinomial(probs, 1, generator=g1).squeeze(1)
         got = sample_categorical(probs, g2)
         assert torch.equal(got, expect) and not (got == 1).any()
