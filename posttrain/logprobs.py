@@ -248,13 +248,13 @@ class _LMHeadLogps(torch.autograd.Function):
             if tau != 1.0:
                 x.div_(tau)
             logp = x.sub_(lse[a:a + c, None])
-            p = logp.exp()
             g_lp = (grad_out[a:a + c].to(dt) if grad_out is not None else x.new_zeros(len(x)))[:, None] / tau
             if grad_ent is not None:  # −p ⊙ (g_lp + g_H (log p + H))
+                p = logp.exp()
                 logp.add_(ent[a:a + c, None]).mul_(grad_ent[a:a + c].to(dt)[:, None] / tau).add_(g_lp)
                 g = p.mul_(logp).neg_()
-            else:
-                g = p.mul_(-g_lp)
+            else:  # one [rows, V] block, not two: p overwrites log p
+                g = logp.exp_().mul_(-g_lp)
             g.scatter_add_(-1, ids[a:a + c, None], g_lp)  # + g_lp at the taken token
             if g_hidden is not None:
                 g_hidden[a:a + c] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
