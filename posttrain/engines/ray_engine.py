@@ -8,7 +8,8 @@ of ``ray.rollout_workers`` actors holds a rollout engine around its own copy of 
   next generation request first waits, at most ``ray.sync_timeout_s``, until every worker has loaded
   it; a worker that has not stops the run with an error naming it. Every result carries the version the
   worker sampled with, and a worker asked for a newer version than it holds refuses (never a silent
-  sample from old weights).
+  sample from old weights). With ``ray.weight_sync=collective`` the weights are broadcast over a process
+  group of this process and the workers instead (:mod:`posttrain.engines.weight_sync`).
 - **Generation.** ``submit`` splits a request's prompts between the workers in order, each prompt with
   its own seed (``SamplingParams.seeds``), so the samples are those of the local engine whatever the
   number of workers; ``collect`` waits for them. ``generate`` is both. Submitting the next steps before
@@ -31,11 +32,13 @@ import torch
 
 from posttrain.engines.rollout import Rollout, SamplingParams, check_request, prompt_seeds
 from posttrain.engines.runlog import say
+from posttrain.engines.weight_sync import CollectiveSync, GroupReceiver
 from posttrain.errors import PosttrainError, ServiceError
 
 
-class RolloutWorker:
-    """One rollout worker (run as a Ray actor): a rollout engine around its own copy of the policy."""
+class RolloutWorker(GroupReceiver):
+    """One rollout worker (run as a Ray actor): a rollout engine around its own copy of the policy
+    (``join``/``receive``: weights over a process group, ``ray.weight_sync=collective``)."""
 
     def __init__(self, index: int, model, make_engine, threads: int, version: int):
         from posttrain.models.attention import register
@@ -116,8 +119,13 @@ class RayRolloutEngine:
         import ray
 
         self.cfg, self._ray = cfg, ray
-        self._started = start_ray(cfg.address, cfg.rollout_workers * cfg.cpus_per_worker)
+        # a local cluster has room for the reward workers too (ray_rewards.py: they start after this engine)
+        self._started = start_ray(cfg.address, cfg.rollout_workers * cfg.cpus_per_worker
+                                  + cfg.reward_workers * cfg.cpus_per_reward_worker)
         src = getattr(model, "module", model)
+        # NCCL needs the weights on a GPU and a whole GPU per worker; otherwise gloo, over CPU buffers
+        gpu = any(p.device.type == "cuda" for p in src.parameters()) and cfg.gpus_per_worker >= 1
+        self._sync = CollectiveSync(self, "nccl" if gpu else "gloo") if cfg.weight_sync == "collective" else None
         if any(p.device.type != "cpu" for p in src.parameters()):  # workers may see no GPU, or another one
             src = copy.deepcopy(src).cpu()
         self._model_ref = ray.put(src)  # what a new or replaced worker starts from
@@ -142,7 +150,9 @@ class RayRolloutEngine:
     def _start(self, i: int) -> None:
         actor = self._actor.remote(i, self._model_ref, self._make_engine, int(self.cfg.cpus_per_worker), -1)
         self.pids[i] = self._get(actor.pid.remote(), "call_timeout_s", i, "starting")
-        if self._weights_ref is not None:
+        if self._sync is not None:  # the group forms again with this worker, which then receives the weights
+            self._sync.stale = True
+        elif self._weights_ref is not None:
             self._get(actor.load.remote(self.version, self._weights_ref), "sync_timeout_s", i,
                       f"loading weights version {self.version}")
         self.workers[i] = actor
@@ -187,6 +197,11 @@ class RayRolloutEngine:
         sent is not sent again. Loads are queued; the next ``submit`` waits for them."""
         version = self.version + 1 if version is None else version
         if version == self.version:
+            return
+        if self._sync is not None:  # broadcast now (a collective needs the workers free: see weight_sync.py)
+            self.version = version
+            self._sync.stage(model, version)
+            self._sync.push()
             return
         src = getattr(model, "module", model)
         weights = {n: p.detach().to("cpu", copy=True) for n, p in src.named_parameters() if p.requires_grad}
@@ -236,6 +251,8 @@ class RayRolloutEngine:
                     break
                 except ray.exceptions.RayActorError:
                     self._replace(job.worker, job.actor, doing)
+                    if self._sync is not None:
+                        self._sync.push()  # the new worker joins the group and gets the current weights
                     job.actor = self.workers[job.worker]
                     old, job.ref = job.ref, job.actor.generate.remote(pending.prompts[job.lo:job.hi], job.params,
                                                                       pending.min_version)
@@ -273,6 +290,8 @@ class RayRolloutEngine:
                 except Exception:  # already gone
                     pass
         self.workers = [None] * len(self.workers)
+        if self._sync is not None:
+            self._sync.close()
         self._model_ref = self._weights_ref = None  # atexit keeps this engine; not the object-store copies
         self._acks, self._inflight = [], [[] for _ in self._inflight]
         _LIVE.discard(self)

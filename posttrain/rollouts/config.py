@@ -137,7 +137,12 @@ class RayConfig:
     gpus_per_worker: float = opt(0.0, "Ray GPUs per rollout worker (0 on CPU; a fraction shares a GPU).")
     sync_timeout_s: float = opt(120.0, "Longest wait for a weight version to reach every rollout worker; then "
                                 "the run stops with an error naming the worker (never a silent hang).")
-    call_timeout_s: float = opt(600.0, "Longest wait for one worker's share of a step's generation.")
+    weight_sync: Literal["object_store", "collective"] = opt(
+        "object_store", "How the learner's weights reach the rollout workers: object_store = through Ray's "
+        "object store; collective = broadcast over a torch.distributed process group of the sender and the "
+        "workers (gloo on CPU, NCCL when the weights and workers are on GPUs).")
+    call_timeout_s: float = opt(600.0, "Longest wait for one worker's share of a step's generation (or, for a "
+                                "reward worker, of its scoring).")
     max_restarts: int = opt(3, "Rollout workers restarted after dying, over the whole run (their prompts are "
                             "sent again); one more death stops the run.")
     learners: int = opt(1, "Training ranks. 1: the controller process trains. N > 1: N Ray actors form one "
@@ -145,12 +150,17 @@ class RayConfig:
                         "the rollout workers.")
     cpus_per_learner: float = opt(1.0, "ray.learners > 1: Ray CPUs per learner actor (also its torch threads).")
     gpus_per_learner: float = opt(0.0, "ray.learners > 1: Ray GPUs per learner actor (1 on GPU nodes).")
+    reward_workers: int = opt(0, "Reward workers (Ray actors), each building the run's rewards itself (a reward "
+                              "model loads there); a step's completions are split between them in order and the "
+                              "learner combines their raw scores as its own. 0 = the learner scores.")
+    cpus_per_reward_worker: float = opt(1.0, "Ray CPUs reserved per reward worker (also its torch threads).")
+    gpus_per_reward_worker: float = opt(0.0, "Ray GPUs per reward worker (a reward model on GPU: 1 or a fraction).")
 
     def validate(self) -> None:
         if self.rollout_workers < 1:
             raise ConfigError(f"ray.rollout_workers must be >= 1, got {self.rollout_workers}",
                               where="ray.rollout_workers")
-        for key in ("cpus_per_worker", "sync_timeout_s", "call_timeout_s"):
+        for key in ("cpus_per_worker", "sync_timeout_s", "call_timeout_s", "cpus_per_reward_worker"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"ray.{key} must be > 0", where=f"ray.{key}")
         if self.gpus_per_worker < 0 or self.max_restarts < 0 or self.gpus_per_learner < 0:
@@ -158,6 +168,9 @@ class RayConfig:
                               where="ray")
         if self.learners < 1 or self.cpus_per_learner <= 0:
             raise ConfigError("ray.learners must be >= 1 and ray.cpus_per_learner > 0", where="ray.learners")
+        if self.reward_workers < 0 or self.gpus_per_reward_worker < 0:
+            raise ConfigError("ray.reward_workers and ray.gpus_per_reward_worker must be >= 0",
+                              where="ray.reward_workers")
 
 
 @dataclass
@@ -197,6 +210,17 @@ def check_launcher(cfg) -> None:
         raise ConfigError("stale rollouts come from an older policy; without the correction the loss would "
                           "treat them as on-policy", where="rollout.correction",
                           fix="rollout.correction=tis (the default), or async.max_staleness=0")
+    if cfg.ray.reward_workers:
+        if cfg.launcher != "ray":
+            raise ConfigError(f"ray.reward_workers={cfg.ray.reward_workers} are Ray actors, and launcher is local",
+                              where="ray.reward_workers", fix="set launcher=ray, or ray.reward_workers=0")
+        if cfg.rollout.environment:  # the environment scores each turn inside the episode
+            raise ConfigError("with rollout.environment the environment gives the reward; reward workers would have "
+                              "nothing to score", where="ray.reward_workers", fix="ray.reward_workers=0")
+        if cfg.ray.learners > 1:
+            raise ConfigError("reward workers with several Ray learners are not supported yet (each rank scores its "
+                              "own share of the step)", where="ray.reward_workers",
+                              fix="ray.learners=1 with ray.reward_workers, or ray.reward_workers=0")
     if cfg.launcher == "ray":
         if cfg.rollout.environment and cfg.ray.learners > 1:  # ranks' episodes end at different turns
             raise ConfigError("multi-turn episodes with several Ray learners are not supported yet (each rank's "
