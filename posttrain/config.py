@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from posttrain.config_checks import check_frozen
 from posttrain.config_io import parse_override, read_yaml  # noqa: F401 (part of this module's API)
 from posttrain.errors import ConfigError
 
@@ -151,6 +152,9 @@ class TrainConfig:
         "AdamW state sharded across processes, each decoder layer gathered only for its own forward and "
         "backward. One process trains the whole model either way. docs/distributed.md.",
         "torch FSDP2")
+    frozen: Literal["replicate", "shard"] = opt("replicate", "Frozen models under strategy=fsdp (KL reference, dpo/kto "
+        "reference=live, distill's teacher): replicate = a whole copy per process, no communication; shard = 1/world "
+        "of their weights per process, every forward all-gathers them (a collective). rm: rewards stay replicated.")
     report_to: list[str] = opt(["tensorboard"], "Trackers the metrics are mirrored to besides metrics.jsonl: "
                                "tensorboard, wandb, mlflow (the last two are optional packages; they follow "
                                "WANDB_* / MLFLOW_* environment variables, e.g. WANDB_MODE=offline).")
@@ -376,6 +380,7 @@ def validate(cfg: Any) -> None:
             validate(value)
     if hasattr(cfg, "validate"):
         cfg.validate()
+    check_frozen(cfg)  # across sections: train.frozen against the frozen models the command keeps
 
 
 def load_config(cls, config_file: str | Path | None = None, overrides: list[str] = (), command: str | None = None,

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "posttrain"
 
 # layer of each package / module below the algorithms (a module may import its own layer or lower)
 LAYERS = {
-    "errors": 0, "config": 0, "config_io": 0, "config_view": 0, "losses": 0, "advantages": 0, "kl": 0, "masked": 0, "logprobs": 0,
+    "errors": 0, "config": 0, "config_checks": 0, "config_io": 0, "config_view": 0, "losses": 0, "advantages": 0, "kl": 0, "masked": 0, "logprobs": 0,
     "evaluation.stats": 0,  # pure numpy statistics: the math of evaluation
     "data": 1, "tasks": 1,
     "models": 2,

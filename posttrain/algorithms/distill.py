@@ -226,6 +226,7 @@ def _run(cfg: DistillConfig, client: ServerRolloutEngine | None) -> dict:
     engine, plan, G = o.engine, o.plan, cfg.rollout.group_size
     if client is None:
         teacher = frozen_reference(cfg.teacher, cfg.teacher.name_or_path, False).to(engine.device)
+        teacher = engine.frozen(teacher, "teacher")  # whole on every process, or sharded like the student
         teacher_fn = ref_logp_fn(teacher, None, cfg.rollout.temperature)
         o.summary["teacher"] = cfg.teacher.name_or_path
     else:

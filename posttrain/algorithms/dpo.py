@@ -131,6 +131,8 @@ def run(cfg: DPOConfig) -> dict:
     sampler = StepSampler(len(train_enc), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
     engine = TrainEngine(model, cfg.train, total, run_dir)
+    if live is not None and live.model is not None:  # whole on every process, or sharded like the policy
+        live.model = engine.frozen(live.model, "reference", holder=live)
     logger = MetricsLogger(run_dir, enabled=engine.is_main, report_to=cfg.train.report_to, config=cfg)
     if engine.maybe_resume() is not None:
         logger.truncate_after(engine.step_count)
@@ -154,7 +156,8 @@ def run(cfg: DPOConfig) -> dict:
     # ---- loop
     summary: dict = {**truncation_counts(train_enc), "loss": cfg.loss, "beta": cfg.beta, "reference": reference,
                      "reference_cache": ref_info, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
-                     "ties_skipped": ties, "world_size": engine.world_size, "strategy": engine.strategy, "total_steps": total}
+                     "ties_skipped": ties, "world_size": engine.world_size, "strategy": engine.strategy,
+                     "frozen": engine.frozen_summary(), "total_steps": total}
     initial_eval(engine, logger, summary, lambda: evaluate(initial=True))
     summary["pairs_per_s"] = record_steps(
         engine, cfg.train, total, micro_batches, loss_fn, count_records, logger,

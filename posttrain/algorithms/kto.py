@@ -184,6 +184,8 @@ def run(cfg: KTOConfig) -> dict:
     sampler = StepSampler(len(train_enc), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
     engine = TrainEngine(model, cfg.train, total, run_dir)
+    if live is not None and live.model is not None:  # whole on every process, or sharded like the policy
+        live.model = engine.frozen(live.model, "reference", holder=live)
     logger = MetricsLogger(run_dir, enabled=engine.is_main, report_to=cfg.train.report_to, config=cfg)
     if engine.maybe_resume() is not None:
         logger.truncate_after(engine.step_count)
@@ -213,7 +215,7 @@ def run(cfg: KTOConfig) -> dict:
     summary: dict = {**truncation_counts(train_enc), "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
                      "train_examples": len(train_enc), "desirable": n_d, "undesirable": len(train_enc) - n_d,
                      "weighted_balance": balance, "eval_pairs": len(eval_enc), "world_size": engine.world_size, "strategy": engine.strategy,
-                     "total_steps": total}
+                     "frozen": engine.frozen_summary(), "total_steps": total}
     if not 1.0 <= balance <= 4 / 3 and engine.is_main:
         print(f"kto: λ_D·n_D / (λ_U·n_U) = {balance:.2f}, outside the paper's recommended [1, 4/3]; adjust "
               f"desirable_weight / undesirable_weight")

@@ -16,6 +16,11 @@ are done here:
 - **the fused LM head**: it calls the decoder without the root module's forward, which would skip
   FSDP's all-gather, so a sharded model takes the full-forward path (``models.forward`` checks the
   class name, and ``fully_shard`` renames the class ``FSDP<Name>``).
+
+Frozen models (``train.frozen=shard``: the KL reference, a live DPO/KTO reference, a distillation teacher)
+are sharded the same way over the same ranks (``TrainEngine.frozen``). Their forward is then a collective
+too, so every rank makes the same number of them (``models.forward.lockstep`` checks where counts could differ),
+and the main process's evaluation, which runs on it alone, gets a gathered copy inside ``gathered()``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def footprint(model: torch.nn.Module) -> dict:
+    """What a model's parameters hold on this process: 1/world of them when sharded, all of them otherwise."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # a DTensor: its shard
+    return {"sharded": is_sharded(model), "params": sum(p.numel() for p in model.parameters()),
+            "params_per_process": sum(t.numel() for t in local),
+            "bytes_per_process": sum(t.numel() * t.element_size() for t in local)}
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

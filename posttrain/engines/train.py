@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -152,6 +152,8 @@ class TrainEngine:
         if self.fsdp:
             model = sharding.shard(model, self.accelerator.device)
         self._gathered = None
+        self.frozen_models: dict[str, dict] = {}  # name -> what it holds per process (summary.json)
+        self._frozen_holders: list = []  # sharded frozen models the main process's evaluation uses
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("the model has no trainable parameters", where="model",
@@ -204,12 +206,42 @@ class TrainEngine:
         if not self.fsdp:
             yield
             return
-        with sharding.gathered(self.model, self.is_main, everywhere) as copy:
+        with sharding.gathered(self.model, self.is_main, everywhere) as copy, ExitStack() as frozen:
+            # evaluation on the main process alone cannot run a sharded model: it gets gathered copies too
+            swapped = []
+            for h in [] if everywhere else self._frozen_holders:
+                c = frozen.enter_context(sharding.gathered(h.model, self.is_main))
+                swapped.append((h, h.model))
+                if c is not None:
+                    h.model = c.requires_grad_(False).eval()
             self._gathered = copy
             try:
                 yield
             finally:
                 self._gathered = None
+                for h, sharded in swapped:
+                    h.model = sharded
+
+    def frozen(self, model: torch.nn.Module, name: str, holder=None) -> torch.nn.Module:
+        """A frozen model (no gradients, eval mode) placed per ``train.frozen``: whole on every process
+        (replicate), or under FSDP sharded over the policy's ranks (shard: every forward is then a
+        collective, which every rank must make in lockstep). ``holder``: an object whose ``model`` is this
+        model and which the main process's evaluation also uses; inside :meth:`gathered` its ``model`` is
+        a gathered copy there."""
+        model.requires_grad_(False)
+        model.eval()
+        if self.fsdp and self.cfg.frozen == "shard":
+            sharding.shard(model, self.device)
+            if holder is not None:
+                self._frozen_holders.append(holder)
+        self.frozen_models[name] = sharding.footprint(model)
+        return model
+
+    def frozen_summary(self) -> dict:
+        """summary.json's ``frozen``: the placement really used and each frozen model's share per process
+        (the models dict itself, so a model placed later still appears)."""
+        return {"mode": "shard" if self.fsdp and self.cfg.frozen == "shard" else "replicate",
+                "models": self.frozen_models}
 
     @property
     def device(self) -> torch.device:

@@ -14,6 +14,7 @@ import torch
 
 from posttrain.data.batching import collate, pack_shared, to_device
 from posttrain.data.chat import Example
+from posttrain.errors import TrainingError
 from posttrain.logprobs import entropy_from_logits, lm_head_logps, selective_log_softmax
 from posttrain.models.attention import model_inputs
 from posttrain.models.heads import backbone_and_head
@@ -136,7 +137,28 @@ def ref_logp_fn(ref_model, policy, temperature: float):
             with model.disable_adapter():
                 out = token_forward(model, mb, temperature)
         return out["logp"], out["seq"], out["j"]
+    from torch.distributed.fsdp import FSDPModule
+
+    # a sharded model's forward is a collective: see lockstep
+    fn.collective_device = next(ref_model.parameters()).device if isinstance(ref_model, FSDPModule) else None
     return fn
+
+
+def lockstep(fn, n: int) -> None:
+    """Before ``n`` rollouts go through ``fn`` in micro-batches: when ``fn`` runs a sharded model (its every
+    forward a collective), check that every rank holds as many, and stop all of them at once if not,
+    instead of letting the ranks with more wait forever for the others."""
+    device = getattr(fn, "collective_device", None)
+    if device is None:
+        return
+    import torch.distributed as dist
+
+    t = torch.tensor([n, -n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise TrainingError(f"the processes hold different numbers of rollouts ({-int(t[1])} to {int(t[0])}), but a "
+                            "sharded frozen model (train.frozen=shard) must run the same forwards on each",
+                            where="train.frozen", fix="use train.frozen=replicate for this run, and report it")
 
 
 def policy_logp_fn(policy, temperature: float):

@@ -27,6 +27,7 @@ import functools
 import random
 import time
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -36,12 +37,13 @@ from posttrain.data.batching import StepSampler
 from posttrain.data.chat import encode_prompt
 from posttrain.data.formats import load_records
 from posttrain.data.records import ReadOptions
+from posttrain.engines.ray_rewards import score_components
 from posttrain.engines.rollout import HFRolloutEngine, SamplingParams, engine_dtype
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.policy import truncated_is_weight
 from posttrain.masked import masked_mean
-from posttrain.models.forward import collate_shared, to_layout
-from posttrain.rewards import outcome_metrics
+from posttrain.models.forward import collate_shared, lockstep, to_layout
+from posttrain.rewards import outcome_metrics, reward_name
 from posttrain.rewards.combine import combine_rewards
 from posttrain.rollouts.config import BatchPlan, RolloutConfig, ShapingConfig
 from posttrain.rollouts.episodes import episode_batch, episode_metrics, load_environment, run_episodes
@@ -135,9 +137,10 @@ class ExperienceMaker:
     def __init__(self, *, tokenizer, engine, rollout: RolloutConfig, shaping: ShapingConfig,
                  rewards: list[tuple[str, Callable, float]], records: list[dict], seed: int,
                  plan: BatchPlan, rank: int = 0, world: int = 1, max_staleness: int = 0,
-                 last_step: int | None = None):
+                 last_step: int | None = None, score_raw: Callable | None = None):
         self.tokenizer, self.engine, self.rollout, self.shaping = tokenizer, engine, rollout, shaping
         self.rewards, self.records, self.seed, self.plan = rewards, records, seed, plan
+        self.score_raw = score_raw or functools.partial(score_components, rewards)  # or Ray reward workers
         self.rank, self.world = rank, world
         # asynchronous RL: steps t+1..t+k are submitted while step t trains (engines with submit/collect)
         self.max_staleness, self.last_step = max_staleness, last_step
@@ -232,7 +235,7 @@ class ExperienceMaker:
         recs = [self.records[i] for i in idx for _ in range(G)]
         texts = [self.tokenizer.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
         finish = [o.finish_reason for o in outs]
-        scores, valid, comps = self.score(recs, texts, [len(o.completion_ids) for o in outs], finish)
+        scores, valid, comps = self.score(recs, texts, [len(o.completion_ids) for o in outs], finish, step)
         T = max(len(o.completion_ids) for o in outs)
         mask = torch.zeros(len(outs), T)
         rlp = torch.zeros(len(outs), T)
@@ -240,19 +243,18 @@ class ExperienceMaker:
             mask[i, :len(o.completion_ids)] = 1.0
             rlp[i, :len(o.logprobs)] = torch.tensor(o.logprobs)
         mask = mask * valid[:, None].float()
-        timing = {"gen_s": t1 - t0, "reward_s": time.perf_counter() - t1, **lag_metrics}
+        timing = {"gen_s": t1 - t0, "reward_s": time.perf_counter() - t1, **lag_metrics,
+                  **getattr(self.score_raw, "metrics", {})}  # reward workers: async/reward_restarts
         return Experience([r["prompt"] for r in recs], [o.prompt_ids for o in outs],
                           [o.completion_ids for o in outs], texts, finish, G, scores, valid, comps, mask, rlp,
                           metrics=timing)
 
-    def score(self, recs: list[dict], texts: list[str], lengths: list[int], finish: list[str]):
+    def score(self, recs: list[dict], texts: list[str], lengths: list[int], finish: list[str], step=None):
         """(shaped scores [N], valid [N], raw components {name: [N] with NaN}) for one batch."""
         prompts = [r["prompt"] for r in recs]
         columns = {k: [r.get(k) for r in recs] for k in recs[0] if k != "prompt"} if recs else {}
-        raw, weights = {}, {}
-        for name, fn, w in self.rewards:
-            raw[name] = list(fn(prompts, texts, **columns))
-            weights[name] = w
+        raw = self.score_raw(prompts, texts, columns, step)
+        weights = {name: w for name, _, w in self.rewards}
         truncated = torch.tensor([f == "length" for f in finish])
         if self.shaping.truncated == "penalize":  # only finished responses are scored
             raw = {k: [None if t else v for v, t in zip(vals, truncated.tolist())] for k, vals in raw.items()}
@@ -277,6 +279,7 @@ class ExperienceMaker:
     def forward_all(self, exp: Experience, fn: Callable[[dict], torch.Tensor], micro: int) -> torch.Tensor:
         """Apply ``fn(micro_batch) -> flat per-token values [K]`` over the batch in packed chunks -> [N, T]."""
         N, T = exp.mask.shape
+        lockstep(fn, N)  # a sharded frozen model: as many forwards on every rank, or an error (never a hang)
         out = torch.zeros(N, T)
         for s in range(0, N, micro):
             idx = list(range(s, min(N, s + micro)))
@@ -326,8 +329,10 @@ class ExperienceMaker:
         m["reward/std_zero_frac"] = zero_frac if zero_frac is not None else float("nan")
         m.update(timing)
         m["forward_s"] = time.perf_counter() - t1
-        for _, fn, _ in self.rewards:
-            m.update(outcome_metrics(fn))
+        remote = getattr(self.score_raw, "last_stats", None)  # reward workers count the outcomes there
+        for name, fn, _ in self.rewards:
+            m.update(outcome_metrics(fn if remote is None else SimpleNamespace(name=reward_name(fn),
+                                                                                 last_stats=remote.get(name))))
         if dynamic_sampling:
             m["dynamic/kept_groups"] = float(kept_groups)
             m["dynamic/sampled_groups"] = float(seen_groups)

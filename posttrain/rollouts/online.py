@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -132,6 +133,7 @@ class Online:
     summary: dict
     flat_steps: int = 0          # RL steps in a row without a learning signal
     remote: bool = False         # launcher=ray: one rollout engine (the workers) for the whole run
+    scorer: object = None        # launcher=ray with ray.reward_workers: the reward workers' client
 
 
 def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable = lambda m: m,
@@ -159,16 +161,21 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     temp = cfg.rollout.temperature
     need_ref = cfg.kl.beta > 0 or cfg.kl.track
     ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
+    if ref_model is not None:  # whole on every process, or sharded like the policy (train.frozen)
+        ref_model = engine.frozen(ref_model, "reference")
     # FSDP: no whole model outside engine.gathered(); each step builds its engine around a gathered copy
+    scorer = None
     if ray_cfg is not None:
         gen = remote_engine(engine, policy_of, tokenizer, cfg, ray_cfg)
+        scorer = reward_workers(cfg, ray_cfg)
     else:
         gen = None if engine.fsdp else make_engine(policy_of(engine.unwrapped), tokenizer, cfg.rollout,
                                                    cfg.model.name_or_path)
     maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
                             rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
                             rank=engine.rank, world=engine.world_size,
-                            max_staleness=cfg.async_.max_staleness if ray_cfg else 0, last_step=n_steps)
+                            max_staleness=cfg.async_.max_staleness if ray_cfg else 0, last_step=n_steps,
+                            score_raw=scorer)
     kl_ctl = kl_controller(cfg.kl)
     logger = MetricsLogger(run_dir, enabled=engine.is_main, report_to=cfg.train.report_to, config=cfg)
     extra, step = engine.maybe_resume(), 0
@@ -193,12 +200,13 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
 
     summary = {"world_size": engine.world_size, "strategy": engine.strategy, "rl_steps": n_steps,
                "optimizer_steps_per_rl_step": updates, "launcher": getattr(cfg, "launcher", "local"),
-               "rollouts_per_step": cfg.rollout.prompts_per_step * cfg.rollout.group_size}
+               "rollouts_per_step": cfg.rollout.prompts_per_step * cfg.rollout.group_size,
+               "frozen": engine.frozen_summary()}
     o = Online(cfg, command, run_dir, tokenizer, engine, plan, n_steps, updates,
                ref_logp_fn(ref_model, lambda: policy_of(engine.unwrapped), temp) if need_ref else None, gen, maker, kl_ctl, logger,
                Progress(n_steps, command, cfg.train.progress), step, evaluate, summary)
     if ray_cfg is not None:
-        o.remote = True
+        o.remote, o.scorer = True, scorer
     if step == 0:
         with engine.gathered():
             if engine.is_main:
@@ -240,17 +248,36 @@ def remote_engine(engine: TrainEngine, policy_of: Callable, tokenizer, cfg, ray_
     return GroupRolloutEngine(inner, engine.rank, engine.world_size)
 
 
+def reward_workers(cfg, ray_cfg):
+    """launcher=ray with ray.reward_workers=N: N Ray actors that each build the run's rewards with the
+    learner's builder (load_rewards) and score shares of each step; None = the learner scores."""
+    if not ray_cfg.reward_workers:
+        return None
+    from posttrain.engines.ray_rewards import RayRewardWorkers  # optional package
+
+    scorer = RayRewardWorkers(functools.partial(load_rewards, list(cfg.reward), list(cfg.reward_weights)), ray_cfg)
+    atexit.register(scorer.close)  # before the rollout engine's close at exit (atexit runs last in, first out)
+    return scorer
+
+
 def finish_online(o: Online, save: Callable) -> dict:
     """The end of an online run: :func:`finish` (final evaluation, save, summary), then the rollout
-    engine stops; with launcher=ray the per-worker table goes to the console and summary.json."""
+    engine stops; with launcher=ray the per-worker tables go to the console and summary.json."""
     o.progress.close()
     table = o.gen.worker_table() if hasattr(o.gen, "worker_table") else None
     if table:
         o.summary["rollout_workers"] = table
+    scored = o.scorer.worker_table() if o.scorer is not None else None
+    if scored:
+        o.summary["reward_workers"] = scored
     out = finish(o.engine, o.logger, o.run_dir, o.summary, o.evaluate, o.step, save=save)
     if table:
         say("rollout workers:  " + "   ".join(f"#{r['worker']} {r['tokens']} tokens, {r['tokens_per_s']:.0f} "
                                                f"tokens/s, idle {r['idle_share']:.0%}" for r in table))
+    if scored:
+        say("reward workers:  " + "   ".join(f"#{r['worker']} {r['scored']} completions scored, busy "
+                                              f"{r['busy_s']:.1f} s" for r in scored))
+        o.scorer.close()
     if hasattr(o.gen, "close"):
         o.gen.close()
     return out
