@@ -81,6 +81,7 @@ def worker_ours(args) -> dict:
             "kl.beta=0", "kl.track=false", "loss.aggregation=token_mean", f"train.max_steps={WARMUP + args.steps}",
             "train.lr=1e-5", "train.progress=false", "train.log_every=1", "train.warmup_ratio=0",
             "train.schedule=constant", f"rollout.engine_dtype={args.engine_dtype}",
+            "train.stop_without_signal=0",  # random weights: every reward is 0, by design of this benchmark
             f"rollout.compile={str(args.compile).lower()}"])
         run(cfg)
     dt = stamps[-1] - stamps[WARMUP - 1]
