@@ -156,6 +156,8 @@ def sample_categorical(probs: torch.Tensor, generator: Generators) -> torch.Tens
     if probs.device.type != "cpu":  # other devices sample differently; keep theirs
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     u = torch.rand(probs.shape, dtype=torch.float64, generator=generator)
+    if probs.shape[-1] < 16384:  # below this, the few extra ops cost more than the logs they save
+        return (probs / (-torch.log1p(-u)).to(probs.dtype)).argmax(-1)
     # The race value p/fl(q) of every token is at most p/fl(u) (q = −log1p(−u) ≥ u; rounding and division
     # are monotone), so only tokens whose bound reaches one token's exact value can win: the float64 log
     # is taken for those few (about one per row), not for the whole [B, V] — 2x faster at V = 152k, the

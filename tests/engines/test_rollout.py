@@ -141,7 +141,7 @@ def test_top_k_and_top_p_on_a_hand_made_distribution():
     assert torch.allclose(lps[toks == 1], torch.tensor(0.4 / 0.7).log(), atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 5), (8, 330), (64, 32000), (8, 151936)])
+@pytest.mark.parametrize("shape", [(1, 5), (8, 330), (64, 32000), (8, 151936)])  # both paths (V < / >= 16384)
 @pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])  # nearly flat, typical, one token dominating
 def test_sample_categorical_is_torch_multinomial_draw_for_draw(shape, scale):
     """Same tokens and same generator state as torch.multinomial, zero-probability tokens included (and
