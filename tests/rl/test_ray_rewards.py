@@ -153,10 +153,10 @@ def test_a_reward_that_hangs_stops_the_run_naming_the_reward_worker(sft_policy, 
     """))
     try:
         with pytest.raises(ServiceError, match=r"reward worker [01] \(pid \d+\) did not finish scoring 16 "
-                                               r"completions for RL step 1 within ray.call_timeout_s=20 s"):
+                                               r"completions for RL step 1 within ray.call_timeout_s=10 s"):
             _grpo(sft_policy, tmp_path / "run", *COMMON, "train.max_steps=2", f"reward=[builtin_correct,{hang}:hang]",
-                  "ray.reward_workers=2", "ray.call_timeout_s=20")
-        assert time.time() - float(started.read_text()) < 20 + 15
+                  "ray.reward_workers=2", "ray.call_timeout_s=10")
+        assert time.time() - float(started.read_text()) < 10 + 15
     finally:
         _close_live()
 
