@@ -119,6 +119,8 @@ class RayRolloutEngine:
         import ray
 
         self.cfg, self._ray = cfg, ray
+        for other in list(_LIVE):  # a run that ended in an error in this process leaves its workers: end them
+            other.close()         # (first: one that started the cluster stops it)
         # a local cluster has room for the reward workers too (ray_rewards.py: they start after this engine)
         self._started = start_ray(cfg.address, cfg.rollout_workers * cfg.cpus_per_worker
                                   + cfg.reward_workers * cfg.cpus_per_reward_worker)
@@ -129,8 +131,6 @@ class RayRolloutEngine:
         if any(p.device.type != "cpu" for p in src.parameters()):  # workers may see no GPU, or another one
             src = copy.deepcopy(src).cpu()
         self._model_ref = ray.put(src)  # what a new or replaced worker starts from
-        for other in list(_LIVE):  # a run that ended in an error in this process leaves its workers: end them
-            other.close()
         _LIVE.add(self)
         self._inflight: list[list] = [[] for _ in range(cfg.rollout_workers)]  # submitted, not collected
         self._make_engine = make_engine
