@@ -4,7 +4,8 @@ or ``vllm serve`` processes.
 
 ``generate`` splits the prompts into contiguous blocks, one per server, and POSTs each block in
 parallel to ``<base>/completions`` as token ids (``prompt: [[ids], ...]``) with ``max_tokens``,
-``temperature``, ``top_p``, ``top_k``, ``n``, ``seed`` (server i gets ``seed + 1000003 i``), the stop
+``temperature``, ``top_p``, ``top_k``, ``n``, the seeds (``posttrain serve``: ``posttrain_seeds``, one per
+prompt, as the local engine draws them; vLLM: ``seed``, server i ``seed + 1000003 i``), the stop
 tokens (``stop_token_ids`` + ``ignore_eos``, so exactly the requested tokens end a completion, as in the
 local engine), ``stop`` strings, ``logprobs: 0``, ``return_token_ids`` and
 ``return_tokens_as_token_ids``. Each choice gives the completion's token ids (``token_ids``; or parsed
@@ -51,13 +52,13 @@ import tempfile
 import time
 import weakref
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 import torch
 
-from posttrain.engines.rollout import Rollout, SamplingParams, check_request
+from posttrain.engines.rollout import Rollout, SamplingParams, check_request, prompt_seeds
 from posttrain.errors import ConfigError, ServiceError
 
 VLLM_LOAD, VLLM_VERSION = "posttrain_load_weights", "posttrain_weights_version"  # serving/vllm_worker.py
@@ -263,11 +264,12 @@ class ServerRolloutEngine:
                                   fix="start posttrain serve with logprobs_mode=processed_logprobs")
         if self._model is not None and not _same(self._synced, _fingerprint(self._model)):
             self.update_weights(self._model)  # the trainer stepped since the last sync
-        seed = (params.seed if params.seed is not None else params.seeds[0] % 2**31 if params.seeds
-                else int(torch.randint(0, 2**31 - 1, ()).item()))  # a server request has one seed
+        # posttrain serve takes one seed per prompt (posttrain_seeds, as the local engine); vLLM one per request
+        seeds = prompt_seeds(params, len(prompts))
+        seed = params.seed if params.seed is not None else seeds[0] % 2**31
         k = len(self.servers)
         bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
-        jobs = [(s, prompts[a:b], params, (seed + 1_000_003 * i) % 2**31)
+        jobs = [(s, prompts[a:b], replace(params, seeds=seeds[a:b]), (seed + 1_000_003 * i) % 2**31)
                 for i, (s, a, b) in enumerate(zip(self.servers, bounds[:-1], bounds[1:])) if b > a]
         t0 = time.perf_counter()
         rollouts = [r for part in self._parallel(self._generate_on, jobs) for r in part]
@@ -287,7 +289,7 @@ class ServerRolloutEngine:
         if params.stop_strings:
             body.update(stop=list(params.stop_strings), include_stop_str_in_output=True)
         if s.kind == "posttrain":
-            body["posttrain_weights_version"] = self.version
+            body.update(posttrain_weights_version=self.version, posttrain_seeds=list(params.seeds))
         data = self._json(self._call("POST", s.url + "/completions", "generation", json=body), "POST /v1/completions")
         choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != len(prompts) * params.n:

@@ -56,7 +56,7 @@ class ChatRequest(_Sampling):
 # vLLM's extra /v1/completions fields that the token path implements (same names and meaning as in
 # vLLM's CompletionRequest); they need token-id prompts or return_token_ids=true
 TOKEN_FIELDS = ("return_tokens_as_token_ids", "stop_token_ids", "top_k", "ignore_eos",
-                "include_stop_str_in_output", "skip_special_tokens", "posttrain_weights_version")
+                "include_stop_str_in_output", "skip_special_tokens", "posttrain_weights_version", "posttrain_seeds")
 
 
 class CompletionRequest(_Sampling):
@@ -72,6 +72,7 @@ class CompletionRequest(_Sampling):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # for the returned text only; token ids are always complete
     posttrain_weights_version: int | None = None  # refuse (409) unless the server holds this version
+    posttrain_seeds: list[int] | None = None  # one sampling seed per prompt (then ``seed`` is not used)
 
     def token_prompts(self) -> list[list[int]] | None:
         """The prompts as token ids, or None when they are text."""

@@ -17,7 +17,10 @@ pass, as on the text path); ``processed_logprobs`` is the distribution the token
 (``Rollout.logprobs``: after temperature, top-k, top-p; greedy = untempered), the engine's own numbers.
 ``posttrain_weights_version`` (a posttrain extension; vLLM ignores unknown fields) makes the server
 refuse with HTTP 409 unless it holds that weight version, so a restarted server is never sampled as if
-it had the trainer's weights.
+it had the trainer's weights. ``posttrain_seeds`` (also an extension) gives each prompt its own sampling
+seed, as the local engine's ``SamplingParams.seeds``: a prompt's samples then follow its own seed, not
+its place in the request (batched with other prompts, float rounding of another batch shape can still
+flip a sampled token).
 
 **Weights**: ``POST /posttrain/weights {"path", "version"}`` loads a safetensors file of the full
 model (``safetensors.torch.save_model`` of a model of the same architecture) into the served model under
@@ -62,9 +65,13 @@ def token_completion(server, req: CompletionRequest, max_tokens: int) -> dict:
     server.check_context(prompts, max_tokens)
     explicit = list(req.stop_token_ids or [])
     eos = [] if req.ignore_eos else list(server.stop_ids)
+    seeds = req.posttrain_seeds
+    if seeds is not None and (len(seeds) != len(prompts) or any(x < 0 for x in seeds)):
+        raise APIError(400, f"posttrain_seeds must hold one non-negative seed per prompt: {len(seeds)} seeds for "
+                            f"{len(prompts)} prompts", "posttrain_seeds")
     params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                             top_k=max(0, req.top_k or 0), stop_token_ids=sorted(set(eos + explicit)),
-                            stop_strings=_stops(req), seed=req.seed, n=req.n)
+                            stop_strings=_stops(req), seed=req.seed, n=req.n, seeds=seeds)
     processed = server.cfg.logprobs_mode == "processed_logprobs"
     k = req.logprobs or 0
     with server.lock:

@@ -72,6 +72,8 @@ def test_token_fields_need_the_token_path_and_versions_are_checked(raw_server):
     assert r.status_code == 409 and "holds weights version 0" in r.json()["error"]["message"]
     r = post(raw_server, "/completions", {**TOKEN_REQ, "prompt": [[1, 10**9]]})
     assert r.status_code == 400 and "token ids must be in" in r.json()["error"]["message"]
+    r = post(raw_server, "/completions", {**TOKEN_REQ, "prompt": [[1, 2], [3]], "posttrain_seeds": [5]})
+    assert r.status_code == 400 and "one non-negative seed per prompt: 1 seeds for 2 prompts" in r.json()["error"]["message"]
 
 
 def test_weight_reload_endpoint(tiny_path, tmp_path):
