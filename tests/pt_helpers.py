@@ -1,6 +1,7 @@
 """Helpers shared by test files (a uniquely named module: several conftest.py files exist)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,10 +58,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A rank of a two-process CPU run sometimes aborts in C++ ("terminate called without an active exception",
+# SIGABRT), about 1 run in 8 of tests/rl/test_fsdp_rl.py here, with this project's code of before that
+# change too: not understood yet. Such a run is started once more, from an empty output directory, and
+# says so; any other failure is returned as it is.
+_CXX_ABORT = "terminate called without an active exception"
+
+
 def torchrun(*args, env=None, timeout=600):
     """``torchrun --nproc_per_node 2 -m posttrain.cli ...`` on loopback (really two processes, unlike the
     accelerate launchers with --cpu; a run's summary.json world_size proves it)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "posttrain.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "posttrain.cli", *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        if out.returncode == 0 or _CXX_ABORT not in out.stderr or attempt:
+            return out
+        print(f"torchrun: a rank aborted ({_CXX_ABORT}); running it once more", file=sys.stderr)
+        for a in args:
+            if a.startswith("train.output_dir="):
+                shutil.rmtree(a.split("=", 1)[1], ignore_errors=True)
+    return out
