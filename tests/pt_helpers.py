@@ -80,3 +80,19 @@ def torchrun(*args, env=None, timeout=600):
             if a.startswith("train.output_dir="):
                 shutil.rmtree(a.split("=", 1)[1], ignore_errors=True)
     return out
+
+
+def local_ray_cluster(num_cpus: int = 4):
+    """A module's local Ray cluster (use as ``pytest.fixture(scope="module", autouse=True)(local_ray_cluster)``).
+    Ray binds to the machine's network address whatever its options say, so the tests run only in a
+    private network namespace whose one interface is loopback; elsewhere they are skipped, saying why."""
+    import pytest
+    import ray
+
+    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]  # this process's network namespace
+    if not {line.split(":")[0].strip() for line in lines} <= {"lo"}:
+        pytest.skip("Ray binds to this machine's network address: run in a private network namespace "
+                    "(scripts/test.sh does: unshare -n bash -c 'ip link set lo up; pytest -m ray')")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -108,6 +108,21 @@ def start_ray(address: str | None, num_cpus: float) -> bool:
     return True
 
 
+def ray_get(ray, ref, timeout: float, who: str, doing: str, limit: str, fix: str):
+    """``ray.get(ref)`` within ``timeout`` seconds. A timeout, or a failure in the actor, is a ServiceError
+    naming ``who`` and what it was ``doing`` (``limit``: the setting that bounds it, as text); a posttrain
+    error raised in the actor is raised as is. An actor that died (RayActorError) is the caller's to handle."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise ServiceError(f"{who} did not finish {doing} within {limit}", fix=fix) from None
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, PosttrainError):
+            raise cause from None
+        raise ServiceError(f"{who} failed while {doing}: {e}") from None
+
+
 _LIVE: "weakref.WeakSet[RayRolloutEngine]" = weakref.WeakSet()  # engines of this process not closed yet
 
 
@@ -177,19 +192,11 @@ class RayRolloutEngine:
     def _get(self, ref, limit: str, i: int, doing: str, timeout: float | None = None):
         """``ray.get`` within ``ray.<limit>`` seconds (or what is left of them: ``timeout``), errors naming
         the worker; a worker's own error is raised as is."""
-        ray = self._ray
-        try:
-            return ray.get(ref, timeout=getattr(self.cfg, limit) if timeout is None else timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise ServiceError(f"rollout worker {i} (pid {self.pids[i]}) did not finish {doing} within "
-                               f"ray.{limit}={getattr(self.cfg, limit):g} s",
-                               fix="a worker that is alive but silent: look at its log above; raise "
-                                   "ray.sync_timeout_s / ray.call_timeout_s if it is only slow") from None
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, PosttrainError):
-                raise cause from None
-            raise ServiceError(f"rollout worker {i} (pid {self.pids[i]}) failed while {doing}: {e}") from None
+        allowed = getattr(self.cfg, limit)
+        return ray_get(self._ray, ref, allowed if timeout is None else timeout,
+                       f"rollout worker {i} (pid {self.pids[i]})", doing, f"ray.{limit}={allowed:g} s",
+                       "a worker that is alive but silent: look at its log above; raise ray.sync_timeout_s / "
+                       "ray.call_timeout_s if it is only slow")
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, model, version: int | None = None) -> None:

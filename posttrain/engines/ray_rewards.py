@@ -23,9 +23,9 @@ import weakref
 
 import torch
 
-from posttrain.engines.ray_engine import start_ray
+from posttrain.engines.ray_engine import ray_get, start_ray
 from posttrain.engines.runlog import say
-from posttrain.errors import DataError, PosttrainError, ServiceError
+from posttrain.errors import DataError, ServiceError
 
 
 def score_components(rewards, prompts: list, texts: list[str], columns: dict[str, list], step=None) -> dict:
@@ -137,19 +137,10 @@ class RayRewardWorkers:
     def _get(self, ref, i: int, doing: str):
         """``ray.get`` within ``ray.call_timeout_s``, errors naming the worker; a worker's own posttrain error
         (a reward's DataError, say) is raised as is."""
-        ray = self._ray
-        try:
-            return ray.get(ref, timeout=self.cfg.call_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise ServiceError(f"reward worker {i} (pid {self.pids[i]}) did not finish {doing} within "
-                               f"ray.call_timeout_s={self.cfg.call_timeout_s:g} s",
-                               fix="a reward that hangs (a verifier without a timeout?): look at the worker's log "
-                                   "above; raise ray.call_timeout_s if it is only slow") from None
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, PosttrainError):
-                raise cause from None
-            raise ServiceError(f"reward worker {i} (pid {self.pids[i]}) failed while {doing}: {e}") from None
+        return ray_get(self._ray, ref, self.cfg.call_timeout_s, f"reward worker {i} (pid {self.pids[i]})", doing,
+                       f"ray.call_timeout_s={self.cfg.call_timeout_s:g} s",
+                       "a reward that hangs (a verifier without a timeout?): look at the worker's log above; raise "
+                       "ray.call_timeout_s if it is only slow")
 
     def __call__(self, prompts: list, texts: list[str], columns: dict[str, list], step: int | None = None) -> dict:
         ray = self._ray

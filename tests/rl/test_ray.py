@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from posttrain.config import load_config
+from pt_helpers import local_ray_cluster
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -24,19 +25,7 @@ COMMON = ["train.progress=false", "train.log_every=1", "task_eval_prompts=64", "
           "reward=builtin_correct"]
 
 
-def _only_loopback() -> bool:
-    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]  # this process's network namespace
-    return {line.split(":")[0].strip() for line in lines} <= {"lo"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    if not _only_loopback():
-        pytest.skip("Ray binds to this machine's network address: run in a private network namespace "
-                    "(scripts/test.sh does: unshare -n bash -c 'ip link set lo up; pytest -m ray')")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+cluster = pytest.fixture(scope="module", autouse=True)(local_ray_cluster)
 
 
 def _rows(run_dir):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import load_config
+from pt_helpers import local_ray_cluster
 from posttrain.errors import ConfigError, DataError, ServiceError
 
 ray = pytest.importorskip("ray")
@@ -33,19 +34,7 @@ THREE = [*COMMON, "reward=builtin_correct", "train.max_steps=3"]
 SCORED = ("reward/", "response/", "batch/")
 
 
-def _only_loopback() -> bool:
-    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]  # this process's network namespace
-    return {line.split(":")[0].strip() for line in lines} <= {"lo"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    if not _only_loopback():
-        pytest.skip("Ray binds to this machine's network address: run in a private network namespace "
-                    "(scripts/test.sh does: unshare -n bash -c 'ip link set lo up; pytest -m ray')")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 2 rollout + 2 reward workers
-    yield
-    ray.shutdown()
+cluster = pytest.fixture(scope="module", autouse=True)(local_ray_cluster)  # 2 rollout + 2 reward workers
 
 
 def _grpo(policy, out, *extra):
