@@ -1,15 +1,18 @@
 """Rollout workers as Ray actors: the rollout engine of ``launcher=ray``.
 
 The controller (the process that runs the command and trains) holds a :class:`RayRolloutEngine`; each
-of ``ray.rollout_workers`` actors holds a rollout engine around its own copy of the policy.
+of ``ray.rollout_workers`` actors holds a rollout engine and its own copy of the policy: the local engine
+samples from that copy; a vLLM engine or a server engine (worker i fronts servers i, i+N, ...) holds its
+own weights, and the copy, kept on CPU, is what every update is loaded into the engine from.
 
 - **Weights, versioned.** ``update_weights(model, version)`` puts the trainable parameters once in the
   object store (with LoRA the adapters only) and queues a load of that version on every worker. The
   next generation request first waits, at most ``ray.sync_timeout_s``, until every worker has loaded
   it; a worker that has not stops the run with an error naming it. Every result carries the version the
   worker sampled with, and a worker asked for a newer version than it holds refuses (never a silent
-  sample from old weights). With ``ray.weight_sync=collective`` the weights are broadcast over a process
-  group of this process and the workers instead (:mod:`posttrain.engines.weight_sync`).
+  sample from old weights). A worker whose engine holds its own weights reports a version only once the
+  engine has it (its servers answered the reload). With ``ray.weight_sync=collective`` the weights are
+  broadcast over a process group of this process and the workers instead (:mod:`posttrain.engines.weight_sync`).
 - **Generation.** ``submit`` splits a request's prompts between the workers in order, each prompt with
   its own seed (``SamplingParams.seeds``), so the samples are those of the local engine whatever the
   number of workers; ``collect`` waits for them. ``generate`` is both. Submitting the next steps before
@@ -18,6 +21,8 @@ of ``ray.rollout_workers`` actors holds a rollout engine around its own copy of 
 - **Faults.** A worker that dies is replaced (a new actor with the current weights) and its share of
   the prompts is sent again, at most ``ray.max_restarts`` times in a run; a worker that does not answer
   within ``ray.call_timeout_s`` stops the run with an error naming it, its process and what it was doing.
+  An error inside a worker (its server died, no GPU for vLLM) stops the run naming the worker (and the
+  server: the engine's own error); it is not a death, so nothing is restarted.
 """
 
 from __future__ import annotations
@@ -37,29 +42,57 @@ from posttrain.errors import PosttrainError, ServiceError
 
 
 class RolloutWorker(GroupReceiver):
-    """One rollout worker (run as a Ray actor): a rollout engine around its own copy of the policy
-    (``join``/``receive``: weights over a process group, ``ray.weight_sync=collective``)."""
+    """One rollout worker (run as a Ray actor): a rollout engine and its own copy of the policy
+    (``join``/``receive``: weights over a process group, ``ray.weight_sync=collective``). ``own_weights``:
+    the engine (vLLM, servers) holds its own weights, loaded from the copy after every update."""
 
-    def __init__(self, index: int, model, make_engine, threads: int, version: int):
+    def __init__(self, index: int, model, make_engine, threads: int, version: int, own_weights: bool = False):
         from posttrain.models.attention import register
 
         register()  # the packed attention the trainer's model may name, in this process too
         torch.set_num_threads(max(1, threads))
-        if torch.cuda.is_available():  # Ray shows a worker with num_gpus > 0 its GPU(s) only
+        # Ray shows a worker with num_gpus > 0 its GPU(s) only; an engine with its own weights needs
+        # the GPU for itself (vLLM), so the copy it is loaded from stays on CPU
+        if torch.cuda.is_available() and not own_weights:
             model = model.to("cuda")
-        self.index, self.model, self.version = index, model, version
-        self.engine = make_engine(model)
+        self.index, self.model, self.version, self.own_weights = index, model, version, own_weights
         self.params = dict(model.named_parameters())
+        self._make_engine, self.engine = make_engine, None
 
-    def pid(self) -> int:
-        return os.getpid()
+    def _named(self, e: PosttrainError) -> PosttrainError:
+        return type(e)(f"rollout worker {self.index} (pid {os.getpid()}): {e.what}", where=e.where, fix=e.fix)
+
+    def start(self) -> tuple[int, list[str]]:
+        """Build the engine here, not in ``__init__``: its errors (a server that does not answer, no GPU for
+        vLLM) then reach the controller as themselves, naming this worker. Returns (pid, servers' URLs)."""
+        try:
+            self.engine = self._make_engine(self.model)
+        except PosttrainError as e:
+            raise self._named(e) from None
+        return os.getpid(), [s.url for s in getattr(self.engine, "servers", [])]
+
+    def _publish(self, version: int) -> int:
+        """The copy holds ``version``: an engine with its own weights loads it (a server engine pushes it
+        to its servers and checks they report it) before the worker reports the version."""
+        if self.own_weights:
+            try:
+                self.engine.update_weights(self.model, version)
+            except PosttrainError as e:
+                raise self._named(e) from None
+        self.version = version
+        return version
 
     def load(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         with torch.no_grad():
             for name, value in weights.items():
                 self.params[name].copy_(value)
-        self.version = version
-        return version
+        return self._publish(version)
+
+    def receive(self, version: int, gen: int, layout: list) -> int:
+        held = self.version
+        super().receive(version, gen, layout)
+        self.version = held  # not until the engine has it too
+        return self._publish(version)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, min_version: int):
         if self.version < min_version:
@@ -67,10 +100,19 @@ class RolloutWorker(GroupReceiver):
                                f"{self.version} but was asked to sample with version {min_version} or newer: "
                                "the learner's weights did not reach it")
         t0 = time.perf_counter()
-        outs = self.engine.generate(prompts, params)
+        try:
+            outs = self.engine.generate(prompts, params)
+        except PosttrainError as e:
+            raise self._named(e) from None
         for o in outs:
             o.version = self.version
         return outs, time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Let the engine clean up (a server engine deletes its weight files) before the actor is killed."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass
@@ -128,9 +170,11 @@ _LIVE: "weakref.WeakSet[RayRolloutEngine]" = weakref.WeakSet()  # engines of thi
 
 class RayRolloutEngine:
     """``RayRolloutEngine(model, make_engine, cfg)``: ``cfg`` is a :class:`~posttrain.rollouts.config.RayConfig`;
-    ``make_engine(model)`` builds a worker's rollout engine (it runs inside the worker)."""
+    ``make_engine(model)`` builds a worker's rollout engine (it runs inside the worker), or a list of them,
+    one per worker (e.g. each with its own servers). ``own_weights``: those engines hold their own weights
+    (vLLM, servers), loaded from the worker's CPU copy of the policy after every update."""
 
-    def __init__(self, model, make_engine, cfg, worker_cls=RolloutWorker):
+    def __init__(self, model, make_engine, cfg, worker_cls=RolloutWorker, *, own_weights: bool = False):
         import ray
 
         self.cfg, self._ray = cfg, ray
@@ -140,15 +184,18 @@ class RayRolloutEngine:
         self._started = start_ray(cfg.address, cfg.rollout_workers * cfg.cpus_per_worker
                                   + cfg.reward_workers * cfg.cpus_per_reward_worker)
         src = getattr(model, "module", model)
-        # NCCL needs the weights on a GPU and a whole GPU per worker; otherwise gloo, over CPU buffers
-        gpu = any(p.device.type == "cuda" for p in src.parameters()) and cfg.gpus_per_worker >= 1
+        # NCCL needs the weights on a GPU at both ends and a whole GPU per worker; otherwise gloo, over CPU
+        # buffers (workers whose engine holds its own weights keep their copy on CPU)
+        gpu = any(p.device.type == "cuda" for p in src.parameters()) and cfg.gpus_per_worker >= 1 and not own_weights
         self._sync = CollectiveSync(self, "nccl" if gpu else "gloo") if cfg.weight_sync == "collective" else None
         if any(p.device.type != "cpu" for p in src.parameters()):  # workers may see no GPU, or another one
             src = copy.deepcopy(src).cpu()
         self._model_ref = ray.put(src)  # what a new or replaced worker starts from
         _LIVE.add(self)
         self._inflight: list[list] = [[] for _ in range(cfg.rollout_workers)]  # submitted, not collected
-        self._make_engine = make_engine
+        n = cfg.rollout_workers
+        self._makers = list(make_engine) if isinstance(make_engine, (list, tuple)) else [make_engine] * n
+        self._own_weights = own_weights
         self._actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(worker_cls)
         self.version = -1                # the policy as shipped; update_weights numbers the rest
         self._weights_ref = None
@@ -158,13 +205,43 @@ class RayRolloutEngine:
         self._tokens = [0] * cfg.rollout_workers
         self._t0 = time.perf_counter()
         self.workers, self.pids = [None] * cfg.rollout_workers, [0] * cfg.rollout_workers
-        for i in range(cfg.rollout_workers):
-            self._start(i)
+        self.servers: list[list[str]] = [[] for _ in range(cfg.rollout_workers)]  # each worker's, if any
+        launched = []
+        try:
+            gpus, need = ray.cluster_resources().get("GPU", 0), cfg.gpus_per_worker * cfg.rollout_workers
+            if need > gpus:  # the workers would wait for them until ray.call_timeout_s
+                raise ServiceError(f"ray.rollout_workers={cfg.rollout_workers} x ray.gpus_per_worker="
+                                   f"{cfg.gpus_per_worker:g} need {need:g} GPUs and the Ray cluster has {gpus:g}",
+                                   where="ray.gpus_per_worker", fix="run on (or join with ray.address) a cluster "
+                                   "with that many GPUs, use fewer workers or a fraction of a GPU each, or "
+                                   "ray.gpus_per_worker=0 (rollout.engine=local or server)")
+            launched = [self._launch(i) for i in range(cfg.rollout_workers)]  # engines built in parallel
+            for i, started in enumerate(launched):
+                self._start(i, started)
+        except BaseException:
+            for actor, _ in launched:  # started or still starting
+                try:
+                    ray.kill(actor)
+                except Exception:  # already gone
+                    pass
+            self.close()  # and a cluster this engine started
+            raise
 
     # ------------------------------------------------------------------ workers
-    def _start(self, i: int) -> None:
-        actor = self._actor.remote(i, self._model_ref, self._make_engine, int(self.cfg.cpus_per_worker), -1)
-        self.pids[i] = self._get(actor.pid.remote(), "call_timeout_s", i, "starting")
+    def _launch(self, i: int) -> tuple:
+        actor = self._actor.remote(i, self._model_ref, self._makers[i], int(self.cfg.cpus_per_worker), -1,
+                                   own_weights=self._own_weights)
+        return actor, actor.start.remote()
+
+    def _start(self, i: int, launched: tuple | None = None) -> None:
+        actor, ref = launched or self._launch(i)
+        try:
+            self.pids[i], self.servers[i] = self._get(
+                ref, "call_timeout_s", i, f"starting (it asked Ray for ray.cpus_per_worker={self.cfg.cpus_per_worker:g}"
+                f" CPUs and ray.gpus_per_worker={self.cfg.gpus_per_worker:g} GPUs)")
+        except PosttrainError:
+            self._ray.kill(actor)  # its engine could not be built: the run stops here
+            raise
         if self._sync is not None:  # the group forms again with this worker, which then receives the weights
             self._sync.stale = True
         elif self._weights_ref is not None:
@@ -193,8 +270,9 @@ class RayRolloutEngine:
         """``ray.get`` within ``ray.<limit>`` seconds (or what is left of them: ``timeout``), errors naming
         the worker; a worker's own error is raised as is."""
         allowed = getattr(self.cfg, limit)
+        servers = f", servers {', '.join(self.servers[i])}" if self.servers[i] else ""
         return ray_get(self._ray, ref, allowed if timeout is None else timeout,
-                       f"rollout worker {i} (pid {self.pids[i]})", doing, f"ray.{limit}={allowed:g} s",
+                       f"rollout worker {i} (pid {self.pids[i]}{servers})", doing, f"ray.{limit}={allowed:g} s",
                        "a worker that is alive but silent: look at its log above; raise ray.sync_timeout_s / "
                        "ray.call_timeout_s if it is only slow")
 
@@ -281,15 +359,21 @@ class RayRolloutEngine:
 
     # ------------------------------------------------------------------ the end
     def worker_table(self) -> list[dict]:
-        """Per worker: tokens generated, tokens/s while generating, idle share of the run so far."""
+        """Per worker: tokens generated, tokens/s while generating, idle share of the run so far (and the
+        servers it fronts, with rollout.engine=server)."""
         wall = max(time.perf_counter() - self._t0, 1e-9)
         return [{"worker": i, "pid": self.pids[i], "tokens": self._tokens[i],
                  "tokens_per_s": self._tokens[i] / max(self._busy[i], 1e-9),
-                 "idle_share": max(0.0, 1.0 - self._busy[i] / wall)} for i in range(len(self.workers))]
+                 "idle_share": max(0.0, 1.0 - self._busy[i] / wall), **({"servers": s} if s else {})}
+                for i, s in enumerate(self.servers)]
 
     def close(self) -> None:
         """Stop the workers, and the local cluster when this engine started it."""
         ray = self._ray
+        if self._own_weights:  # a server engine deletes its weight files (ray.kill skips exit handlers)
+            refs = [w.close.remote() for w in self.workers if w is not None]
+            if refs:
+                ray.wait(refs, num_returns=len(refs), timeout=5)
         for w in self.workers:
             if w is not None:
                 try:

@@ -23,6 +23,10 @@ the run stops instead of sampling the wrong policy. ``generate`` first re-syncs 
 weights changed since the last sync (sampled parameter values compared exactly), so evaluations between
 optimizer steps see the current weights too.
 
+With ``launcher=ray`` each Ray rollout worker holds one of these engines for its own share of the servers
+(worker i of N: servers i, i+N, ...), loaded from the worker's copy of the policy on every weight version
+(:mod:`posttrain.engines.ray_engine`); its errors then name the worker too.
+
 Every request has bounded timeouts (connect ``connect_timeout_s``, answer ``timeout_s``); a failed
 connection or a 5xx/429 answer is retried ``retries`` times with the same (idempotent) request, a
 timeout is not (the same request would wait again). Then a :class:`~posttrain.errors.ServiceError`

@@ -7,7 +7,9 @@ Weight sync (:meth:`VLLMRolloutEngine.update_weights`) runs in the same process:
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (unless the caller set it) so the model runner lives in this
 process, then ``LLM.collective_rpc`` calls the runner's ``model.load_weights`` with the trainer's
 ``(name, tensor)`` pairs — vLLM maps HF parameter names onto its fused layers itself. The prefix cache
-is reset afterwards, otherwise cached prompt KV from the old weights would be reused.
+is reset afterwards, otherwise cached prompt KV from the old weights would be reused. With ``launcher=ray``
+each Ray rollout worker builds its own engine on its GPU(s) (``ray.gpus_per_worker``) and loads every weight
+version into it from its CPU copy of the policy (:mod:`posttrain.engines.ray_engine`; written for, not run).
 
 Log-probs: vLLM's default ``logprobs_mode`` reports the model's raw log-probs (before temperature and
 top-k/top-p), which differs from the HF engine's sampling-distribution log-probs when temperature != 1

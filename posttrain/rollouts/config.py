@@ -227,11 +227,24 @@ def check_launcher(cfg) -> None:
                               "episodes end after a different number of turns, and the rollout requests of the "
                               "learner group are collective)", where="ray.learners",
                               fix="ray.learners=1 with rollout.environment")
-        if cfg.rollout.engine != "local":
-            raise ConfigError(f"launcher=ray hosts the local engine in each rollout worker; rollout.engine="
-                              f"{cfg.rollout.engine} is not hosted there yet", where="rollout.engine",
-                              fix="rollout.engine=local with launcher=ray, or launcher=local with "
-                                  f"rollout.engine={cfg.rollout.engine}")
+        n, servers = cfg.ray.rollout_workers, len(cfg.rollout.servers)
+        if cfg.rollout.engine == "server" and servers < n:  # worker i fronts servers i, i+n, ...
+            raise ConfigError(f"launcher=ray with rollout.engine=server gives each of the ray.rollout_workers={n} "
+                              f"workers its own servers from rollout.servers, which lists {servers}",
+                              where="rollout.servers", fix=f"start more servers and list at least {n} in "
+                              f"rollout.servers, or set ray.rollout_workers={servers}")
+        if cfg.rollout.engine == "vllm":  # each worker runs its own vLLM engine on its GPU
+            import torch
+
+            if cfg.ray.address is None and not torch.cuda.is_available():  # the local cluster runs here
+                raise ConfigError("rollout.engine=vllm needs a CUDA GPU, and none is visible (launcher=ray starts its "
+                                  "Ray cluster on this machine)", where="rollout.engine",
+                                  fix="use rollout.engine=local on this machine")
+            if cfg.ray.gpus_per_worker <= 0:
+                raise ConfigError("launcher=ray with rollout.engine=vllm runs a vLLM engine in each rollout worker, "
+                                  "and ray.gpus_per_worker=0 hides every GPU from them", where="ray.gpus_per_worker",
+                                  fix="ray.gpus_per_worker=1 (or a fraction to share a GPU, with "
+                                      "rollout.vllm_kwargs={gpu_memory_utilization: ...} below that fraction)")
         try:
             import ray  # noqa: F401
         except ImportError as e:

@@ -382,14 +382,15 @@ def load_eval_records(cfg: RolloutConfig) -> list[dict]:
 
 
 def make_engine(model, tokenizer, cfg: RolloutConfig, model_path: str | None = None, ray=None):
-    """The rollout engine ``rollout.engine`` names, chosen here once: the local engine samples from
-    ``model`` itself; vLLM loads ``model_path`` and is sent the trainer's weights by ``update_weights``;
-    the server engine sends ``model``'s weights to ``rollout.servers`` at once and after every update.
-    With ``ray`` (a RayConfig: launcher=ray) the local engine runs in each of the Ray rollout workers."""
+    """The rollout engine ``rollout.engine`` names, chosen here once: local (samples from ``model`` itself), vLLM
+    (loads ``model_path``) or servers (sent ``model``'s weights at once), the last two updated by ``update_weights``;
+    with ``ray`` (a RayConfig) each Ray rollout worker builds its own (worker i of N: servers i, i+N, ...)."""
     if ray is not None:
         from posttrain.engines.ray_engine import RayRolloutEngine  # optional package
 
-        return RayRolloutEngine(model, functools.partial(local_engine, tokenizer=tokenizer, cfg=cfg), ray)
+        n, kw = ray.rollout_workers, dict(tokenizer=tokenizer, model_path=model_path)
+        makers = [functools.partial(make_engine, cfg=replace(cfg, servers=cfg.servers[i::n]), **kw) for i in range(n)]
+        return RayRolloutEngine(model, makers, ray, own_weights=cfg.engine != "local")
     if cfg.engine == "server":
         from posttrain.engines.server_engine import ServerRolloutEngine
 
@@ -416,5 +417,4 @@ def rollout_is_weight(cfg: RolloutConfig, old_logp: torch.Tensor, rollout_logp: 
     """(per-token weight or None, metrics) for ``rollout.correction``."""
     if cfg.correction == "none":
         return None, {}
-
     return truncated_is_weight(old_logp, rollout_logp, mask, cfg.tis_cap)
