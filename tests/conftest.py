@@ -20,6 +20,16 @@ def tiny_path():
 
 
 @pytest.fixture(scope="session")
+def sft_policy(tiny_path) -> str:
+    """final/ of an SFT model of the built-in task (imitates the noisy demonstrator: accuracy ~0.6), the
+    policy the RL, preference and serving tests start from, trained once and cached."""
+    from posttrain.algorithms.sft import SFTConfig, run
+    from pt_helpers import SFT_OVERRIDES, cached_run
+
+    return str(cached_run("sft", SFTConfig, run, ["model.name_or_path=tiny", *SFT_OVERRIDES]) / "final")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_path):
     from posttrain.models.loading import load_tokenizer
 

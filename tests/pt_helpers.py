@@ -1,5 +1,7 @@
 """Helpers shared by test files (a uniquely named module: several conftest.py files exist)."""
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -96,3 +98,42 @@ def local_ray_cluster(num_cpus: int = 4):
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+# Models trained once with the project's own commands and cached in $POSTTRAIN_CACHE/rl-fixtures, keyed
+# by their configs and the source of the code that trains them, like the tiny model itself.
+SFT_OVERRIDES = ["train.epochs=2", "data.eval=null", "task_eval=false", "train.progress=false"]
+_SOURCES = ["posttrain/algorithms/sft.py", "posttrain/algorithms/reward.py", "posttrain/algorithms/collect.py",
+            "posttrain/tasks/annotators.py", "posttrain/losses/sft.py",
+            "posttrain/losses/reward.py", "posttrain/engines/train.py", "posttrain/tasks/builtin.py",
+            "posttrain/models/tiny.py", "posttrain/models/heads.py", "posttrain/data/chat.py",
+            "posttrain/data/batching.py"]
+
+
+def _key(name: str, overrides: list[str]) -> str:
+    h = hashlib.sha256(json.dumps([name, overrides]).encode())
+    for rel in _SOURCES:
+        p = ROOT / rel
+        if p.exists():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_run(name: str, cls, run, overrides: list[str], out_key: str = "train.output_dir") -> Path:
+    """Run a command once into $POSTTRAIN_CACHE/rl-fixtures/<name>-<key> (atomic rename); return it."""
+    from posttrain.config import load_config
+
+    cache = Path(os.environ["POSTTRAIN_CACHE"]) / "rl-fixtures"
+    out = cache / f"{name}-{_key(name, overrides)}"
+    if (out / "summary.json").exists():
+        return out
+    tmp = cache / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run(load_config(cls, None, [f"{out_key}={tmp}", *overrides]))
+    if not out.exists():
+        os.replace(tmp, out)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+

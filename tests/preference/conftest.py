@@ -1,7 +1,8 @@
-"""Fixtures of the preference tests: an SFT starting point trained once per session, and held-out
+"""Fixtures of the preference tests: the SFT starting point (trained once and cached), and held-out
 gold-labeled pairs the training data never contains."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,13 +19,6 @@ def heldout_pairs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sft_dir(tmp_path_factory):
-    """A short SFT run on the built-in task: the policy DPO/IPO/KTO start from (final/ dir)."""
-    from posttrain.algorithms.sft import SFTConfig, run
-    from posttrain.config import load_config
-
-    out = tmp_path_factory.mktemp("sft")
-    cfg = load_config(SFTConfig, None, [f"train.output_dir={out}", "train.progress=false", "data.eval=null",
-                                        "task_eval=false", "train.max_steps=300", "train.log_every=50"])
-    run(cfg)
-    return out / "final"
+def sft_dir(sft_policy):
+    """The policy DPO/IPO/KTO start from: tests/conftest.py's cached SFT model of the built-in task."""
+    return Path(sft_policy)

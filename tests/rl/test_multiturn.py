@@ -67,9 +67,10 @@ def test_ppo_runs_episodes_with_gae_over_the_sampled_tokens(tiny_path, tmp_path)
 @pytest.mark.slow
 def test_grpo_with_the_calculator_learns_and_beats_the_no_tool_baseline(tool_sft_policy, notool_sft_policy,
                                                                         tmp_path):
-    """Same RL budget (15 steps of 16 prompts x 8 episodes): GRPO with the calculator raises held-out
-    accuracy well over its SFT model and ends far above the no-tool model trained the same way."""
-    budget = ["rollout.prompts_per_step=16", "rollout.group_size=8", "train.max_steps=15", "train.lr=1e-4"]
+    """Same RL budget (8 steps of 16 prompts x 8 episodes): GRPO with the calculator raises held-out
+    accuracy well over its SFT model (0.40 -> 0.62 here) and ends far above the no-tool model trained the
+    same way (0.22 -> 0.23)."""
+    budget = ["rollout.prompts_per_step=16", "rollout.group_size=8", "train.max_steps=8", "train.lr=2e-4"]
     tools = _grpo(tool_sft_policy, tmp_path / "tools", "rollout.environment=builtin:calc", *budget)
     plain = _grpo(notool_sft_policy, tmp_path / "plain", "rollout.environment=builtin:no_tools", *budget)
     assert tools["final"]["accuracy"] > tools["initial"]["accuracy"] + 0.1, (tools["initial"], tools["final"])
