@@ -134,7 +134,8 @@ class RayConfig:
     rollout_workers: int = opt(2, "Rollout workers (Ray actors), each holding a rollout engine; a step's "
                                "prompts are split between them in order.")
     cpus_per_worker: float = opt(1.0, "Ray CPUs reserved per rollout worker (on CPU also its torch threads).")
-    gpus_per_worker: float = opt(0.0, "Ray GPUs per rollout worker (0 on CPU; a fraction shares a GPU).")
+    gpus_per_worker: float = opt(0.0, "Ray GPUs per rollout worker (0 on CPU; a fraction shares a GPU; "
+                                  "rollout.engine=vllm needs > 0: each worker runs its own vLLM engine).")
     sync_timeout_s: float = opt(120.0, "Longest wait for a weight version to reach every rollout worker; then "
                                 "the run stops with an error naming the worker (never a silent hang).")
     weight_sync: Literal["object_store", "collective"] = opt(
