@@ -3,9 +3,11 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,3 +139,23 @@ def cached_run(name: str, cls, run, overrides: list[str], out_key: str = "train.
     return out
 
 
+def spawn_servers(model_path: str, logs: Path, n: int = 2) -> list[tuple[subprocess.Popen, str]]:
+    """``python -m posttrain serve`` ``n`` times on free loopback ports; returns (process, base URL)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = []
+    for i in range(n):
+        log = open(logs / f"server{i}.log", "w")
+        procs.append((subprocess.Popen(
+            [sys.executable, "-m", "posttrain", "serve", f"model.name_or_path={model_path}", "port=0", "threads=1",
+             "logprobs_mode=processed_logprobs", "log_level=info"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True), logs / f"server{i}.log"))
+    out, deadline = [], time.monotonic() + 180
+    for proc, log in procs:
+        while not (m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                for p, _ in procs:
+                    p.kill()
+                raise RuntimeError(f"posttrain serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        out.append((proc, m.group(1) + "/v1"))
+    return out

@@ -4,7 +4,7 @@ from is tests/conftest.py's ``sft_policy``."""
 
 import pytest
 
-from pt_helpers import SFT_OVERRIDES, cached_run  # noqa: F401  (tests/serving loads these from here)
+from pt_helpers import cached_run
 
 # pairs sampled from the SFT policy itself and labelled by simulated annotators, as in the demo: a
 # reward model trained on off-policy demonstrator pairs ranks the policy's own mistakes poorly

@@ -5,7 +5,6 @@ The Ray tests run only in a private network namespace (tests/rl/test_ray.py says
 at the end need no Ray and run anywhere.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import pytest
 
 from posttrain.config import load_config
 from posttrain.errors import ConfigError, ServiceError
-from pt_helpers import local_ray_cluster
+from pt_helpers import local_ray_cluster, spawn_servers
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["reward=builtin_correct", "train.progress=false", "train.log_every=1", "rollout.prompts_per_step=8",
@@ -31,13 +30,8 @@ cluster = pytest.fixture(scope="module")(local_ray_cluster)
 
 
 def _spawn_servers(model_path: str, logs: Path, n: int):
-    """tests/serving's helper: ``posttrain serve`` processes on free loopback ports -> [(process, base URL)]."""
-    path = ROOT / "tests" / "serving" / "test_server_engine.py"
-    spec = importlib.util.spec_from_file_location("_serving_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     logs.mkdir(parents=True, exist_ok=True)
-    return module.spawn_servers(model_path, logs, n)
+    return spawn_servers(model_path, logs, n)
 
 
 def _stop(servers) -> None:

@@ -2,13 +2,10 @@
 for the same weights, weight sync after an update, GRPO learning the built-in task through two server
 processes, and a killed server ending the run with an error that names it (never a hang)."""
 
-import importlib.util
 import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +16,7 @@ import torch
 
 from posttrain.config import load_config
 from posttrain.errors import ConfigError, ServiceError
+from pt_helpers import SFT_OVERRIDES, cached_run, spawn_servers
 
 ROOT = Path(__file__).resolve().parents[2]
 # tests/conftest.py's cache, read before tests/serving/conftest.py points this module at /tmp/ptcache: the
@@ -31,15 +29,12 @@ GRPO = ["reward=builtin_correct", "rollout.prompts_per_step=32", "rollout.group_
 
 @pytest.fixture(scope="module")
 def sft_policy():
-    """tests/rl's SFT model of the built-in task (accuracy ~0.6), trained once and cached."""
-    spec = importlib.util.spec_from_file_location("_rl_fixtures", ROOT / "tests" / "rl" / "conftest.py")
-    rl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rl)
+    """tests/conftest.py's cached SFT model of the built-in task (accuracy ~0.6), from the shared cache."""
     from posttrain.algorithms.sft import SFTConfig, run
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("POSTTRAIN_CACHE", _RL_CACHE)
-        return str(rl.cached_run("sft", SFTConfig, run, ["model.name_or_path=tiny", *rl.SFT_OVERRIDES]) / "final")
+        return str(cached_run("sft", SFTConfig, run, ["model.name_or_path=tiny", *SFT_OVERRIDES]) / "final")
 
 
 @pytest.fixture(scope="module")
@@ -54,28 +49,6 @@ def thread_servers(sft_policy):
     finally:
         for _, stop in started:
             stop()
-
-
-def spawn_servers(model_path: str, logs: Path, n: int = 2) -> list[tuple[subprocess.Popen, str]]:
-    """``python -m posttrain serve`` ``n`` times on free loopback ports; returns (process, base URL)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    procs = []
-    for i in range(n):
-        log = open(logs / f"server{i}.log", "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, "-m", "posttrain", "serve", f"model.name_or_path={model_path}", "port=0", "threads=1",
-             "logprobs_mode=processed_logprobs", "log_level=info"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True), logs / f"server{i}.log"))
-    out, deadline = [], time.monotonic() + 180
-    for proc, log in procs:
-        while not (m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                for p, _ in procs:
-                    p.kill()
-                raise RuntimeError(f"posttrain serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        out.append((proc, m.group(1) + "/v1"))
-    return out
 
 
 @pytest.fixture()
