@@ -9,7 +9,8 @@ give: RANK, WORLD_SIZE, MASTER_ADDR of rank 0's node, a free port) and each runs
 Rank 0 drives the rollout workers; every rank sees them through a :class:`GroupRolloutEngine`: its
 share of each request is gathered to rank 0, sent to the workers as one request, and the rollouts are
 scattered back. Weights go from rank 0 only (the ranks hold the same policy). Each prompt keeps its own
-seed, so the samples are those a single process would draw.
+seed, so the samples are those a single process would draw. Reward workers (``ray.reward_workers``) are
+rank 0's too; every rank scores through a :class:`GroupScorer` the same way.
 """
 
 from __future__ import annotations
@@ -89,6 +90,43 @@ class GroupRolloutEngine:
             self.inner.close()
 
 
+class GroupScorer:
+    """A learner rank's reward scoring when rank 0 holds the Ray reward workers (``inner``, a
+    :class:`~posttrain.engines.ray_rewards.RayRewardWorkers`; None elsewhere). Called like it, by every rank
+    together (each rank scores its batch of every step, as the online loop does): the ranks' batches are
+    gathered to rank 0, each is scored there (shared between the workers), and each rank gets back the raw
+    components and outcome counts of its own batch, as if it had scored it itself."""
+
+    def __init__(self, inner, rank: int, world: int):
+        self.inner, self.rank, self.world = inner, rank, world
+        self.last_stats, self.restarts = None, 0
+
+    def __call__(self, prompts: list, texts: list[str], columns: dict[str, list], step: int | None = None) -> dict:
+        parts = [None] * self.world if self.rank == 0 else None
+        dist.gather_object((list(prompts), list(texts), columns), parts, dst=0)
+        payload = None
+        if self.rank == 0:
+            payload = []
+            for p, t, c in parts:  # one batch at a time: the outcome counts are then each rank's own
+                raw = self.inner(p, t, c, step)
+                payload.append((raw, self.inner.last_stats, self.inner.restarts))
+        mine = [None]
+        dist.scatter_object_list(mine, payload, src=0)
+        raw, self.last_stats, self.restarts = mine[0]
+        return raw
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"async/reward_restarts": float(self.restarts)}
+
+    def worker_table(self):
+        return self.inner.worker_table() if self.inner is not None else None
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+
 # ----------------------------------------------------------------------------- the learner actors
 
 
@@ -126,7 +164,8 @@ def launch_learners(cfg, run_fn):
     from posttrain.engines.ray_engine import start_ray
 
     r = cfg.ray
-    started = start_ray(r.address, r.learners * r.cpus_per_learner + r.rollout_workers * r.cpus_per_worker)
+    started = start_ray(r.address, r.learners * r.cpus_per_learner + r.rollout_workers * r.cpus_per_worker
+                        + r.reward_workers * r.cpus_per_reward_worker)
     actor = ray.remote(num_cpus=r.cpus_per_learner, num_gpus=r.gpus_per_learner)(Learner)
     learners = [actor.remote(rank, r.learners, int(r.cpus_per_learner)) for rank in range(r.learners)]
     try:

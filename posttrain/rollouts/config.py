@@ -218,10 +218,6 @@ def check_launcher(cfg) -> None:
         if cfg.rollout.environment:  # the environment scores each turn inside the episode
             raise ConfigError("with rollout.environment the environment gives the reward; reward workers would have "
                               "nothing to score", where="ray.reward_workers", fix="ray.reward_workers=0")
-        if cfg.ray.learners > 1:
-            raise ConfigError("reward workers with several Ray learners are not supported yet (each rank scores its "
-                              "own share of the step)", where="ray.reward_workers",
-                              fix="ray.learners=1 with ray.reward_workers, or ray.reward_workers=0")
     if cfg.launcher == "ray":
         if cfg.rollout.environment and cfg.ray.learners > 1:  # ranks' episodes end at different turns
             raise ConfigError("multi-turn episodes with several Ray learners are not supported yet (each rank's "

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.engines.loop import between_steps, finish
-from posttrain.engines.ray_learners import GroupRolloutEngine, check_group
+from posttrain.engines.ray_learners import GroupRolloutEngine, GroupScorer, check_group
 from posttrain.engines.runlog import MetricsLogger, Progress, say
 from posttrain.engines.train import TrainEngine, make_run_dir
 from posttrain.errors import TrainingError
@@ -167,7 +167,7 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     scorer = None
     if ray_cfg is not None:
         gen = remote_engine(engine, policy_of, tokenizer, cfg, ray_cfg)
-        scorer = reward_workers(cfg, ray_cfg)
+        scorer = reward_workers(cfg, ray_cfg, engine)
     else:
         gen = None if engine.fsdp else make_engine(policy_of(engine.unwrapped), tokenizer, cfg.rollout,
                                                    cfg.model.name_or_path)
@@ -248,16 +248,19 @@ def remote_engine(engine: TrainEngine, policy_of: Callable, tokenizer, cfg, ray_
     return GroupRolloutEngine(inner, engine.rank, engine.world_size)
 
 
-def reward_workers(cfg, ray_cfg):
+def reward_workers(cfg, ray_cfg, engine: TrainEngine):
     """launcher=ray with ray.reward_workers=N: N Ray actors that each build the run's rewards with the
-    learner's builder (load_rewards) and score shares of each step; None = the learner scores."""
+    learner's builder (load_rewards) and score shares of each step; None = the learner scores. Several
+    learner ranks score through rank 0's workers (a GroupScorer)."""
     if not ray_cfg.reward_workers:
         return None
     from posttrain.engines.ray_rewards import RayRewardWorkers  # optional package
 
-    scorer = RayRewardWorkers(functools.partial(load_rewards, list(cfg.reward), list(cfg.reward_weights)), ray_cfg)
-    atexit.register(scorer.close)  # before the rollout engine's close at exit (atexit runs last in, first out)
-    return scorer
+    scorer = None
+    if engine.is_main:
+        scorer = RayRewardWorkers(functools.partial(load_rewards, list(cfg.reward), list(cfg.reward_weights)), ray_cfg)
+        atexit.register(scorer.close)  # before the rollout engine's close at exit (atexit runs last in, first out)
+    return scorer if engine.world_size == 1 else GroupScorer(scorer, engine.rank, engine.world_size)
 
 
 def finish_online(o: Online, save: Callable) -> dict:

@@ -98,9 +98,12 @@ def _group(sft_policy, out, *extra):
 
 def test_learner_group_of_ray_actors_equals_one_process(sft_policy, tmp_path, local_small):
     """ray.learners=2: two learner actors form one torch.distributed group (DDP), rank 0 drives the two
-    rollout workers, and the run equals the single-process one (rewards, losses, weights to 1e-5)."""
-    s = _group(sft_policy, tmp_path)
+    rollout workers and the two reward workers that score both ranks' batches (GroupScorer), and the run
+    equals the single-process one, which scores itself (rewards, losses, weights to 1e-5)."""
+    s = _group(sft_policy, tmp_path, "ray.reward_workers=2", "ray.cpus_per_reward_worker=0.5",
+               "ray.cpus_per_learner=0.5")  # the 4 CPUs of the test cluster
     assert s["world_size"] == 2 and s["strategy"] == "ddp"
+    assert [r["scored"] for r in s["reward_workers"]] == [3 * 32 // 2] * 2  # every rank's completions, 3 steps
     _same_run(local_small, tmp_path, PER_RANK_EXACT)
 
 

@@ -154,7 +154,6 @@ def test_a_reward_that_hangs_stops_the_run_naming_the_reward_worker(sft_policy, 
     (["launcher=local"], "ray.reward_workers=2 are Ray actors, and launcher is local"),
     (["rollout.prompts=builtin:tool_prompts", "rollout.environment=builtin:calc", "reward=[]"],
      "the environment gives the reward; reward workers would have nothing to score"),
-    (["ray.learners=2"], "reward workers with several Ray learners are not supported yet"),
 ])
 def test_what_reward_workers_refuse(tiny_path, tmp_path, extra, match):
     from posttrain.algorithms.grpo import GRPOConfig
