@@ -62,14 +62,18 @@ class RolloutWorker(GroupReceiver):
     def _named(self, e: PosttrainError) -> PosttrainError:
         return type(e)(f"rollout worker {self.index} (pid {os.getpid()}): {e.what}", where=e.where, fix=e.fix)
 
-    def start(self) -> tuple[int, list[str]]:
+    def start(self) -> tuple[int, list[str], str]:
         """Build the engine here, not in ``__init__``: its errors (a server that does not answer, no GPU for
-        vLLM) then reach the controller as themselves, naming this worker. Returns (pid, servers' URLs)."""
+        vLLM) then reach the controller as themselves, naming this worker. Returns (pid, servers' URLs,
+        the Ray node it runs on: address and node id)."""
+        import ray
+
         try:
             self.engine = self._make_engine(self.model)
         except PosttrainError as e:
             raise self._named(e) from None
-        return os.getpid(), [s.url for s in getattr(self.engine, "servers", [])]
+        node = f"{ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
+        return os.getpid(), [s.url for s in getattr(self.engine, "servers", [])], node
 
     def _publish(self, version: int) -> int:
         """The copy holds ``version``: an engine with its own weights loads it (a server engine pushes it
@@ -206,6 +210,7 @@ class RayRolloutEngine:
         self._t0 = time.perf_counter()
         self.workers, self.pids = [None] * cfg.rollout_workers, [0] * cfg.rollout_workers
         self.servers: list[list[str]] = [[] for _ in range(cfg.rollout_workers)]  # each worker's, if any
+        self.nodes = [""] * cfg.rollout_workers  # where each worker runs (address, Ray node id)
         launched = []
         try:
             gpus, need = ray.cluster_resources().get("GPU", 0), cfg.gpus_per_worker * cfg.rollout_workers
@@ -236,7 +241,7 @@ class RayRolloutEngine:
     def _start(self, i: int, launched: tuple | None = None) -> None:
         actor, ref = launched or self._launch(i)
         try:
-            self.pids[i], self.servers[i] = self._get(
+            self.pids[i], self.servers[i], self.nodes[i] = self._get(
                 ref, "call_timeout_s", i, f"starting (it asked Ray for ray.cpus_per_worker={self.cfg.cpus_per_worker:g}"
                 f" CPUs and ray.gpus_per_worker={self.cfg.gpus_per_worker:g} GPUs)")
         except PosttrainError:
@@ -359,12 +364,13 @@ class RayRolloutEngine:
 
     # ------------------------------------------------------------------ the end
     def worker_table(self) -> list[dict]:
-        """Per worker: tokens generated, tokens/s while generating, idle share of the run so far (and the
-        servers it fronts, with rollout.engine=server)."""
+        """Per worker: tokens generated, tokens/s while generating, idle share of the run so far, the Ray node
+        it runs on (and the servers it fronts, with rollout.engine=server)."""
         wall = max(time.perf_counter() - self._t0, 1e-9)
         return [{"worker": i, "pid": self.pids[i], "tokens": self._tokens[i],
                  "tokens_per_s": self._tokens[i] / max(self._busy[i], 1e-9),
-                 "idle_share": max(0.0, 1.0 - self._busy[i] / wall), **({"servers": s} if s else {})}
+                 "idle_share": max(0.0, 1.0 - self._busy[i] / wall), "node": self.nodes[i],
+                 **({"servers": s} if s else {})}
                 for i, s in enumerate(self.servers)]
 
     def close(self) -> None:
