@@ -61,6 +61,10 @@ class RolloutConfig:
         "after every update.", "TRL use_vllm / vllm_mode=server; OpenRLHF/veRL")
     vllm_kwargs: dict[str, Any] = opt({}, "Arguments for vllm.LLM with rollout.engine=vllm, e.g. "
                                       "{gpu_memory_utilization: 0.3, max_model_len: 2048}.")
+    vllm_sleep: int = opt(0, "rollout.engine=vllm: vLLM's sleep level after every generation, so training on the "
+                          "same GPU gets its memory back: 0 = stays awake; 1 = weights offloaded to CPU, KV cache "
+                          "freed; 2 = weights discarded too (the trainer's are loaded before the next generation).",
+                          "TRL vllm_enable_sleep_mode (level 2); vLLM docs, sleep mode")
     servers: list[str] = opt([], "Base URLs of the completion servers for rollout.engine=server, e.g. "
                              "[http://127.0.0.1:8001/v1, http://127.0.0.1:8002/v1]; each step's prompts are "
                              "split between them.")
@@ -100,6 +104,14 @@ class RolloutConfig:
             raise ConfigError("rollout.compile applies to the local engine only", where="rollout.compile",
                               fix=f"leave rollout.compile=false with rollout.engine={self.engine} (the engine "
                                   "compiles its own graphs, if any)")
+        if self.vllm_sleep and self.engine != "vllm":
+            raise ConfigError(f"rollout.vllm_sleep={self.vllm_sleep} is set but rollout.engine is {self.engine}",
+                              where="rollout.vllm_sleep", fix="set rollout.engine=vllm, or rollout.vllm_sleep=0")
+        if self.vllm_sleep not in (0, 1, 2) or "enable_sleep_mode" in self.vllm_kwargs:
+            raise ConfigError(f"rollout.vllm_sleep must be 0, 1 or 2 (vLLM's sleep levels), got {self.vllm_sleep}"
+                              if self.vllm_sleep not in (0, 1, 2) else "rollout.vllm_kwargs sets enable_sleep_mode, "
+                              "which rollout.vllm_sleep sets", where="rollout.vllm_sleep",
+                              fix="rollout.vllm_sleep=1 or 2 (and no enable_sleep_mode in rollout.vllm_kwargs)")
         if self.engine != "vllm" and self.vllm_kwargs:
             raise ConfigError(f"rollout.vllm_kwargs is set but rollout.engine is {self.engine}",
                               where="rollout.vllm_kwargs", fix="set rollout.engine=vllm, or remove rollout.vllm_kwargs")

@@ -402,7 +402,7 @@ def make_engine(model, tokenizer, cfg: RolloutConfig, model_path: str | None = N
                               fix="use rollout.engine=local on this machine")
         from posttrain.engines.vllm_engine import VLLMRolloutEngine  # optional package, GPU only
 
-        return VLLMRolloutEngine(model_path, tokenizer, **cfg.vllm_kwargs)
+        return VLLMRolloutEngine(model_path, tokenizer, sleep=cfg.vllm_sleep, **cfg.vllm_kwargs)
     return local_engine(model, tokenizer, cfg)
 
 

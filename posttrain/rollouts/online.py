@@ -132,7 +132,6 @@ class Online:
     evaluate: Callable[[], dict]
     summary: dict
     flat_steps: int = 0          # RL steps in a row without a learning signal
-    remote: bool = False         # launcher=ray: one rollout engine (the workers) for the whole run
     scorer: object = None        # launcher=ray with ray.reward_workers: the reward workers' client
 
 
@@ -169,8 +168,10 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
         gen = remote_engine(engine, policy_of, tokenizer, cfg, ray_cfg)
         scorer = reward_workers(cfg, ray_cfg, engine)
     else:
-        gen = None if engine.fsdp else make_engine(policy_of(engine.unwrapped), tokenizer, cfg.rollout,
-                                                   cfg.model.name_or_path)
+        # FSDP: each step builds the engine around a gathered copy (sampling_policy), except vLLM, which loads
+        # the checkpoint itself, once, and is sent the gathered weights after every update
+        gen = None if rebuilt(engine, cfg) else make_engine(None if engine.fsdp else policy_of(engine.unwrapped),
+                                                            tokenizer, cfg.rollout, cfg.model.name_or_path)
     maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
                             rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
                             rank=engine.rank, world=engine.world_size,
@@ -185,7 +186,7 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
 
     def evaluate() -> dict[str, float]:
         p = policy_of(engine.unwrapped)  # under FSDP the main process's gathered copy
-        g = (make_engine(p, tokenizer, cfg.rollout, cfg.model.name_or_path) if engine.fsdp and ray_cfg is None
+        g = (make_engine(p, tokenizer, cfg.rollout, cfg.model.name_or_path) if rebuilt(engine, cfg)
              else getattr(gen, "main_engine", gen))  # the ray learner group: rank 0's engine alone
         g.update_weights(p, version=o.step)  # version v = the weights after v RL steps
         if maker.env is not None:  # multi-turn: held-out episodes
@@ -205,14 +206,20 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     o = Online(cfg, command, run_dir, tokenizer, engine, plan, n_steps, updates,
                ref_logp_fn(ref_model, lambda: policy_of(engine.unwrapped), temp) if need_ref else None, gen, maker, kl_ctl, logger,
                Progress(n_steps, command, cfg.train.progress), step, evaluate, summary)
-    if ray_cfg is not None:
-        o.remote, o.scorer = True, scorer
+    o.scorer = scorer
     if step == 0:
         with engine.gathered():
             if engine.is_main:
                 summary["initial"] = evaluate()
                 logger.log(0, {f"eval/{k}": v for k, v in summary["initial"].items()})
     return o
+
+
+def rebuilt(engine: TrainEngine, cfg) -> bool:
+    """Whether the rollout engine is built around a gathered copy each time it samples (FSDP: no whole model
+    outside ``engine.gathered()``), not once: not with Ray workers, nor with vLLM (a new vLLM per step would
+    load the checkpoint again and hold a second engine's memory)."""
+    return engine.fsdp and getattr(cfg, "launcher", "local") != "ray" and cfg.rollout.engine != "vllm"
 
 
 @contextmanager
@@ -222,7 +229,7 @@ def sampling_policy(o: Online, policy_of: Callable = lambda m: m):
     process with a rollout engine built around ``policy_of(copy)``, both freed when the block ends."""
     with o.engine.gathered(everywhere=True):
         model = o.engine.unwrapped
-        rebuild = o.engine.fsdp and not o.remote
+        rebuild = rebuilt(o.engine, o.cfg)
         if rebuild:
             o.gen = o.maker.engine = make_engine(policy_of(model), o.tokenizer, o.cfg.rollout,
                                                  o.cfg.model.name_or_path)

@@ -90,6 +90,13 @@ def test_the_rollout_engine_is_chosen_in_one_place():
             load_config(cls, None, ["rollout.engine=vllm", "lora.enabled=true"])
     with pytest.raises(ConfigError, match="rollout.engine is local"):
         load_config(GRPOConfig, None, ["rollout.vllm_kwargs={max_model_len: 512}"])
+    assert load_config(GRPOConfig, None, ["rollout.engine=vllm", "rollout.vllm_sleep=2"]).rollout.vllm_sleep == 2
+    for bad, match in ((["rollout.vllm_sleep=1"], "rollout.vllm_sleep=1 is set but rollout.engine is local"),
+                       (["rollout.engine=vllm", "rollout.vllm_sleep=3"], "must be 0, 1 or 2"),
+                       (["rollout.engine=vllm", "rollout.vllm_sleep=1", "rollout.vllm_kwargs={enable_sleep_mode: true}"],
+                        "which rollout.vllm_sleep sets")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(GRPOConfig, None, bad)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="needs a CUDA GPU"):
             make_engine(None, None, RolloutConfig(engine="vllm"), "tiny")
