@@ -43,6 +43,7 @@ import torch
 
 from posttrain.advantages import distillation_advantages, expand_to_tokens, group_advantages
 from posttrain.config import LoraConfig, ModelConfig, opt
+from posttrain.engines import sharding
 from posttrain.engines.loop import save_final
 from posttrain.engines.runlog import say
 from posttrain.engines.server_engine import ServerRolloutEngine
@@ -225,8 +226,10 @@ def _run(cfg: DistillConfig, client: ServerRolloutEngine | None) -> dict:
     o = online_setup(cfg, "distill", lambda tokenizer: load_policy(cfg.model, cfg.lora))
     engine, plan, G = o.engine, o.plan, cfg.rollout.group_size
     if client is None:
-        teacher = frozen_reference(cfg.teacher, cfg.teacher.name_or_path, False).to(engine.device)
-        teacher = engine.frozen(teacher, "teacher")  # whole on every process, or sharded like the student
+        with sharding.empty_loading(cfg.train, frozen=True):  # train.frozen=shard: on meta on every process but 0
+            teacher = frozen_reference(cfg.teacher, cfg.teacher.name_or_path, False)
+        sharded = engine.fsdp and cfg.train.frozen == "shard"  # then FSDP moves each unit to the device
+        teacher = engine.frozen(teacher if sharded else teacher.to(engine.device), "teacher")
         teacher_fn = ref_logp_fn(teacher, None, cfg.rollout.temperature)
         o.summary["teacher"] = cfg.teacher.name_or_path
     else:

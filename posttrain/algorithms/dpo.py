@@ -34,6 +34,7 @@ from posttrain.data.preference import (
     micro_batches_of,
     truncation_counts,
 )
+from posttrain.engines import sharding
 from posttrain.engines.loop import TrainEngineAutocast, finish, initial_eval, record_steps, save_final
 from posttrain.engines.runlog import MetricsLogger, Progress
 from posttrain.engines.train import TrainEngine, make_run_dir
@@ -123,14 +124,19 @@ def run(cfg: DPOConfig) -> dict:
     reference = resolve_reference(cfg.reference, cfg.loss)
     ref_path = cfg.ref_model or cfg.model.name_or_path
 
-    # ---- the policy and its reference (a precomputed reference pass runs before the policy loads)
-    model, tables, _, ref_info, live = policy_with_reference(
+    # ---- the policy and its reference (a precomputed reference pass runs before the policy loads; under FSDP
+    # the models are built on meta on every process but 0 and the pass runs once the policy is sharded)
+    model, tables, _, ref_info, live, later = policy_with_reference(
         {"train": train_enc, "eval": eval_enc}, reference=reference, ref_path=ref_path, model_cfg=cfg.model,
-        lora=cfg.lora, cache_dir=cfg.ref_cache_dir, pad_id=pad, autocast=TrainEngineAutocast(cfg.train))
+        lora=cfg.lora, cache_dir=cfg.ref_cache_dir, pad_id=pad, autocast=TrainEngineAutocast(cfg.train),
+        empty=(sharding.loads_empty(cfg.train), sharding.loads_empty(cfg.train, frozen=True)),
+        defer=sharding.shards(cfg.train))
 
     sampler = StepSampler(len(train_enc), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
     engine = TrainEngine(model, cfg.train, total, run_dir)
+    if later is not None:
+        tables, _, ref_info = later(engine.model, sharding.reference_pass(engine))
     if live is not None and live.model is not None:  # whole on every process, or sharded like the policy
         live.model = engine.frozen(live.model, "reference", holder=live)
     logger = MetricsLogger(run_dir, enabled=engine.is_main, report_to=cfg.train.report_to, config=cfg)
@@ -157,7 +163,7 @@ def run(cfg: DPOConfig) -> dict:
     summary: dict = {**truncation_counts(train_enc), "loss": cfg.loss, "beta": cfg.beta, "reference": reference,
                      "reference_cache": ref_info, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
                      "ties_skipped": ties, "world_size": engine.world_size, "strategy": engine.strategy,
-                     "frozen": engine.frozen_summary(), "total_steps": total}
+                     "frozen": engine.frozen_summary(), "total_steps": total, "sharded_load": engine.loaded}
     initial_eval(engine, logger, summary, lambda: evaluate(initial=True))
     summary["pairs_per_s"] = record_steps(
         engine, cfg.train, total, micro_batches, loss_fn, count_records, logger,

@@ -39,6 +39,7 @@ from posttrain.data.preference import (
     unpair,
 )
 from posttrain.data.sources import read_source
+from posttrain.engines import sharding
 from posttrain.engines.loop import TrainEngineAutocast, finish, initial_eval, record_steps, save_final
 from posttrain.engines.runlog import MetricsLogger, Progress
 from posttrain.engines.train import TrainEngine, make_run_dir
@@ -174,16 +175,20 @@ def run(cfg: KTOConfig) -> dict:
     reference = "precompute" if cfg.reference == "auto" else cfg.reference
     ref_path = cfg.ref_model or cfg.model.name_or_path
 
-    # ---- the policy and its reference (the mismatched KL pairs' reference log-probs precomputed too)
-    model, tables, extras, ref_info, live = policy_with_reference(
+    # ---- the policy and its reference (the mismatched KL pairs' reference log-probs precomputed too; under
+    # FSDP the models are built on meta on every process but 0 and the pass runs once the policy is sharded)
+    model, tables, extras, ref_info, live, later = policy_with_reference(
         {"train": train_enc, "eval": eval_enc}, reference=reference, ref_path=ref_path, model_cfg=cfg.model,
         lora=cfg.lora, cache_dir=cfg.ref_cache_dir, pad_id=pad, autocast=TrainEngineAutocast(cfg.train),
-        extra={"kl": kl_exs})
-    kl_table = extras.get("kl")
+        extra={"kl": kl_exs}, empty=(sharding.loads_empty(cfg.train), sharding.loads_empty(cfg.train, frozen=True)),
+        defer=sharding.shards(cfg.train))
 
     sampler = StepSampler(len(train_enc), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
     engine = TrainEngine(model, cfg.train, total, run_dir)
+    if later is not None:
+        tables, extras, ref_info = later(engine.model, sharding.reference_pass(engine))
+    kl_table = extras.get("kl")
     if live is not None and live.model is not None:  # whole on every process, or sharded like the policy
         live.model = engine.frozen(live.model, "reference", holder=live)
     logger = MetricsLogger(run_dir, enabled=engine.is_main, report_to=cfg.train.report_to, config=cfg)
@@ -215,7 +220,7 @@ def run(cfg: KTOConfig) -> dict:
     summary: dict = {**truncation_counts(train_enc), "beta": cfg.beta, "reference": reference, "reference_cache": ref_info,
                      "train_examples": len(train_enc), "desirable": n_d, "undesirable": len(train_enc) - n_d,
                      "weighted_balance": balance, "eval_pairs": len(eval_enc), "world_size": engine.world_size, "strategy": engine.strategy,
-                     "frozen": engine.frozen_summary(), "total_steps": total}
+                     "frozen": engine.frozen_summary(), "total_steps": total, "sharded_load": engine.loaded}
     if not 1.0 <= balance <= 4 / 3 and engine.is_main:
         print(f"kto: λ_D·n_D / (λ_U·n_U) = {balance:.2f}, outside the paper's recommended [1, 4/3]; adjust "
               f"desirable_weight / undesirable_weight")

@@ -37,6 +37,7 @@ from posttrain.data.preference import (
     is_ranking,
     truncation_counts,
 )
+from posttrain.engines import sharding
 from posttrain.engines.loop import finish, initial_eval, record_steps
 from posttrain.engines.runlog import MetricsLogger, Progress
 from posttrain.engines.train import TrainEngine, make_run_dir
@@ -168,7 +169,8 @@ def run(cfg: RewardConfig) -> dict:
                                                         "bradley_terry for pairs")
 
     # ---- model and runtime
-    model = load_reward_model(cfg.model, pad_token_id=pad, lora=cfg.lora)
+    with sharding.empty_loading(cfg.train):  # under FSDP built on meta on every process but 0
+        model = load_reward_model(cfg.model, pad_token_id=pad, lora=cfg.lora)
     sampler = StepSampler(len(train_enc), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
     engine = TrainEngine(model, cfg.train, total, run_dir)
@@ -201,7 +203,8 @@ def run(cfg: RewardConfig) -> dict:
     summary: dict = {"train_records": len(train_enc), "eval_records": len(eval_enc), "ties": n_ties,
                      **truncation_counts(train_enc),
                      "tied_rankings": tied_rankings, "records_with_margin": n_margin, "loss": cfg.loss,
-                     "world_size": engine.world_size, "strategy": engine.strategy, "total_steps": total}
+                     "world_size": engine.world_size, "strategy": engine.strategy, "total_steps": total,
+                     "sharded_load": engine.loaded}
     if n_ties and engine.is_main:
         print(f"reward: {n_ties} tie record(s) train with target 0.5 (not wins); "
               f"{len(train_enc) - n_ties} strict preferences")

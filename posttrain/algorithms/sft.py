@@ -20,6 +20,7 @@ from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, o
 from posttrain.data.batching import StepSampler, collate, shard
 from posttrain.data.chat import encode_sft, truncation_counts
 from posttrain.data.formats import load_train_eval
+from posttrain.engines import sharding
 from posttrain.engines.loop import Throughput, between_steps, eval_loss, finish, initial_eval, save_final
 from posttrain.engines.runlog import MetricsLogger, Progress
 from posttrain.engines.train import TrainEngine, make_run_dir
@@ -86,7 +87,8 @@ def run(cfg: SFTConfig) -> dict:
     eval_ex = [e for e in (encode_sft(tokenizer, r, d.max_length) for r in eval_rows) if e.n_trained]
 
     # ---- model and runtime
-    model = load_policy(cfg.model, cfg.lora)
+    with sharding.empty_loading(cfg.train):  # under FSDP built on meta on every process but 0
+        model = load_policy(cfg.model, cfg.lora)
     sampler = StepSampler(len(train_ex), cfg.train.batch_size, cfg.train.seed,
                           lengths=None if cfg.packing else [len(e) for e in train_ex])
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
@@ -113,7 +115,8 @@ def run(cfg: SFTConfig) -> dict:
     progress = Progress(total, "sft", cfg.train.progress)
     clock = Throughput()
     summary: dict = {**counts, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-                     "world_size": engine.world_size, "strategy": engine.strategy, "total_steps": total}
+                     "world_size": engine.world_size, "strategy": engine.strategy, "total_steps": total,
+                     "sharded_load": engine.loaded}
     initial_eval(engine, logger, summary, evaluate)
     while engine.step_count < total:
         batches = micro_batches(engine.step_count)

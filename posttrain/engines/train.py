@@ -149,8 +149,10 @@ class TrainEngine:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         # FSDP2 shards before the optimizer exists: AdamW must hold the sharded parameters
         self.fsdp = cfg.strategy == "fsdp" and self.accelerator.num_processes > 1
+        self.loaded: dict[str, list] = {}  # name -> under FSDP how each rank built and filled it (summary.json)
+        sharding.refuse_empty(model, self.fsdp)
         if self.fsdp:
-            model = sharding.shard(model, self.accelerator.device)
+            model = sharding.shard(model, self.accelerator.device, self.loaded.setdefault(name, []))
         self._gathered = None
         self.frozen_models: dict[str, dict] = {}  # name -> what it holds per process (summary.json)
         self._frozen_holders: list = []  # sharded frozen models the main process's evaluation uses
@@ -227,13 +229,19 @@ class TrainEngine:
         (replicate), or under FSDP sharded over the policy's ranks (shard: every forward is then a
         collective, which every rank must make in lockstep). ``holder``: an object whose ``model`` is this
         model and which the main process's evaluation also uses; inside :meth:`gathered` its ``model`` is
-        a gathered copy there."""
+        a gathered copy there. Its summary (:meth:`frozen_summary`) is measured at placement and, sharded,
+        again as each forward starts (before FSDP gathers anything): what it holds between forwards."""
         model.requires_grad_(False)
         model.eval()
+        sharding.refuse_empty(model, self.fsdp and self.cfg.frozen == "shard")
         if self.fsdp and self.cfg.frozen == "shard":
-            sharding.shard(model, self.device)
+            sharding.shard(model, self.device, self.loaded.setdefault(name, []))
             if holder is not None:
                 self._frozen_holders.append(holder)
+
+            def measure(m, _args):
+                self.frozen_models[name] = sharding.footprint(m)
+            model.register_forward_pre_hook(measure, prepend=True)  # before FSDP's own pre-forward gathers
         self.frozen_models[name] = sharding.footprint(model)
         return model
 

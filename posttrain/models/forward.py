@@ -70,14 +70,96 @@ def _base_lm(model):
 def separable_head(model):
     """(the causal LM, its bias-free output layer) when the LM head can run apart from the model's forward
     (Llama/Qwen2/Qwen3/Mistral), else (the causal LM, None). Not for a model whose forward must run: a
-    DDP wrapper (gradient sync) or an FSDP-sharded one (its root all-gathers the embeddings and head)."""
-    from torch.distributed.fsdp import FSDPModule
-
+    DDP wrapper (its forward prepares the gradient sync) or an FSDP-sharded one (its root all-gathers the
+    embeddings and head); :func:`final_hidden` runs that forward."""
     base = _base_lm(model)
-    if type(base).__name__ not in _HEAD_SLICE_ARCHS or isinstance(model, FSDPModule) or isinstance(base, FSDPModule):
+    if _arch(base) not in _HEAD_SLICE_ARCHS or _sharded_root(model):
         return base, None
     head = base.get_output_embeddings()
     return base, head if getattr(head, "bias", None) is None else None
+
+
+def _fsdp_root(model):
+    """The ``fully_shard``-ed root of a model (itself, or the causal LM inside a peft model), else None."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next((m for m in (model, _base_lm(model)) if isinstance(m, FSDPModule)), None)
+
+
+def _sharded_root(model) -> bool:
+    return _fsdp_root(model) is not None
+
+
+def _arch(model) -> str:
+    """The model's class name (``fully_shard`` renames the class ``FSDP<Name>``, a subclass of it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
+def final_hidden(model, batch: dict):
+    """(final hidden states [B, L, H], the output embedding's weight [V, H]) for the fused LM head, or None
+    where the model's full forward must run (other architectures, a head with a bias).
+
+    A one-process model runs its decoder alone. A model whose own forward must run instead runs that forward
+    with ``logits_to_keep`` selecting no position, so its head makes [B, 0, V] logits (no gradient reaches
+    them):
+
+    - a DDP wrapper (``DistributedDataParallel``): its forward prepares the reducer, which all-reduces each
+      gradient once when the parameter's gradient accumulator has run in the backward. The head's weight is
+      the module's own parameter; its gradient from the fused head (and, tied, from the embedding) is summed
+      by autograd into one accumulation, so it is all-reduced once with the others, after the last
+      micro-batch only under ``no_sync``. Every trainable parameter is reached from the forward's outputs
+      (the empty logits too depend on the head and the whole decoder), so ``find_unused_parameters`` would
+      find none unused;
+    - an FSDP-sharded root (``fully_shard``): its hooks all-gather the root's parameters (embeddings, final
+      norm, head) before the forward and, after the backward, reduce-scatter their gradients. The head's
+      weight is read after that forward: FSDP2 keeps a root's parameters unsharded after forward
+      (``fully_shard``'s default), so it is the whole parameter the forward used. Its gradient accumulates
+      in that parameter's ``.grad``, which the root's post-backward, queued to run once at the end of the
+      backward, reduce-scatters into the sharded gradient. A frozen sharded model has no backward: its
+      root is resharded once the head has run (:func:`_reshard_frozen`).
+
+    With grad the hidden states are taken from the wrapper's output (``hidden_states[-1]``, the decoder's
+    final hidden states themselves), so the backward passes whatever the wrapper put on its outputs: FSDP's
+    pre-backward hook, DDP's sink (with ``find_unused_parameters`` or ``static_graph``). Without grad a
+    forward hook on the decoder takes them: returning every layer's hidden states would keep them all alive
+    until the forward ends."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = isinstance(model, DistributedDataParallel)
+    base = _base_lm(model.module if ddp else model)
+    head = base.get_output_embeddings() if _arch(base) in _HEAD_SLICE_ARCHS else None
+    if head is None or getattr(head, "bias", None) is not None:
+        return None
+    if not ddp and not _sharded_root(model):
+        return base.get_decoder()(**model_inputs(base, batch)).last_hidden_state, head.weight
+    grad, got = torch.is_grad_enabled(), []
+    hook = None if grad else base.get_decoder().register_forward_hook(
+        lambda _m, _i, out: got.append(out.last_hidden_state))
+    nowhere = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    try:
+        out = model(**model_inputs(model, batch), logits_to_keep=nowhere, output_hidden_states=grad)
+    finally:
+        if hook is not None:
+            hook.remove()
+    weight = head.weight
+    if hasattr(weight, "to_local"):  # a DTensor: the root was resharded after its forward
+        raise TrainingError("the sharded model's LM head was resharded after its forward, so the fused head "
+                            "cannot use it", where="train.strategy",
+                            fix="report this: the root must keep fully_shard's reshard_after_forward default")
+    return (out.hidden_states[-1] if grad else got[-1]), weight
+
+
+def _reshard_frozen(model) -> None:
+    """After a forward of a frozen FSDP-sharded model (``train.frozen=shard``: a KL reference, a live DPO/KTO
+    reference, a distillation teacher) and the head that used its root's weight: reshard the root
+    (``FSDPModule.reshard``). FSDP2 reshards a root only in its post-backward, which a model without trainable
+    parameters never has, so its embeddings, final norm and head would otherwise stay whole on every process
+    from its first forward on. The next forward all-gathers them again, as it does every decoder layer."""
+    root = _fsdp_root(model)
+    if root is not None and not any(p.requires_grad for p in model.parameters()):
+        root.reshard()
 
 
 def token_forward(model, batch: dict, temperature: float = 1.0, want_hidden: bool = False,
@@ -90,14 +172,14 @@ def token_forward(model, batch: dict, temperature: float = 1.0, want_hidden: boo
 
     For Llama/Qwen2/Qwen3/Mistral the LM head runs only on the K completion positions, fused with the
     log-softmax and the entropy chunk by chunk (``logprobs.lm_head_logps``): no [K, vocab] logits or
-    their gradient exist, and the prompt's logits are never computed. Other architectures, and a model
-    wrapped for DDP (its forward must run for the gradient sync), run their full forward and index it."""
+    their gradient exist, and the prompt's logits are never computed (a DDP wrapper or an FSDP-sharded model
+    too: see :func:`final_hidden`). Other architectures run their full forward and index it."""
     rows, cols, seq, j, targets = (batch[k] for k in ("pred_row", "pred_col", "tgt_seq", "tgt_j", "tgt_ids"))
-    base, head = separable_head(model)
+    apart = final_hidden(model, batch)
     res = {"seq": seq, "j": j}
-    if head is not None:
-        hidden = base.get_decoder()(**model_inputs(base, batch)).last_hidden_state[rows, cols]
-        out = lm_head_logps(hidden, head.weight, targets, temperature=temperature, return_entropy=want_entropy)
+    if apart is not None:
+        hidden = apart[0][rows, cols]
+        out = lm_head_logps(hidden, apart[1], targets, temperature=temperature, return_entropy=want_entropy)
         res["logp"], res["entropy"] = (out[0].float(), out[1].float()) if want_entropy else (out.float(), None)
     else:
         out = model(**model_inputs(model, batch), output_hidden_states=want_hidden)
@@ -105,6 +187,7 @@ def token_forward(model, batch: dict, temperature: float = 1.0, want_hidden: boo
         hidden = out.hidden_states[-1][rows, cols] if want_hidden else None
         res["logp"] = selective_log_softmax(logits, targets, temperature=temperature).float()
         res["entropy"] = entropy_from_logits(logits, temperature=temperature).float() if want_entropy else None
+    _reshard_frozen(model)
     if want_hidden:
         res["hidden"] = hidden
     return res
@@ -222,16 +305,17 @@ def position_logps(model, batch: dict, pos: torch.Tensor, targets: torch.Tensor,
     """log π(targets | prefix) at flat row positions ``pos`` of a packed batch ([K] fp32; with
     ``return_hits`` also [K] bool: the target is the arg-max). For Llama/Qwen2/Qwen3/Mistral the LM head
     runs only at ``pos``, fused with the log-softmax chunk by chunk (``logprobs.lm_head_logps``), so no
-    [tokens, vocab] logits exist for the batch; other architectures, and a model wrapped for DDP (its
-    forward must run for the gradient sync), run their full forward and gather."""
-    base, head = separable_head(model)
-    if head is not None:
-        hidden = base.get_decoder()(**model_inputs(base, batch)).last_hidden_state
-        out = lm_head_logps(hidden.reshape(-1, hidden.shape[-1])[pos], head.weight, targets, return_hits=True)
+    [tokens, vocab] logits exist for the batch (under DDP or FSDP too: :func:`final_hidden`); other
+    architectures run their full forward and gather."""
+    apart = final_hidden(model, batch)
+    if apart is not None:
+        hidden, weight = apart
+        out = lm_head_logps(hidden.reshape(-1, hidden.shape[-1])[pos], weight, targets, return_hits=True)
         lp, hits = out[0].float(), out[1]
     else:
         logits = model(**model_inputs(model, batch)).logits
         logits = logits.reshape(-1, logits.shape[-1])[pos]
         lp = selective_log_softmax(logits, targets).float()
         hits = logits.detach().argmax(-1) == targets
+    _reshard_frozen(model)
     return (lp, hits) if return_hits else lp

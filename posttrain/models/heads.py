@@ -22,7 +22,7 @@ import torch
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import ModelError
 from posttrain.models.attention import model_inputs
-from posttrain.models.loading import _dtype, attn_implementation, quiet_transformers
+from posttrain.models.loading import pretrained, quiet_transformers
 from posttrain.models.tiny import resolve
 
 # transformers, peft and tokenizers are imported inside the functions that use them: importing them
@@ -49,9 +49,7 @@ def load_reward_model(cfg: ModelConfig, name_or_path: str | None = None, pad_tok
     quiet_transformers()
     path = resolve(name_or_path or cfg.name_or_path)
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=_dtype(cfg.dtype), attn_implementation=attn_implementation(cfg),
-            revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, output_loading_info=True)
+        model, info = pretrained(AutoModelForSequenceClassification, path, cfg, num_labels=1, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load '{path}' as a sequence-classification reward model: {e}",
                          where=where,

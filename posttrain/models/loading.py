@@ -9,10 +9,11 @@ from __future__ import annotations
 # costs seconds, and `posttrain <command> --help` imports this module.
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from posttrain.config import LoraConfig, ModelConfig
-from posttrain.errors import ModelError
+from posttrain.errors import ConfigError, ModelError
 from posttrain.models import tiny
 
 
@@ -70,17 +71,68 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     return tok
 
 
+_EMPTY = ContextVar("posttrain_empty_weights", default=False)
+
+
+@contextmanager
+def empty_weights(on: bool = True):
+    """Inside the block (when ``on``) :func:`pretrained` builds each model on the ``meta`` device from its
+    config, reading no weights and holding no memory: every rank but 0 of a ``train.strategy=fsdp`` run
+    (``engines.sharding.loads_empty``), whose shards ``engines.sharding.shard`` fills from rank 0's copy."""
+    token = _EMPTY.set(on)
+    try:
+        yield
+    finally:
+        _EMPTY.reset(token)
+
+
+def pretrained(auto_class, path: str, cfg: ModelConfig, **kwargs):
+    """``auto_class.from_pretrained(path, **kwargs)`` with the configured dtype, attention backend, revision and
+    remote-code choice; inside :func:`empty_weights` the same module built on ``meta`` instead: the same class
+    from the same config (``kwargs`` such as ``num_labels`` go to the config as ``from_pretrained`` sends
+    them), dtype, tied weights and generation config, in eval mode as ``from_pretrained`` leaves it.
+    ``sharding.shard`` checks that every rank built the same module (names, shapes, dtypes, ties, configs)
+    before rank 0's weights fill it. With ``output_loading_info`` an empty build's info lists nothing
+    missing: rank 0, which reads the checkpoint, makes any check on it."""
+    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if not _EMPTY.get():
+        return auto_class.from_pretrained(path, dtype=_dtype(cfg.dtype), attn_implementation=attn_implementation(cfg),
+                                          **common, **kwargs)
+    import torch
+    from transformers import AutoConfig
+    from transformers.utils import find_adapter_config_file
+
+    info = kwargs.pop("output_loading_info", False)
+    if find_adapter_config_file(path, revision=cfg.revision) is not None:
+        raise ConfigError(f"'{path}' is a LoRA adapter directory; under train.strategy=fsdp the processes other "
+                         "than 0 build the model from its config without reading weights, which an adapter "
+                         "directory does not hold whole", where="model.name_or_path",
+                         fix="give a directory of merged weights (lora.merge_on_save=true writes one), or train "
+                             "with train.strategy=ddp")
+    config = AutoConfig.from_pretrained(path, **common, **kwargs)
+    if getattr(config, "quantization_config", None):
+        raise ConfigError(f"'{path}' is a quantized checkpoint, which train.strategy=fsdp does not load",
+                         where="model.name_or_path", fix="give unquantized weights, or train with train.strategy=ddp")
+    with torch.device("meta"):
+        model = auto_class.from_config(config, dtype=_dtype(cfg.dtype), attn_implementation=attn_implementation(cfg),
+                                       trust_remote_code=cfg.trust_remote_code)
+    model.eval()
+    if model.can_generate():  # generation_config.json, as from_pretrained reads it
+        model.adjust_generation_fn(None, True, None, path, cache_dir=None, force_download=False, proxies=None,
+                                   local_files_only=False, token=None, subfolder="", **common)
+    return (model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}) if info else model
+
+
 def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None):
-    """``AutoModelForCausalLM.from_pretrained`` with the configured dtype and attention backend."""
+    """``AutoModelForCausalLM.from_pretrained`` with the configured dtype and attention backend (inside
+    :func:`empty_weights`, built on ``meta``)."""
     from transformers import AutoModelForCausalLM
 
     check_not_missing_run(name_or_path or cfg.name_or_path)
     quiet_transformers()
     path = tiny.resolve(name_or_path or cfg.name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_dtype(cfg.dtype), attn_implementation=attn_implementation(cfg),
-            revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        model = pretrained(AutoModelForCausalLM, path, cfg)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a causal LM from '{path}': {e}", where="model.name_or_path",
                          fix="give a local model directory or a hub id available offline, or 'tiny'") from None

@@ -28,7 +28,7 @@ import torch
 from posttrain.config import ModelConfig
 from posttrain.data.batching import collate, to_device
 from posttrain.models.forward import sequence_logps
-from posttrain.models.loading import eval_mode, load_causal_lm, load_policy
+from posttrain.models.loading import empty_weights, eval_mode, load_causal_lm, load_policy
 from posttrain.models.tiny import resolve
 
 
@@ -98,10 +98,11 @@ def adapters_disabled(model):
         yield model
 
 
-def load_reference(cfg: ModelConfig, path: str):
+def load_reference(cfg: ModelConfig, path: str, to_gpu: bool = True):
+    """``to_gpu=False``: left where it loaded, for FSDP to shard (which moves each unit to its device)."""
     model = load_causal_lm(cfg, path)
     model.requires_grad_(False)
-    if torch.cuda.is_available():  # where the accelerator puts the policy
+    if to_gpu and torch.cuda.is_available() and not next(model.parameters()).is_meta:  # where the policy is
         model.to("cuda")
     return model.eval()
 
@@ -113,25 +114,30 @@ def free(model) -> None:
 
 def precompute(examples: list, *, ref_path: str, model_cfg: ModelConfig, policy=None,
                cache_dir: str | Path | None = None, batch_tokens: int = 4096, pad_id: int = 0,
-               autocast=None, log=print) -> tuple[torch.Tensor, dict]:
+               autocast=None, log=print, sharded=None) -> tuple[torch.Tensor, dict]:
     """Reference log-probs [N] of ``examples``, from the cache or from one inference pass.
 
     ``policy``: a peft-wrapped policy whose base IS the reference (LoRA): scored with adapters
     disabled, no model loaded. Otherwise the reference at ``ref_path`` is loaded, used, and freed.
+    ``sharded`` (under FSDP, ``engines.sharding.reference_pass``): {empty, place, agree}: the reference is
+    built on meta where ``empty`` and sharded by ``place(model)``, its forwards are collectives that every
+    process makes in the same order, and the cache is used only where ``agree(hit)``: every process found it.
     Returns (logps, info) with info = {cache: hit|miss, path, loaded_reference, seconds}."""
     t0 = time.perf_counter()
     key = cache_key(model_fingerprint(ref_path, model_cfg.dtype), examples)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     path = root / f"{key}.pt"
-    if path.exists():
-        data = torch.load(path, weights_only=True)
-        if data.shape == (len(examples),):
-            log(f"reference log-probs: cache hit {path} ({len(examples)} sequences)")
-            return data, {"cache": "hit", "path": str(path), "loaded_reference": False,
-                          "seconds": time.perf_counter() - t0}
+    data = torch.load(path, weights_only=True) if path.exists() else None
+    hit = data is not None and data.shape == (len(examples),)
+    if sharded["agree"](hit) if sharded else hit:
+        log(f"reference log-probs: cache hit {path} ({len(examples)} sequences)")
+        return data, {"cache": "hit", "path": str(path), "loaded_reference": False,
+                      "seconds": time.perf_counter() - t0}
     loaded = policy is None or not hasattr(policy, "disable_adapter")
     if loaded:
-        model = load_reference(model_cfg, ref_path)
+        with empty_weights(bool(sharded and sharded["empty"])):
+            model = load_reference(model_cfg, ref_path, to_gpu=not sharded)
+        model = sharded["place"](model) if sharded else model
         logps = compute_logps(model, examples, batch_tokens=batch_tokens, pad_id=pad_id, autocast=autocast)
         free(model)
     else:
@@ -196,8 +202,9 @@ def frozen_reference(model_cfg: ModelConfig, ref_model: str | None, lora_enabled
 
 
 def precompute_tables(encs_by_split: dict[str, list], *, ref_path: str, model_cfg: ModelConfig, policy,
-                      cache_dir, pad_id: int, autocast, extra: dict[str, list] | None = None):
-    """Reference log-probs of every response of every record, one pass for all splits and extras.
+                      cache_dir, pad_id: int, autocast, extra: dict[str, list] | None = None, sharded=None):
+    """Reference log-probs of every response of every record, one pass for all splits and extras
+    (``sharded``: see :func:`precompute`).
     Returns ({split: [N, K] table}, {name: [M] tensor} for ``extra`` example lists, info)."""
     exs, spans = [], {}
     for name, encs in encs_by_split.items():
@@ -209,7 +216,7 @@ def precompute_tables(encs_by_split: dict[str, list], *, ref_path: str, model_cf
         exs += more
         spans[name] = (start, len(exs))
     logps, info = precompute(exs, ref_path=ref_path, model_cfg=model_cfg, policy=policy, cache_dir=cache_dir,
-                             pad_id=pad_id, autocast=autocast)
+                             pad_id=pad_id, autocast=autocast, sharded=sharded)
     tables = {}
     for name, encs in encs_by_split.items():
         a, _ = spans[name]
@@ -236,22 +243,30 @@ def attach_reference_in_order(batches: list[dict], table: torch.Tensor | None) -
 
 
 def policy_with_reference(encs_by_split: dict[str, list], *, reference: str, ref_path: str, model_cfg: ModelConfig,
-                          lora, cache_dir, pad_id: int, autocast, extra: dict[str, list] | None = None):
+                          lora, cache_dir, pad_id: int, autocast, extra: dict[str, list] | None = None,
+                          empty: tuple[bool, bool] = (False, False), defer: bool = False):
     """The trainable policy and its reference, by strategy: ``precompute`` runs the reference pass
     BEFORE the policy loads with full fine-tuning (one model in memory at a time) and after it with
     LoRA (the same model, adapters disabled); ``live`` keeps a frozen reference (or the disabled
-    adapters); ``none`` has none. Returns (model, {split: table or None}, {extra name: tensor}, info,
-    live reference or None)."""
+    adapters); ``none`` has none. Under FSDP (``engines.sharding.loads_empty``) ``empty`` says whether
+    this process builds (the policy, the live reference) on meta, and ``defer`` leaves the reference pass
+    to the returned ``later(policy, sharded)``, called once the policy is sharded (:func:`precompute`).
+    Returns (model, {split: table or None}, {extra name: tensor}, info, live reference or None, later or None)."""
     tables, extras, info = {name: None for name in encs_by_split}, {}, {"cache": "none"}
 
-    def pre(policy):
+    def pre(policy, sharded=None):
         return precompute_tables(encs_by_split, ref_path=ref_path, model_cfg=model_cfg, policy=policy,
-                                 cache_dir=cache_dir, pad_id=pad_id, autocast=autocast, extra=extra)
+                                 cache_dir=cache_dir, pad_id=pad_id, autocast=autocast, extra=extra, sharded=sharded)
 
-    if reference == "precompute" and not lora.enabled:
+    if reference == "precompute" and not lora.enabled and not defer:
         tables, extras, info = pre(None)
-    model = load_policy(model_cfg, lora)
-    if reference == "precompute" and lora.enabled:
+    with empty_weights(empty[0]):
+        model = load_policy(model_cfg, lora)
+    if reference == "precompute" and lora.enabled and not defer:
         tables, extras, info = pre(model)
-    live = LiveReference(model, model_cfg, ref_path) if reference == "live" else None
-    return model, tables, extras, info, live
+    with empty_weights(empty[1]):
+        live = LiveReference(model, model_cfg, ref_path) if reference == "live" else None
+    def later(policy, sharded):  # the reference pass on the sharded models, after the engine starts
+        return pre(policy if lora.enabled else None, sharded)
+
+    return model, tables, extras, info, live, (later if defer and reference == "precompute" else None)

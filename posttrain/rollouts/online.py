@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.engines import sharding
 from posttrain.engines.loop import between_steps, finish
 from posttrain.engines.ray_learners import GroupRolloutEngine, GroupScorer, check_group
 from posttrain.engines.runlog import MetricsLogger, Progress, say
@@ -147,7 +148,8 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     rewards = load_rewards(cfg.reward, cfg.reward_weights) if cfg.reward else []  # [] = the environment's
     run_dir = make_run_dir(cfg.train, command, cfg)
     tokenizer = tokenizer_for(cfg.model)
-    model = build_model(tokenizer)
+    with sharding.empty_loading(cfg.train):  # under FSDP built on meta on every process but 0 (PPO: with its critic)
+        model = build_model(tokenizer)
     n_steps = rl_steps(cfg.train, len(records), cfg.rollout.prompts_per_step)
     updates = cfg.loss.ppo_epochs * plan_batches(cfg.rollout, cfg.train).minibatches
     engine = TrainEngine(model, cfg.train, n_steps * updates, run_dir)
@@ -159,7 +161,8 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     plan = plan_batches(cfg.rollout, cfg.train, engine.world_size)
     temp = cfg.rollout.temperature
     need_ref = cfg.kl.beta > 0 or cfg.kl.track
-    ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
+    with sharding.empty_loading(cfg.train, frozen=True):
+        ref_model = frozen_reference(cfg.model, cfg.kl.ref_model, cfg.lora.enabled) if need_ref else None
     if ref_model is not None:  # whole on every process, or sharded like the policy (train.frozen)
         ref_model = engine.frozen(ref_model, "reference")
     # FSDP: no whole model outside engine.gathered(); each step builds its engine around a gathered copy
@@ -202,7 +205,7 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     summary = {"world_size": engine.world_size, "strategy": engine.strategy, "rl_steps": n_steps,
                "optimizer_steps_per_rl_step": updates, "launcher": getattr(cfg, "launcher", "local"),
                "rollouts_per_step": cfg.rollout.prompts_per_step * cfg.rollout.group_size,
-               "frozen": engine.frozen_summary()}
+               "frozen": engine.frozen_summary(), "sharded_load": engine.loaded}
     o = Online(cfg, command, run_dir, tokenizer, engine, plan, n_steps, updates,
                ref_logp_fn(ref_model, lambda: policy_of(engine.unwrapped), temp) if need_ref else None, gen, maker, kl_ctl, logger,
                Progress(n_steps, command, cfg.train.progress), step, evaluate, summary)

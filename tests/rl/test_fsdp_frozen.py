@@ -27,13 +27,15 @@ def _run(tmp_path, command, frozen, args):
 
 
 def _check_placement(summary: dict, frozen: str, name: str = "reference") -> None:
-    """summary.json says where the frozen model lived: under shard each process held half its weights."""
+    """summary.json says where the frozen model lived: under shard each process held half its weights, and
+    none of them whole as its last forward started (measured before FSDP gathers anything: the root that
+    the forward before gathered was resharded after it, though a frozen model has no backward)."""
     ref = summary["frozen"]["models"][name]
     assert summary["frozen"]["mode"] == frozen and ref["sharded"] == (frozen == "shard")
     if frozen == "shard":
-        assert ref["params_per_process"] < 0.6 * ref["params"]
+        assert ref["params_per_process"] < 0.6 * ref["params"] and ref["whole_per_process"] == 0
     else:
-        assert ref["params_per_process"] == ref["params"]
+        assert ref["params_per_process"] == ref["whole_per_process"] == ref["params"]
 
 
 def _same_run(runs: dict, keys) -> None:
@@ -83,7 +85,6 @@ def test_live_reference_sharded_equals_replicated(tmp_path, command):
     for f, (summary, _, _) in runs.items():
         _check_placement(summary, f)
     # not the accuracy: at step 1 policy = reference, every reward margin is a tie that 1e-8 of float noise flips
-    # (the replicated reference runs the fused LM head, the sharded one its full forward)
     _same_run(runs, lambda row: [k for k in row if k.startswith("train/") and "accuracy" not in k])
     ea, eb = (runs[f][0]["final"] for f in ("replicate", "shard"))
     assert ea.keys() == eb.keys() and ea
