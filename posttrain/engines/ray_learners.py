@@ -30,9 +30,11 @@ from posttrain.errors import ConfigError, PosttrainError, TrainingError
 
 
 class GroupRolloutEngine:
-    """A learner rank's rollout engine when rank 0 drives the Ray rollout workers (``inner`` on rank 0,
-    None elsewhere). Every rank must call ``submit``/``collect``/``generate`` together, as the online
-    loop does; ``main_engine`` is rank 0's own engine (held-out evaluation runs there alone)."""
+    """A training rank's rollout engine when rank 0 drives the engine for all (``inner`` on rank 0, None
+    elsewhere): the Ray rollout workers, or (``launcher=local`` with several processes) the completion
+    servers of ``rollout.engine=server``, whose weights one process reloads. Every rank must call
+    ``submit``/``collect``/``generate`` together, as the online loop does; ``main_engine`` is rank 0's own
+    engine (held-out evaluation runs there alone). An ``inner`` without ``submit`` generates in ``collect``."""
 
     def __init__(self, inner, rank: int, world: int):
         self.inner, self.rank, self.world = inner, rank, world
@@ -59,20 +61,22 @@ class GroupRolloutEngine:
         if self.rank != 0:
             return [len(p) for p, _ in parts]
         seeds = [s for p, prm in parts for s in prompt_seeds(prm, len(p))]
-        merged = replace(parts[0][1], seeds=seeds, seed=None)
-        return [len(p) for p, _ in parts], self.inner.submit([q for p, _ in parts for q in p], merged)
+        merged, prompts = replace(parts[0][1], seeds=seeds, seed=None), [q for p, _ in parts for q in p]
+        request = self.inner.submit(prompts, merged) if hasattr(self.inner, "submit") else (prompts, merged)
+        return [len(p) for p, _ in parts], request
 
     def collect(self, pending):
         payload = [None] * self.world
         if self.rank == 0:
-            sizes, inner = pending
-            outs = self.inner.collect(inner)
+            sizes, request = pending
+            outs = self.inner.collect(request) if hasattr(self.inner, "collect") else self.inner.generate(*request)
             k = len(outs) // max(sum(sizes), 1)  # rollouts per prompt
             bounds = [0]
             for s in sizes:
                 bounds.append(bounds[-1] + s * k)
             oldest = min((o.version for o in outs if o.version is not None), default=None)
-            payload = [(outs[a:b], self.inner.restarts, self.inner.last_stats, oldest)
+            restarts, stats = getattr(self.inner, "restarts", 0), getattr(self.inner, "last_stats", {})
+            payload = [(outs[a:b], restarts, stats, oldest)
                        for a, b in zip(bounds, bounds[1:])]
         mine = [None]
         dist.scatter_object_list(mine, payload if self.rank == 0 else None, src=0)
@@ -83,7 +87,7 @@ class GroupRolloutEngine:
         return self.collect(self.submit(prompts, params))
 
     def worker_table(self):
-        return self.inner.worker_table() if self.inner is not None else None
+        return self.inner.worker_table() if hasattr(self.inner, "worker_table") else None
 
     def close(self) -> None:
         if self.inner is not None:

@@ -106,10 +106,10 @@ class ServerRolloutEngine:
             raise ConfigError("the server rollout engine needs at least one server URL", where="rollout.servers",
                               fix="rollout.servers=[http://127.0.0.1:8001/v1]")
         if sync_weights and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise ConfigError("rollout.engine=server runs with one trainer process for now (each process would "
-                              "reload the servers' weights on its own)", where="rollout.engine",
-                              fix="train in one process, or use rollout.engine=local")
+                and torch.distributed.get_rank() != 0:  # each process would reload the servers' weights on its own
+            raise ConfigError("with several trainer processes only the main one drives the servers (the others "
+                              "reach them through it: online.rollout_engine)", where="rollout.engine",
+                              fix="report this: a code path builds the server engine on every process")
         self.timeout_s, self.connect_timeout_s = float(timeout_s), float(connect_timeout_s)
         self.retries, self.backoff_s = int(retries), float(backoff_s)
         self._client = httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),

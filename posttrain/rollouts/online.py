@@ -173,8 +173,8 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     else:
         # FSDP: each step builds the engine around a gathered copy (sampling_policy), except vLLM, which loads
         # the checkpoint itself, once, and is sent the gathered weights after every update
-        gen = None if rebuilt(engine, cfg) else make_engine(None if engine.fsdp else policy_of(engine.unwrapped),
-                                                            tokenizer, cfg.rollout, cfg.model.name_or_path)
+        gen = None if rebuilt(engine, cfg) else rollout_engine(
+            engine, lambda: None if engine.fsdp else policy_of(engine.unwrapped), tokenizer, cfg)
     maker = ExperienceMaker(tokenizer=tokenizer, engine=gen, rollout=cfg.rollout, shaping=cfg.shaping,
                             rewards=rewards, records=records, seed=cfg.train.seed, plan=plan,
                             rank=engine.rank, world=engine.world_size,
@@ -218,6 +218,16 @@ def online_setup(cfg, command: str, build_model: Callable, policy_of: Callable =
     return o
 
 
+def rollout_engine(engine: TrainEngine, model_of: Callable, tokenizer, cfg):
+    """launcher=local: this process's rollout engine (``make_engine`` around ``model_of()``). With servers and
+    several processes, the main process drives them for every process (a GroupRolloutEngine: one process
+    reloads their weights, and each process's prompts go with the others' in one request)."""
+    if cfg.rollout.engine == "server" and engine.world_size > 1:
+        inner = make_engine(model_of(), tokenizer, cfg.rollout, cfg.model.name_or_path) if engine.is_main else None
+        return GroupRolloutEngine(inner, engine.rank, engine.world_size)
+    return make_engine(model_of(), tokenizer, cfg.rollout, cfg.model.name_or_path)
+
+
 def rebuilt(engine: TrainEngine, cfg) -> bool:
     """Whether the rollout engine is built around a gathered copy each time it samples (FSDP: no whole model
     outside ``engine.gathered()``), not once: not with Ray workers, nor with vLLM (a new vLLM per step would
@@ -234,8 +244,7 @@ def sampling_policy(o: Online, policy_of: Callable = lambda m: m):
         model = o.engine.unwrapped
         rebuild = rebuilt(o.engine, o.cfg)
         if rebuild:
-            o.gen = o.maker.engine = make_engine(policy_of(model), o.tokenizer, o.cfg.rollout,
-                                                 o.cfg.model.name_or_path)
+            o.gen = o.maker.engine = rollout_engine(o.engine, lambda: policy_of(model), o.tokenizer, o.cfg)
         else:
             o.gen.update_weights(policy_of(model), version=o.step)
         try:

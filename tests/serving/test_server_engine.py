@@ -16,7 +16,7 @@ import torch
 
 from posttrain.config import load_config
 from posttrain.errors import ConfigError, ServiceError
-from pt_helpers import SFT_OVERRIDES, cached_run, spawn_servers
+from pt_helpers import SFT_OVERRIDES, cached_run, run_cli, spawn_servers, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 # tests/conftest.py's cache, read before tests/serving/conftest.py points this module at /tmp/ptcache: the
@@ -183,6 +183,35 @@ def test_grpo_with_rollouts_on_two_serve_processes_raises_accuracy(sft_policy, p
     assert max(r["logprob_gap"] for r in rows) < 1e-3
     versions = {httpx.get(u.removesuffix("/v1") + "/posttrain/weights").json()["version"] for u in urls}
     assert len(versions) == 1 and versions.pop() >= 21  # the start, then every RL step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_trainer_processes_reach_the_servers_through_the_main_one(sft_policy, process_servers, tmp_path, strategy):
+    """Under torchrun (2 processes, DDP or FSDP2) the main process drives the servers for both: it alone
+    reloads their weights (FSDP: from the copy gathered for the step), and both processes' prompts go in one
+    request (per-prompt seeds), so the run is the one-process run on the same servers: rewards, losses and
+    final weights (to 1e-5)."""
+    from safetensors.torch import load_file
+
+    urls = [url for _, url in process_servers]
+    args = [f"model.name_or_path={sft_policy}", "rollout.engine=server", f"rollout.servers=[{','.join(urls)}]",
+            "reward=builtin_correct", "rollout.prompts_per_step=8", "rollout.group_size=4", "train.max_steps=2",
+            "train.lr=1e-4", "train.progress=false", "train.log_every=1", "task_eval_prompts=8",
+            "task_eval_samples=1", "train.threads=1"]
+    one = run_cli("grpo", f"train.output_dir={tmp_path / 'one'}", *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("grpo", f"train.output_dir={tmp_path / 'two'}", f"train.strategy={strategy}", *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == strategy
+    a, b = ([r for r in _metric_rows(tmp_path / d) if "reward/mean" in r] for d in ("one", "two"))
+    assert len(a) == len(b) == 2 and any(r["train/grad_norm"] > 0 for r in a)
+    for x, y in zip(a, b):
+        assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
+        assert x["train/loss"] == pytest.approx(y["train/loss"], abs=1e-5)
+    wa, wb = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("one", "two"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
 
 
 def test_a_server_killed_mid_run_stops_it_with_an_error_naming_the_server(sft_policy, process_servers, tmp_path):
