@@ -156,10 +156,6 @@ class GRPOConfig:
         check_launcher(self)
         if not check_environment_reward(self):
             check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
-        if self.rollout.engine == "vllm" and self.lora.enabled:
-            raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
-                              "so every rollout would come from the initial model", where="rollout.engine",
-                              fix="use rollout.engine=local with LoRA, or train all weights (lora.enabled=false)")
         if self.loss.advantage in ("group_std", "rloo") and self.rollout.group_size < 2:
             raise ConfigError(f"advantage {self.loss.advantage} needs rollout.group_size >= 2, got "
                               f"{self.rollout.group_size}", where="rollout.group_size",

@@ -133,10 +133,6 @@ class PPOConfig:
 
     def validate(self) -> None:
         check_launcher(self)
-        if self.rollout.engine == "vllm" and self.lora.enabled:
-            raise ConfigError("the LoRA adapters would never reach the vLLM engine (only full weights are synced), "
-                              "so every rollout would come from the initial model", where="rollout.engine",
-                              fix="use rollout.engine=local with LoRA, or train all weights (lora.enabled=false)")
         if not check_environment_reward(self):
             check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
         if self.value.init == "reward_model" and not self.value.path and not any(r.startswith("rm:") for r in self.reward):

@@ -214,20 +214,21 @@ class ServerRolloutEngine:
     def update_weights(self, model, version: int | None = None) -> None:
         """Write ``model``'s weights to a file and have every server load it (see the module docstring;
         the engine numbers its own versions)."""
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file, save_model
+
+        from posttrain.models.loading import is_peft, merged_weights
 
         if not self.sync_weights:
             raise ConfigError("this server engine was opened read-only (sync_weights=False, e.g. a teacher): it does "
                               "not send weights to its servers", where="rollout.servers")
         src = getattr(model, "module", model)  # DDP / accelerate wrappers
-        if getattr(src, "peft_config", None) is not None:
-            raise ConfigError("rollout.engine=server syncs full model weights; LoRA adapters would never reach "
-                              "the servers", where="rollout.engine",
-                              fix="use rollout.engine=local with LoRA, or train all weights (lora.enabled=false)")
         t0, version = time.perf_counter(), self.version + 1
         path = self.weights_dir / f"weights-{os.getpid()}-{version}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
-        save_model(src, str(tmp))
+        if is_peft(src):  # LoRA: the servers hold whole weights, so they get the adapters merged into them
+            save_file({k: v.contiguous() for k, v in merged_weights(src).items()}, str(tmp))
+        else:
+            save_model(src, str(tmp))
         os.replace(tmp, path)  # a server never reads a half-written file
         try:
             self._parallel(self._push, [(s, path, version) for s in self.servers])

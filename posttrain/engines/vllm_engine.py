@@ -105,8 +105,11 @@ class VLLMRolloutEngine:
 
     def update_weights(self, model, version: int | None = None) -> None:
         """Load the trainer's weights (same architecture, HF parameter names) into the vLLM model."""
+        from posttrain.models.loading import is_peft, merged_weights
+
         src = getattr(model, "module", model)
-        weights = [(name, t.detach()) for name, t in src.state_dict().items()]
+        state = merged_weights(src) if is_peft(src) else src.state_dict()  # LoRA: the adapters merged in
+        weights = [(name, t.detach()) for name, t in state.items()]
         self._wake("weights")  # the KV cache stays asleep until generate needs it
         try:
             self.llm.collective_rpc(_load_weights, args=(weights,))

@@ -11,10 +11,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import ConfigError, ModelError
 from posttrain.models import tiny
+
+if TYPE_CHECKING:
+    import torch
 
 
 def quiet_transformers() -> None:
@@ -157,6 +161,36 @@ def apply_lora(model, cfg: LoraConfig):
 
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
+
+
+def merged_weights(model) -> dict[str, torch.Tensor]:
+    """A LoRA (peft) model's weights with its adapters merged, under the base model's own names, for an engine
+    that holds whole weights (generation servers, vLLM): W = W₀ + (α/r)·B·A for every adapted layer (peft's
+    ``get_delta_weight``, which also handles fan-in/fan-out layouts), every other tensor as it is. The model
+    is not changed: merging in place and unmerging would not give W₀ back bit for bit. Tensors the base model
+    ties stay one tensor (``safetensors.torch.save_model``'s rule then keeps one name of them)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import _remove_duplicate_names  # save_model's own rule for tied names
+
+    base, adapter = model.get_base_model(), model.active_adapter
+    if any(getattr(c, "use_dora", False) for c in model.peft_config.values()):
+        raise ModelError("merging DoRA adapters for the rollout engine is not supported", where="lora",
+                         fix="use plain LoRA, or rollout.engine=local")
+    out = {}
+    for key, t in base.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:  # the adapters; a modules_to_save layer's frozen copy
+            continue
+        out[key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")] = t
+    with torch.no_grad():
+        for name, m in base.named_modules():
+            if isinstance(m, LoraLayer) and adapter in m.lora_A and not m.merged:
+                key = f"{name}.weight"
+                out[key] = out[key] + m.get_delta_weight(adapter).to(out[key].dtype)
+    for removed in _remove_duplicate_names(out).values():  # tied names: one tensor, one name
+        for k in removed:
+            del out[k]
+    return out
 
 
 def save_pretrained(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) -> Path:
