@@ -11,6 +11,10 @@ is reset afterwards, otherwise cached prompt KV from the old weights would be re
 each Ray rollout worker builds its own engine on its GPU(s) (``ray.gpus_per_worker``) and loads every weight
 version into it from its CPU copy of the policy (:mod:`posttrain.engines.ray_engine`; written for, not run).
 
+Several trainer processes (torchrun, DDP or FSDP2): each process builds its own engine on its GPU, with
+``distributed_executor_backend="external_launcher"`` (vLLM then takes its rank and device from the launcher's
+variables, as TRL's colocated mode does), and samples its own share of the prompts.
+
 Sleep mode (``sleep=1|2``, ``rollout.vllm_sleep``): colocated with the trainer on one GPU, vLLM sleeps after
 every generation so training gets its memory back (``LLM(enable_sleep_mode=True)``, ``LLM.sleep``): level 1
 offloads its weights to CPU and frees the KV cache; level 2 discards the weights too, which suits RL, where the
@@ -55,6 +59,12 @@ class VLLMRolloutEngine:
             raise ModelError("the vLLM rollout engine needs the vllm package, which is not installed",
                              fix="pip install 'posttrain[vllm]' on a CUDA machine, or use HFRolloutEngine") from e
         self._vllm = vllm
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # several trainer processes (torchrun): each builds its own vLLM on its own GPU, from the launcher's
+            # RANK/LOCAL_RANK/WORLD_SIZE; vLLM's default in-process executor would take GPU 0 on every process
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         self.tokenizer, self.sleep = tokenizer, sleep
         self._asleep: list[str] = []     # what vLLM holds asleep ("weights", "kv_cache")
         self._weights_lost = False       # a level-2 sleep discarded them, and no update has loaded new ones

@@ -150,3 +150,17 @@ def test_vllm_level_2_sleep_samples_what_an_awake_engine_samples(tiny_path):
     awake.update_weights(model)
     assert got == [r.completion_ids for r in awake.generate(prompts, greedy)]
     assert free_asleep > torch.cuda.mem_get_info()[0]  # asleep, it held less GPU memory than awake
+
+
+def test_with_several_trainer_processes_each_builds_its_vllm_on_its_own_gpu(recording_vllm, monkeypatch):
+    """Under torchrun vLLM must take each process's rank and GPU from the launcher (external_launcher); its
+    default in-process executor would put every process's engine on GPU 0."""
+    import torch.distributed as dist
+
+    from posttrain.engines.vllm_engine import VLLMRolloutEngine
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    assert VLLMRolloutEngine("unused").llm.kwargs == {"distributed_executor_backend": "external_launcher"}
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    assert VLLMRolloutEngine("unused").llm.kwargs == {}
