@@ -27,7 +27,7 @@ from posttrain.engines.loop import between_steps, finish
 from posttrain.engines.ray_learners import GroupRolloutEngine, GroupScorer, check_group
 from posttrain.engines.runlog import MetricsLogger, Progress, say
 from posttrain.engines.train import TrainEngine, make_run_dir
-from posttrain.errors import TrainingError
+from posttrain.errors import ConfigError, TrainingError
 from posttrain.losses.policy import aggregate, get_policy_loss, kl_penalty_in_loss
 from posttrain.models.forward import ref_logp_fn, to_layout
 from posttrain.models.loading import tokenizer_for
@@ -223,6 +223,11 @@ def rollout_engine(engine: TrainEngine, model_of: Callable, tokenizer, cfg):
     several processes, the main process drives them for every process (a GroupRolloutEngine: one process
     reloads their weights, and each process's prompts go with the others' in one request)."""
     if cfg.rollout.engine == "server" and engine.world_size > 1:
+        if cfg.rollout.environment:  # each process's episodes end after a different number of turns
+            raise ConfigError("multi-turn episodes with several trainer processes and rollout.engine=server are "
+                              "not supported yet (the main process sends every process's turn in one request, "
+                              "and the processes' episodes end after different numbers of turns)",
+                              where="rollout.environment", fix="train in one process, or use rollout.engine=local")
         inner = make_engine(model_of(), tokenizer, cfg.rollout, cfg.model.name_or_path) if engine.is_main else None
         return GroupRolloutEngine(inner, engine.rank, engine.world_size)
     return make_engine(model_of(), tokenizer, cfg.rollout, cfg.model.name_or_path)

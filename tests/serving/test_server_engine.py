@@ -295,3 +295,19 @@ def test_an_unreachable_server_is_a_service_error_within_the_connect_timeout():
     with pytest.raises(ServiceError, match=f"127.0.0.1:{port}"):
         ServerRolloutEngine([f"http://127.0.0.1:{port}/v1"], retries=1, backoff_s=0.1, connect_timeout_s=2)
     assert time.monotonic() - t0 < 10
+
+
+def test_multi_turn_episodes_with_several_processes_on_servers_are_refused(tiny_path):
+    """The main process sends every process's turn in one request; episodes that end after different numbers
+    of turns on each process would leave the others waiting, so this is refused before any model loads."""
+    from types import SimpleNamespace
+
+    from posttrain.algorithms.grpo import GRPOConfig
+    from posttrain.rollouts.online import rollout_engine
+
+    cfg = load_config(GRPOConfig, None, [f"model.name_or_path={tiny_path}", "rollout.engine=server",
+                                         "rollout.servers=[http://127.0.0.1:9/v1]", "rollout.environment=builtin:calc",
+                                         "rollout.prompts=builtin:tool_prompts"])
+    with pytest.raises(ConfigError, match="multi-turn episodes with several trainer processes") as e:
+        rollout_engine(SimpleNamespace(world_size=2, is_main=True, rank=0), lambda: None, None, cfg)
+    assert e.value.where == "rollout.environment"
