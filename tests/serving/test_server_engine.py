@@ -299,7 +299,8 @@ def test_an_unreachable_server_is_a_service_error_within_the_connect_timeout():
 
 def test_multi_turn_episodes_with_several_processes_on_servers_are_refused(tiny_path):
     """The main process sends every process's turn in one request; episodes that end after different numbers
-    of turns on each process would leave the others waiting, so this is refused when the rollout engine is built, before any rollout."""
+    of turns on each process would leave the others waiting, so this is refused when the rollout engine is
+    built, before any rollout."""
     from types import SimpleNamespace
 
     from posttrain.algorithms.grpo import GRPOConfig
