@@ -17,7 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.config_checks import check_frozen
+from posttrain.config_checks import check_frozen, check_trackers, resolve_dropout
 from posttrain.config_io import parse_override, read_yaml  # noqa: F401 (part of this module's API)
 from posttrain.errors import ConfigError
 
@@ -53,6 +53,11 @@ class ModelConfig:
                                    "flash_attention_2).")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository to run.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit).")
+    dropout: Literal["auto", "keep", "off"] = opt(
+        "auto", "Dropout in training (nn.Dropout modules, LoRA's, attention dropout): keep (as the model and "
+        "lora.dropout say), off, or auto: off where a loss compares log-probs of the same tokens from two passes "
+        "(dpo/kto, online RL, distill: dropout would make pi/pi_old and pi/pi_ref differ from 1 before any "
+        "update, and show as a rollout-trainer gap), keep for sft and reward.", "TRL disable_dropout (DPO: on)")
 
 
 @dataclass
@@ -60,7 +65,8 @@ class LoraConfig:
     enabled: bool = opt(False, "Train LoRA adapters (peft) instead of all weights.")
     r: int = opt(16, "LoRA rank.", "Hu et al. 2021; TRL examples")
     alpha: int = opt(32, "LoRA scaling alpha (effective scale alpha/r).", "TRL examples")
-    dropout: float = opt(0.05, "Dropout on the LoRA input.", "peft default-ish (TRL examples)")
+    dropout: float | None = opt(None, "Dropout on the LoRA input; null: 0.05, or 0 where model.dropout is off.",
+                                "peft/TRL examples (0.05)")
     target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"],
                                     "Module names to adapt ('all-linear' as a single item adapts every "
                                     "linear layer but the head).", "peft/TRL examples")
@@ -183,23 +189,6 @@ class TrainConfig:
         if self.epochs <= 0:
             raise ConfigError("train.epochs must be positive", where="train.epochs")
         check_trackers(self.report_to)
-
-
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-
-
-def check_trackers(names: list[str]) -> None:
-    """Known tracker names, and the optional packages they need installed (checked before anything runs)."""
-    import importlib.util
-
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise ConfigError(f"unknown tracker(s) {unknown} in train.report_to", where="train.report_to",
-                          fix=f"choose from {list(TRACKERS)} (metrics.jsonl is always written)")
-    for n in ("wandb", "mlflow"):
-        if n in names and importlib.util.find_spec(n) is None:
-            raise ConfigError(f"train.report_to names {n}, which is not installed", where="train.report_to",
-                              fix=f"pip install 'posttrain[{n}]', or remove {n} from train.report_to")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -381,6 +370,7 @@ def validate(cfg: Any) -> None:
     if hasattr(cfg, "validate"):
         cfg.validate()
     check_frozen(cfg)  # across sections: train.frozen against the frozen models the command keeps
+    resolve_dropout(cfg)  # model.dropout=auto and lora.dropout=null by what the command's loss compares
 
 
 def load_config(cls, config_file: str | Path | None = None, overrides: list[str] = (), command: str | None = None,

@@ -7,6 +7,8 @@ from typing import Any
 
 from posttrain.errors import ConfigError
 
+LORA_DROPOUT = 0.05  # lora.dropout=null with dropout kept (peft/TRL examples)
+
 
 def check_frozen(cfg: Any) -> None:
     """``train.frozen=shard`` is refused where it would do nothing (a flag is never silently ignored):
@@ -49,3 +51,39 @@ def _no_frozen_model(cfg: Any) -> tuple[str | None, str | None]:
         return None, None
     return "this command keeps no frozen model (those are online RL's KL reference, dpo/kto's reference=live " \
            "and distill's local teacher)", None
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def check_trackers(names: list[str]) -> None:
+    """Known tracker names, and the optional packages they need installed (checked before anything runs)."""
+    import importlib.util
+
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"unknown tracker(s) {unknown} in train.report_to", where="train.report_to",
+                          fix=f"choose from {list(TRACKERS)} (metrics.jsonl is always written)")
+    for n in ("wandb", "mlflow"):
+        if n in names and importlib.util.find_spec(n) is None:
+            raise ConfigError(f"train.report_to names {n}, which is not installed", where="train.report_to",
+                              fix=f"pip install 'posttrain[{n}]', or remove {n} from train.report_to")
+
+
+def resolve_dropout(cfg: Any) -> None:
+    """``model.dropout=auto``: off for a command whose config class sets ``compares_logps`` (its loss compares
+    log-probs of the same tokens from two passes, so a ratio must be 1 before any update), keep otherwise;
+    ``lora.dropout=null``: 0 with dropout off, else 0.05. A LoRA dropout asked for with dropout off is refused."""
+    model, lora = getattr(cfg, "model", None), getattr(cfg, "lora", None)
+    if getattr(model, "dropout", None) == "auto":
+        model.dropout = "off" if getattr(type(cfg), "compares_logps", False) else "keep"
+    if lora is None or not hasattr(lora, "dropout"):
+        return
+    off = getattr(model, "dropout", "keep") == "off"
+    if lora.dropout is None:
+        lora.dropout = 0.0 if off else LORA_DROPOUT
+    elif off and lora.dropout > 0 and getattr(lora, "enabled", True):
+        raise ConfigError(f"lora.dropout={lora.dropout:g} asks for dropout, but model.dropout is off for this "
+                          "command (its loss compares log-probs of the same tokens from two passes: with dropout "
+                          "their ratio is not 1 before any update)", where="lora.dropout",
+                          fix="leave lora.dropout unset, or set model.dropout=keep to train with dropout")

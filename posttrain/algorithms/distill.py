@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -79,6 +79,7 @@ class DistillLossConfig:
 
 @dataclass
 class DistillConfig:
+    compares_logps: ClassVar[bool] = True  # config_checks.resolve_dropout: model.dropout=auto is off
     model: ModelConfig = opt(factory=ModelConfig, help="The student (usually an SFT model's final/).")
     teacher: ModelConfig = opt(factory=lambda: ModelConfig(name_or_path=""),
                                help="The teacher: a causal LM with the student's tokenizer (or teacher_server).")

@@ -22,7 +22,7 @@ computed once for both responses (``pairs.collate_shared``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
 from posttrain.data.batching import StepSampler, shard
@@ -47,6 +47,7 @@ from posttrain.rollouts.task_eval import task_metrics
 
 @dataclass
 class DPOConfig:
+    compares_logps: ClassVar[bool] = True  # config_checks.resolve_dropout: model.dropout=auto is off
     model: ModelConfig = opt(factory=ModelConfig, help="Policy to train (usually an SFT model); also the "
                              "reference unless ref_model is set.")
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters; the reference is then the same model "

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -118,6 +118,7 @@ class PolicyLossConfig:
 
 @dataclass
 class GRPOConfig:
+    compares_logps: ClassVar[bool] = True  # config_checks.resolve_dropout: model.dropout=auto is off
     variant: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo"] = opt(
         "grpo", "Algorithm variant: fills every null field below with its defaults (VARIANTS).", VARIANT_SOURCES)
     model: ModelConfig = opt(factory=ModelConfig, help="Policy to train (usually an SFT model's final/).")

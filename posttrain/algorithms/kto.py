@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -55,6 +55,7 @@ from posttrain.rollouts.task_eval import task_metrics
 
 @dataclass
 class KTOConfig:
+    compares_logps: ClassVar[bool] = True  # config_checks.resolve_dropout: model.dropout=auto is off
     model: ModelConfig = opt(factory=ModelConfig, help="Policy to train (usually an SFT model); also the "
                              "reference unless ref_model is set.")
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters; the reference is then the same model "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -47,6 +48,7 @@ class OnlineDPOLossConfig:
 
 @dataclass
 class OnlineDPOConfig:
+    compares_logps: ClassVar[bool] = True  # config_checks.resolve_dropout: model.dropout=auto is off
     model: ModelConfig = opt(factory=ModelConfig, help="Policy to train (usually an SFT model's final/); also "
                                                        "the reference.")
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters (the reference is the base model).")

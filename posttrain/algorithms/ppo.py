@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -94,6 +94,7 @@ PPO_KL = {"beta": 0.05, "placement": "reward"}
 
 @dataclass
 class PPOConfig:
+    compares_logps: ClassVar[bool] = True  # config_checks.resolve_dropout: model.dropout=auto is off
     model: ModelConfig = opt(factory=ModelConfig, help="Policy to train (usually an SFT model's final/).")
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapters on the policy.")
     rollout: RolloutConfig = opt(factory=lambda: RolloutConfig(prompts_per_step=64, group_size=1),

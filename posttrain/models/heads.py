@@ -22,7 +22,7 @@ import torch
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import ModelError
 from posttrain.models.attention import model_inputs
-from posttrain.models.loading import pretrained, quiet_transformers
+from posttrain.models.loading import lora_dropout, pretrained, quiet_transformers
 from posttrain.models.tiny import resolve
 
 # transformers, peft and tokenizers are imported inside the functions that use them: importing them
@@ -97,7 +97,7 @@ def apply_reward_lora(model, cfg: LoraConfig):
     from peft import get_peft_model
 
     target = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=lora_dropout(cfg), target_modules=target,
                               task_type="SEQ_CLS", modules_to_save=[head_name(model)])
     try:
         return get_peft_model(model, peft_cfg)

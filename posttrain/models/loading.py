@@ -91,6 +91,28 @@ def empty_weights(on: bool = True):
 
 
 def pretrained(auto_class, path: str, cfg: ModelConfig, **kwargs):
+    """:func:`built` with ``model.dropout=off`` applied (:func:`without_dropout`)."""
+    out = built(auto_class, path, cfg, **kwargs)
+    if getattr(cfg, "dropout", "keep") == "off":
+        without_dropout(out[0] if isinstance(out, tuple) else out)
+    return out
+
+
+def without_dropout(model) -> None:
+    """Every dropout in ``model`` set to 0: its ``nn.Dropout`` modules (LoRA's too) and the float rates that
+    Hugging Face attention modules read in training (``attention_dropout``, ``dropout``, ...). The model's
+    config is left as it is, so a saved model keeps the user's rates."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(m, name, 0.0)
+
+
+def built(auto_class, path: str, cfg: ModelConfig, **kwargs):
     """``auto_class.from_pretrained(path, **kwargs)`` with the configured dtype, attention backend, revision and
     remote-code choice; inside :func:`empty_weights` the same module built on ``meta`` instead: the same class
     from the same config (``kwargs`` such as ``num_labels`` go to the config as ``from_pretrained`` sends
@@ -150,13 +172,20 @@ def apply_lora(model, cfg: LoraConfig):
 
     targets = cfg.target_modules
     target = "all-linear" if targets == ["all-linear"] else targets
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=lora_dropout(cfg),
                               target_modules=target, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ModelError(f"LoRA could not be applied: {e}", where="lora.target_modules",
                          fix="name modules that exist in this model, e.g. q_proj,v_proj, or all-linear") from None
+
+
+def lora_dropout(cfg: LoraConfig) -> float:
+    """``lora.dropout`` (null only in a config built without ``config.validate``, which resolves it: 0.05)."""
+    from posttrain.config_checks import LORA_DROPOUT
+
+    return LORA_DROPOUT if cfg.dropout is None else cfg.dropout
 
 
 def is_peft(model) -> bool:
@@ -228,8 +257,10 @@ def tokenizer_for(cfg: ModelConfig):
 
 
 def load_policy(cfg: ModelConfig, lora: LoraConfig | None = None, name_or_path: str | None = None):
-    """The trainable causal LM (LoRA-wrapped when enabled)."""
+    """The trainable causal LM (LoRA-wrapped when enabled), without dropout where ``model.dropout=off``."""
     model = load_causal_lm(cfg, name_or_path)
     if lora is not None and lora.enabled:
         model = apply_lora(model, lora)
+        if getattr(cfg, "dropout", "keep") == "off":
+            without_dropout(model)  # LoRA's too (config.validate has refused a lora.dropout asked for with it)
     return model

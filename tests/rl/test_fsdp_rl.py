@@ -17,10 +17,10 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("command", ["grpo", "ppo", "grpo-lora", "rloo", "reinforce"])
 def test_online_rl_under_fsdp_equals_ddp(sft_policy, tmp_path, command):
     """grpo-lora: the adapters train sharded, and the KL reference is the gathered copy with its adapters
-    off (lora.dropout=0: dropout masks are drawn per process). rloo and reinforce (the GRPO loop with their
+    off (online RL trains without dropout by default, whose masks would be drawn per process). rloo and reinforce (the GRPO loop with their
     estimators and the KL, β = 0.05, in the reward against a replicated reference): 2 steps, to keep it cheap."""
     extra = {"ppo": ["value.shared_backbone=true", "rollout.group_size=2"], "grpo": ["rollout.group_size=4"],
-             "grpo-lora": ["rollout.group_size=4", "lora.enabled=true", "lora.r=4", "lora.dropout=0", "kl.beta=0.05"],
+             "grpo-lora": ["rollout.group_size=4", "lora.enabled=true", "lora.r=4", "kl.beta=0.05"],
              "rloo": ["rollout.group_size=2"], "reinforce": []}
     steps = 2 if command in ("rloo", "reinforce") else 3
     extra = extra[command]

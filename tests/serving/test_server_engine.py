@@ -189,19 +189,21 @@ def test_grpo_with_rollouts_on_two_serve_processes_raises_accuracy(sft_policy, p
 def test_lora_adapters_reach_the_servers_merged_into_the_weights(sft_policy, process_servers, tmp_path):
     """LoRA: the servers hold whole weights, so every sync sends W0 + (alpha/r) B A. The servers then sample
     from the trained policy: the trainer's recomputed log-probs agree with theirs to float noise while the
-    policy moves away from the start (servers left with the initial weights would differ by far more)."""
+    policy moves away from the start (servers left with the initial weights would differ by far more). Online
+    RL trains without dropout by default (model.dropout=auto), so the trainer's pass is the servers' function:
+    with LoRA's dropout the gap was ~1e-2."""
     from posttrain.algorithms.grpo import GRPOConfig, run
 
     urls = [url for _, url in process_servers]
     run(load_config(GRPOConfig, None, [
         f"model.name_or_path={sft_policy}", f"train.output_dir={tmp_path}", "rollout.engine=server",
         f"rollout.servers=[{', '.join(urls)}]", "reward=builtin_correct", "rollout.prompts_per_step=8",
-        "rollout.group_size=4", "train.max_steps=3", "lora.enabled=true", "lora.dropout=0", "train.lr=3e-3",
+        "rollout.group_size=4", "train.max_steps=3", "lora.enabled=true", "train.lr=3e-3",
         "train.progress=false",
         "train.log_every=1", "task_eval_prompts=8", "task_eval_samples=1"]))
     rows = [r for r in _metric_rows(tmp_path) if "reward/mean" in r]
     assert len(rows) == 3 and rows[-1]["kl"] > 0.05, rows[-1]  # the policy moved
-    assert max(r["logprob_gap"] for r in rows) < 1e-3
+    assert max(r["logprob_gap"] for r in rows) < 1e-5
 
 
 @pytest.mark.slow
