@@ -182,16 +182,30 @@ def test_async_grpo_raises_heldout_accuracy(sft_policy, tmp_path, k):
     assert max(r["logprob_gap"] for r in rows[k:]) > 0  # stale rollouts differ from the learner's policy
 
 
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # the field after the state; a name may hold ") "
+
+
+def _ours(pid: int) -> bool:
+    """Whether ``pid`` descends from this test process (its Ray cluster's raylet starts the workers), not
+    from another Ray job on the same machine."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        pid = _parent(pid)
+    return False
+
+
 def _worker_pids() -> list[int]:
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-            except OSError:
+                if b"ray::RolloutWorker" in Path(f"/proc/{d}/cmdline").read_bytes() and _ours(int(d)):
+                    pids.append(int(d))
+            except (OSError, ValueError):  # the process ended while being read
                 continue
-            if b"ray::RolloutWorker" in cmd:
-                pids.append(int(d))
     return pids
 
 
