@@ -17,7 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.config_checks import check_frozen, check_trackers, resolve_dropout
+from posttrain.config_checks import check_frozen, check_ignored, check_trackers, resolve_dropout
 from posttrain.config_io import parse_override, read_yaml  # noqa: F401 (part of this module's API)
 from posttrain.errors import ConfigError
 
@@ -371,6 +371,7 @@ def validate(cfg: Any) -> None:
         cfg.validate()
     check_frozen(cfg)  # across sections: train.frozen against the frozen models the command keeps
     resolve_dropout(cfg)  # model.dropout=auto and lora.dropout=null by what the command's loss compares
+    check_ignored(cfg)  # options the run would never read
 
 
 def load_config(cls, config_file: str | Path | None = None, overrides: list[str] = (), command: str | None = None,

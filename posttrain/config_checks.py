@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from posttrain.errors import ConfigError
@@ -87,3 +88,77 @@ def resolve_dropout(cfg: Any) -> None:
                           "command (its loss compares log-probs of the same tokens from two passes: with dropout "
                           "their ratio is not 1 before any update)", where="lora.dropout",
                           fix="leave lora.dropout unset, or set model.dropout=keep to train with dropout")
+
+
+def _default(cfg: Any, section: str) -> Any:
+    """The command's own default of a section (its field's factory), else the section class's."""
+    f = {f.name: f for f in dataclasses.fields(cfg)}.get(section)
+    if f is not None and f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return type(getattr(cfg, section))()
+
+
+def refuse_set(cfg: Any, section: str, keys, why: str, fix: str = "") -> None:
+    """A ConfigError for the first of ``section.keys`` set away from the command's default: options this run
+    would never read (``why``), refused rather than silently ignored."""
+    sec, default = getattr(cfg, section), _default(cfg, section)
+    for key in keys:
+        value = getattr(sec, key)
+        if value != getattr(default, key):
+            raise ConfigError(f"{section}.{key}={value!r} is set, but {why}", where=f"{section}.{key}",
+                              fix=fix or f"remove {section}.{key}")
+
+
+def check_ignored(cfg: Any) -> None:
+    """Options a run would accept and then never read, across sections: refused, naming the one that decides."""
+    lora, train, rollout = (getattr(cfg, k, None) for k in ("lora", "train", "rollout"))
+    if lora is not None and hasattr(lora, "enabled") and not lora.enabled:
+        refuse_set(cfg, "lora", ("r", "alpha", "target_modules", "merge_on_save"),
+                   "lora.enabled is false: the run trains every weight", "add lora.enabled=true, or remove it")
+    if train is not None and hasattr(train, "epochs") and train.max_steps is not None:
+        if train.epochs != _default(cfg, "train").epochs:
+            raise ConfigError(f"train.epochs={train.epochs:g} is set, but train.max_steps={train.max_steps} decides "
+                              "the length of the run", where="train.epochs",
+                              fix="set train.max_steps=null to train by epochs, or remove train.epochs")
+    if getattr(cfg, "launcher", "ray") != "ray" and hasattr(cfg, "ray"):
+        refuse_set(cfg, "ray", [f.name for f in dataclasses.fields(cfg.ray)],
+                   f"launcher={cfg.launcher}: no Ray actor starts", "set launcher=ray, or remove it")
+    if rollout is not None and hasattr(rollout, "environment"):
+        _check_rollout(cfg, rollout)
+    if isinstance(getattr(cfg, "reference", None), str):  # dpo, kto
+        _check_offline_reference(cfg)
+    kl = getattr(cfg, "kl", None)
+    if kl is not None and kl.controller == "adaptive" and kl.beta == 0:
+        raise ConfigError("kl.controller=adaptive scales kl.beta, which is 0 here, so the KL would never act",
+                          where="kl.controller", fix="give kl.beta a starting value > 0, or kl.controller=fixed")
+
+
+def _check_offline_reference(cfg: Any) -> None:
+    refuse_set(cfg, "data", ("scores_as_margin",), "no loss of this command reads a pair's margin (reward does)")
+    if cfg.lora.enabled and cfg.ref_model:
+        raise ConfigError(f"ref_model={cfg.ref_model} is set, but with LoRA the reference is the policy with its "
+                          "adapters off, so it would never load", where="ref_model",
+                          fix="remove ref_model, or train all weights (lora.enabled=false) against it")
+
+
+def _check_rollout(cfg: Any, rollout: Any) -> None:
+    if rollout.environment:
+        refuse_set(cfg, "shaping", ("truncated", "truncation_penalty", "overlong_penalty", "clip"),
+                   "rollout.environment gives the reward of each episode, unshaped")
+        if cfg.shaping.overlong_buffer:
+            raise ConfigError(f"shaping.overlong_buffer={cfg.shaping.overlong_buffer} (DAPO's overlong penalty, "
+                              "variant=dapo's default) is set, but rollout.environment gives the reward of each "
+                              "episode, unshaped", where="shaping.overlong_buffer", fix="shaping.overlong_buffer=0")
+        if getattr(getattr(cfg, "async_", None), "max_staleness", 0):
+            raise ConfigError("multi-turn episodes are sampled in step with the learner, so async.max_staleness "
+                              "would not overlap anything", where="async.max_staleness",
+                              fix="async.max_staleness=0 with rollout.environment")
+    else:
+        refuse_set(cfg, "rollout", ("max_turns", "max_episode_tokens"), "rollout.environment is not set "
+                   "(these bound multi-turn episodes)")
+    if rollout.engine != "local":
+        refuse_set(cfg, "rollout", ("engine_dtype",), f"rollout.engine={rollout.engine} (the local engine's "
+                   "option)")
+    if rollout.engine != "server" and not getattr(cfg, "teacher_server", None):
+        refuse_set(cfg, "rollout", ("server_timeout_s", "server_retries", "server_weights_dir"),
+                   f"rollout.engine={rollout.engine} (options of rollout.engine=server)")

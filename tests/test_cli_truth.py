@@ -3,6 +3,7 @@ silent success (each test failed before the change it covers)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,12 @@ def test_resume_says_what_it_does_and_a_finished_run_is_not_reused(tmp_path):
     steps = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
     with pytest.raises(ConfigError, match="already holds a run"):
         run(load_config(SFTConfig, None, base))
+    code, text = cli("sft", *base, "--resume")  # finished, no checkpoint: nothing to resume
+    assert code == 2 and "finished run that kept no checkpoint" in text, text
+    shutil.rmtree(out / "final")  # as if interrupted before its first checkpoint: a fresh run replaces it
+    code, text = cli("sft", *base, "--resume")
+    again = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert code == 0 and "replacing the run that was there" in text and again == steps
     code, text = cli("sft", *base, "train.overwrite=true", "train.max_steps=2")
     assert code == 0 and "replacing the run that was there" in text
     after = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]

@@ -38,7 +38,7 @@ from posttrain.evaluation.stats import best_of_n_expected
 from posttrain.models.loading import load_policy, tokenizer_for
 from posttrain.rewards.builtin import _text
 from posttrain.rewards.combine import check_reward_config, combine_rewards, default_reward, load_rewards
-from posttrain.rollouts.config import RolloutConfig
+from posttrain.rollouts.config import RolloutConfig, refuse_environment
 from posttrain.rollouts.experience import load_prompt_records, make_engine
 from posttrain.rollouts.task_eval import builtin_task_eval
 from posttrain.tasks import builtin
@@ -69,6 +69,7 @@ class BestOfNConfig:
         self.reward = default_reward(self.reward, self.rollout.prompts, "builtin_gold")
 
     def validate(self) -> None:
+        refuse_environment(self.rollout, "best-of-n")
         check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
         N = self.rollout.group_size
         bad = [n for n in self.baseline_n if not 1 <= n <= N]
@@ -112,7 +113,8 @@ def run(cfg: BestOfNConfig) -> dict:
     texts: list[str] = []
     for s in range(0, len(records), B):  # generation in chunks of prompts_per_step prompts
         texts += sample_texts(model, tokenizer, [r["prompt"] for r in records[s:s + B]], N,
-                              cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.train.seed + s, engine)
+                              cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.train.seed + s, engine,
+                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_strings=cfg.rollout.stop_strings)
     rep = [r for r in records for _ in range(N)]
     prompts = [r["prompt"] for r in rep]
     columns = {k: [r.get(k) for r in rep] for k in records[0] if k != "prompt"}

@@ -54,7 +54,7 @@ from posttrain.models.reference import frozen_reference
 from posttrain.rewards.combine import check_reward_config, default_reward
 from posttrain.rollouts.config import KLConfig, RLTrainConfig, RolloutConfig, ShapingConfig, refuse_environment
 from posttrain.rollouts.experience import fill_invalid, minibatches
-from posttrain.rollouts.metrics import merge_update_metrics
+from posttrain.rollouts.metrics import kl_metrics, merge_update_metrics
 from posttrain.rollouts.online import (end_rl_step, finish_online, online_setup, pg_recipe, policy_gradient_terms,
                                       sampling_policy)
 
@@ -119,6 +119,9 @@ class DistillConfig:
             raise ConfigError("distillation needs a teacher", where="teacher.name_or_path",
                               fix="teacher.name_or_path=<a causal LM with the student's tokenizer>, or "
                                   "teacher_server=<URL of a server serving it, e.g. http://127.0.0.1:8001/v1>")
+        if self.kl.placement == "reward":
+            raise ConfigError("distill's per-token advantages come from the teacher; a KL to the initial student goes "
+                              "in the loss", where="kl.placement", fix="kl.placement=loss (the default)")
         if self.teacher.name_or_path and self.teacher_server:
             raise ConfigError(f"both teacher.name_or_path ({self.teacher.name_or_path}) and teacher_server are set; "
                               "the teacher is either a local model or a server", where="teacher_server",
@@ -256,6 +259,8 @@ def _run(cfg: DistillConfig, client: ServerRolloutEngine | None) -> dict:
             m["teacher_s"] = time.perf_counter() - t1
             adv = distillation_advantages(exp.old_logp, teacher_logp, exp.mask, cfg.gamma)
             m.update(distill_metrics(exp.old_logp, teacher_logp, exp.mask))
+            if exp.ref_logp is not None:  # kl.track or kl.beta > 0: `kl`, which the adaptive controller follows
+                m.update(kl_metrics(exp, recipe.kl_estimator))
             if cfg.task_weight:
                 task = group_advantages(fill_invalid(exp.scores, exp.valid, G), G, scale_by_std=True)
                 adv = adv + cfg.task_weight * expand_to_tokens(task, exp.mask)

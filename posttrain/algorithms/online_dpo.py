@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from posttrain.config import LoraConfig, ModelConfig, opt
+from posttrain.config_checks import refuse_set
 from posttrain.engines.loop import save_final
 from posttrain.errors import ConfigError
 from posttrain.losses.direct import DIRECT_LOSSES, get_direct_loss, needs_reference
@@ -88,6 +89,10 @@ class OnlineDPOConfig:
                               f"tempered one (rollout.temperature={self.rollout.temperature}) would train another "
                               "objective", where="rollout.temperature", fix="rollout.temperature=1.0")
         check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
+        refuse_set(self, "kl", ("placement", "estimator", "controller", "target", "horizon"),
+                   f"online DPO's loss holds its own KL term ({self.objective}, β = beta)", "set beta instead")
+        refuse_set(self, "rollout", ("correction", "tis_cap"), "they correct policy-gradient updates, and online DPO "
+                   "trains on labelled pairs")
 
 
 def label_pairs(scores: torch.Tensor, valid: torch.Tensor) -> tuple[list[int], int]:

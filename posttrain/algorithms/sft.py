@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, opt
+from posttrain.config_checks import refuse_set
 from posttrain.data.batching import StepSampler, collate, shard
 from posttrain.data.chat import encode_sft, truncation_counts
 from posttrain.data.formats import load_train_eval
@@ -45,6 +46,10 @@ class SFTConfig:
                           "report the gold reward and accuracy.")
     task_eval_prompts: int = opt(64, "Held-out prompts for the built-in task's metrics.")
     task_eval_samples: int = opt(4, "Samples per held-out prompt (temperature 1).")
+
+    def validate(self) -> None:
+        refuse_set(self, "data", ("format", "prompt_from", "scores_as_margin"), "it shapes how preference data is read, "
+                   "and sft reads conversations and prompt/completion records")
 
 
 def sft_loss(model, batch: dict, n_tokens: torch.Tensor):

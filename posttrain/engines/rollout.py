@@ -403,18 +403,19 @@ def rollout_engine(model, tokenizer):
 
 
 def sample_texts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, temperature: float,
-                 seed: int, engine=None) -> list[str]:
+                 seed: int, engine=None, **sampling) -> list[str]:
     """``n`` sampled completions per prompt (grouped), decoded without special tokens."""
-    outs = sample_rollouts(model, tokenizer, prompts, n, max_new_tokens, temperature, seed, engine)
+    outs = sample_rollouts(model, tokenizer, prompts, n, max_new_tokens, temperature, seed, engine, **sampling)
     return [tokenizer.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
 
 
 def sample_rollouts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, temperature: float,
-                    seed: int, engine=None) -> list:
-    """``n`` rollouts per prompt (grouped contiguously) with token ids, for scoring and KL."""
+                    seed: int, engine=None, **sampling) -> list:
+    """``n`` rollouts per prompt (grouped contiguously) with token ids, for scoring and KL; ``sampling``:
+    more :class:`SamplingParams` fields (top_p, top_k, stop_strings)."""
     engine = engine or rollout_engine(model, tokenizer)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed,
-                            stop_token_ids=[tokenizer.eos_token_id])
+                            stop_token_ids=[tokenizer.eos_token_id], **sampling)
     with eval_mode(model):
         return engine.generate(ids, params)

@@ -45,13 +45,18 @@ RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "checkpoints", "final", "tb")
 def make_run_dir(cfg: TrainConfig, command: str, full_config: Any) -> Path:
     """Create the run directory, save the resolved config, seed everything, set threads.
 
-    A directory that already holds a run is refused unless ``train.resume`` (continue it) or
-    ``train.overwrite`` (delete its metrics, checkpoints, final model and summary first): two runs'
-    metrics are never interleaved in one metrics.jsonl."""
+    A directory that already holds a run is refused unless ``train.resume`` (continue it from its checkpoint;
+    without one an interrupted run is replaced, a finished one refused) or ``train.overwrite`` (delete its
+    metrics, checkpoints, final model and summary first): two runs' metrics never share one metrics.jsonl."""
     out = Path(cfg.output_dir.format(command=command, time=time.strftime("%Y%m%d-%H%M%S")))
     old = [a for a in RUN_ARTIFACTS if (out / a).exists()] if out.is_dir() else []
-    if old and not cfg.resume:
-        if not cfg.overwrite:
+    fresh = cfg.resume and old and not any((out / "checkpoints").glob("step-*"))  # nothing to resume from
+    if fresh and "final" in old:
+        raise ConfigError(f"{out} holds a finished run that kept no checkpoint, so there is nothing to resume",
+                          where="train.resume", fix="replace it with train.overwrite=true, or choose another "
+                          "train.output_dir (train.save_every=N keeps checkpoints to resume from)")
+    if old and (fresh or not cfg.resume):  # an interrupted run without a checkpoint: this one takes its place
+        if not cfg.overwrite and not fresh:
             raise ConfigError(f"{out} already holds a run ({', '.join(old)})", where="train.output_dir",
                               fix="continue it with --resume, replace it with train.overwrite=true, or choose "
                                   "another train.output_dir")
@@ -62,7 +67,7 @@ def make_run_dir(cfg: TrainConfig, command: str, full_config: Any) -> Path:
     if is_main_process():
         save_config(full_config, out / "config.yaml", command=command)
         say(f"posttrain {command}: run directory {out}, seed {cfg.seed}"
-            + (" (replacing the run that was there)" if old and cfg.overwrite and not cfg.resume else ""))
+            + (" (replacing the run that was there)" if old and (fresh or cfg.overwrite and not cfg.resume) else ""))
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -141,12 +146,14 @@ class TrainEngine:
             if not getattr(model, "supports_gradient_checkpointing", True):
                 raise TrainingError(f"{type(model).__name__} does not support gradient checkpointing",
                                     where="train.gradient_checkpointing", fix="set train.gradient_checkpointing=false")
-            # non-reentrant: works with frozen inputs (LoRA) and passes the packed-attention kwargs through
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            # non-reentrant: works with frozen inputs (LoRA) and passes the packed-attention kwargs through;
+            # a composite model (PPO's actor-critic): each Hugging Face model in it
+            kwargs, able = {"use_reentrant": False}, lambda m: hasattr(m, "gradient_checkpointing_enable")
+            for m in [model] if able(model) else [c for c in model.children() if able(c)]:
+                if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.23's name
+                    m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:
+                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         # FSDP2 shards before the optimizer exists: AdamW must hold the sharded parameters
         self.fsdp = cfg.strategy == "fsdp" and self.accelerator.num_processes > 1
         self.loaded: dict[str, list] = {}  # name -> under FSDP how each rank built and filled it (summary.json)

@@ -86,6 +86,21 @@ def test_best_of_n_run_writes_sft_data_and_baseline(tmp_path, tiny_path):
     assert len(load_records(str(tmp_path / "selected.jsonl"), "sft")) == 8
 
 
+def test_best_of_n_samples_with_the_rollout_options(tmp_path, tiny_path):
+    """rollout.top_k reaches best-of-n's sampler: with top_k=1 every candidate of a prompt is its greedy one."""
+    from posttrain.algorithms.best_of_n import BestOfNConfig, run
+
+    run(load_config(BestOfNConfig, None, [
+        f"model.name_or_path={tiny_path}", f"train.output_dir={tmp_path}", "reward=builtin_gold",
+        "rollout.max_prompts=4", "rollout.group_size=4", "rollout.max_new_tokens=6", "rollout.top_k=1",
+        "baseline_n=[1,4]"]))
+    rows = [json.loads(r) for r in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(json.dumps(r["prompt"]), set()).add(r["completion"])
+    assert len(by_prompt) == 4 and all(len(c) == 1 for c in by_prompt.values()), by_prompt
+
+
 def _grpo(tmp_path, tiny_path, *extra):
     from posttrain.algorithms.grpo import GRPOConfig, run
 
@@ -119,6 +134,24 @@ def test_lora_reference_is_the_base_model(tmp_path, tiny_path):
     r = s["last_step"]
     assert abs(r["kl"]) < 1e-5  # adapters start at zero: policy = reference before the first update
     assert (tmp_path / "final" / "adapter_config.json").exists()
+
+
+def test_ppo_checkpoints_the_activations_of_the_policy_and_the_critic(tmp_path, tiny_path):
+    """train.gradient_checkpointing on PPO's actor-critic (not itself a Hugging Face model): each model in it
+    recomputes its activations in the backward, and the step is the one without (it used to stop the run)."""
+    from posttrain.algorithms.ppo import PPOConfig, run
+
+    rows = {}
+    for ckpt in ("false", "true"):
+        run(load_config(PPOConfig, None, [
+            f"model.name_or_path={tiny_path}", f"train.output_dir={tmp_path / ckpt}", "reward=builtin_gold",
+            "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=8", "train.max_steps=1",
+            "train.progress=false", "task_eval_prompts=4", "task_eval_samples=1", "rollout.engine_dtype=model",
+            f"train.gradient_checkpointing={ckpt}"]))
+        lines = (tmp_path / ckpt / "metrics.jsonl").read_text().splitlines()
+        rows[ckpt] = [json.loads(r) for r in lines if "reward/mean" in r][0]
+    for k in ("train/loss", "value_loss", "train/grad_norm"):
+        assert rows["true"][k] == pytest.approx(rows["false"][k], rel=1e-5, abs=1e-7), k
 
 
 @pytest.mark.slow

@@ -138,7 +138,8 @@ def test_a_teacher_server_with_another_vocabulary_is_refused(tokenizer):
 @pytest.mark.slow
 def test_a_teacher_on_a_server_gives_the_local_teachers_numbers(tiny_path, tmp_path):
     """The same 2-step run with the teacher loaded locally and served by `posttrain serve` on loopback:
-    the same reverse KL to the teacher at every step (the same teacher log-probs, hence the same update)."""
+    the same reverse KL to the teacher at every step (the same teacher log-probs, hence the same update).
+    With kl.track the KL to the initial student is logged too (it changes nothing in the update)."""
     from posttrain.algorithms.distill import DistillConfig, run
     from posttrain.config import ModelConfig
     from posttrain.models.loading import load_causal_lm, load_tokenizer
@@ -155,7 +156,7 @@ def test_a_teacher_on_a_server_gives_the_local_teachers_numbers(tiny_path, tmp_p
     common = [f"model.name_or_path={tiny_path}", "rollout.prompts_per_step=4", "rollout.group_size=2",
               "train.max_steps=2", "train.lr=1e-4", "train.progress=false", "task_eval_prompts=4",
               "task_eval_samples=1"]
-    run(load_config(DistillConfig, None, [*common, f"teacher.name_or_path={teacher}",
+    run(load_config(DistillConfig, None, [*common, f"teacher.name_or_path={teacher}", "kl.track=true",
                                           f"train.output_dir={tmp_path / 'local'}"]))
     url, stop = start_server_in_thread(str(teacher), port=0)
     try:
@@ -170,3 +171,8 @@ def test_a_teacher_on_a_server_gives_the_local_teachers_numbers(tiny_path, tmp_p
     assert len(kl["server"]) == 2 and kl["server"][0] > 0.01, kl  # the teacher differs from the student
     assert kl["server"] == pytest.approx(kl["local"], abs=1e-4), kl
     assert s["teacher"] == f"{teacher} at {url}"
+    # kl.track (the local run): the KL to the initial student is logged (a sample estimate), 0 before the
+    # first update and not after it
+    local = [json.loads(r) for r in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["kl"] for r in local if "distill/reverse_kl" in r]
+    assert len(kls) == 2 and kls[0] == pytest.approx(0, abs=1e-6) and abs(kls[1]) > 1e-4, kls
