@@ -109,6 +109,16 @@ def refuse_set(cfg: Any, section: str, keys, why: str, fix: str = "") -> None:
                               fix=fix or f"remove {section}.{key}")
 
 
+def refuse_top(cfg: Any, keys, why: str, fix: str = "") -> None:
+    """:func:`refuse_set` for top-level keys of a command's config."""
+    fs = {f.name: f for f in dataclasses.fields(cfg)}
+    for key in keys:
+        value, f = getattr(cfg, key), fs[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value != default:
+            raise ConfigError(f"{key}={value!r} is set, but {why}", where=key, fix=fix or f"remove {key}")
+
+
 def check_ignored(cfg: Any) -> None:
     """Options a run would accept and then never read, across sections: refused, naming the one that decides."""
     lora, train, rollout = (getattr(cfg, k, None) for k in ("lora", "train", "rollout"))
@@ -127,6 +137,12 @@ def check_ignored(cfg: Any) -> None:
         _check_rollout(cfg, rollout)
     if isinstance(getattr(cfg, "reference", None), str):  # dpo, kto
         _check_offline_reference(cfg)
+    shaping = getattr(cfg, "shaping", None)
+    if shaping is not None and shaping.truncated != "penalize":
+        refuse_set(cfg, "shaping", ("truncation_penalty",), f"shaping.truncated={shaping.truncated} (it is the "
+                   "reward of a cut-off response with truncated=penalize)")
+    if getattr(cfg, "dynamic_sampling", None) is False:  # the grpo family
+        refuse_top(cfg, ("max_sample_rounds",), "dynamic_sampling is off (it bounds dynamic sampling's rounds)")
     kl = getattr(cfg, "kl", None)
     if kl is not None and kl.controller == "adaptive" and kl.beta == 0:
         raise ConfigError("kl.controller=adaptive scales kl.beta, which is 0 here, so the KL would never act",
@@ -156,6 +172,8 @@ def _check_rollout(cfg: Any, rollout: Any) -> None:
     else:
         refuse_set(cfg, "rollout", ("max_turns", "max_episode_tokens"), "rollout.environment is not set "
                    "(these bound multi-turn episodes)")
+    if rollout.correction == "none":
+        refuse_set(cfg, "rollout", ("tis_cap",), "rollout.correction=none (it caps the correction's weights)")
     if rollout.engine != "local":
         refuse_set(cfg, "rollout", ("engine_dtype",), f"rollout.engine={rollout.engine} (the local engine's "
                    "option)")

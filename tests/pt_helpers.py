@@ -53,6 +53,28 @@ def text_length_reward(prompts, completions, **columns):
     return [len(c) / 10 for c in completions]
 
 
+class TwoTurnEnv:
+    """A user environment for ``rollout.environment=pt_helpers:TwoTurnEnv``: the first turn gets a tool's
+    answer (whatever it asked), the second ends the episode; each turn earns up to 0.5 for its length."""
+
+    def __init__(self):
+        self.turns = 0
+
+    def reset(self, row: dict) -> list[dict]:
+        self.turns = 0
+        return [{"role": "user", "content": str(row["prompt"])}]
+
+    def step(self, action: dict):
+        from posttrain.rollouts.episodes import Step
+
+        self.turns += 1
+        reward = 0.5 * min(len(action.get("content") or ""), 8) / 8
+        if self.turns == 1:
+            calls = action.get("tool_calls") or [{"id": "call_0"}]
+            return Step([{"role": "tool", "tool_call_id": calls[0].get("id", "call_0"), "content": "7"}], reward=reward)
+        return Step([], reward=reward, done=True)
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface right now."""
     import socket

@@ -52,3 +52,13 @@ def test_debug_shows_traceback():
 def test_unknown_command_suggests():
     out = run_cli("sfft")
     assert out.returncode == 2 and "Did you mean 'sft'" in out.stderr
+
+
+def test_the_readme_s_shorthands_reach_the_config():
+    """`posttrain demo --quick` is quick=true, `posttrain pipeline FILE` is file=FILE (the dry run prints the
+    resolved config)."""
+    out = run_cli("demo", "--quick", "--print-config")
+    assert out.returncode == 0 and "\nquick: true" in "\n" + out.stdout, out.stdout + out.stderr
+    pipeline = ROOT / "posttrain" / "pipelines" / "demo.yaml"
+    out = run_cli("pipeline", str(pipeline), "--print-config")
+    assert out.returncode == 0 and f"file: {pipeline}" in out.stdout, out.stdout + out.stderr

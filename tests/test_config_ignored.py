@@ -32,6 +32,14 @@ REFUSED = [
     ("online-dpo", ["rollout.correction=none"], "rollout.correction"),
     ("distill", [*TEACHER, "kl.placement=reward"], "kl.placement"),
     ("best-of-n", ["rollout.environment=builtin:calc"], "rollout.environment"),
+    ("best-of-n", ["top_k=4"], "top_k"),
+    ("best-of-n", ["train.lr=1e-5"], "train.lr"),
+    ("collect", ["annotators=none", "labels_per_pair=3"], "labels_per_pair"),
+    ("grpo", ["shaping.truncation_penalty=-2"], "shaping.truncation_penalty"),
+    ("grpo", ["rollout.correction=none", "rollout.tis_cap=5"], "rollout.tis_cap"),
+    ("grpo", ["max_sample_rounds=5"], "max_sample_rounds"),
+    ("distill", [*TEACHER, "teacher.dropout=off"], "teacher.dropout"),
+    ("distill", ["teacher_server=http://127.0.0.1:8001/v1", "teacher.dtype=bfloat16"], "teacher.dtype"),
 ]
 
 ACCEPTED = [
@@ -45,6 +53,10 @@ ACCEPTED = [
     ("ppo", ["kl.controller=adaptive"]),
     ("reward", ["data.scores_as_margin=true"]),
     ("dpo", ["ref_model=tiny"]),
+    ("best-of-n", ["selection=top_k", "top_k=4"]),
+    ("best-of-n", ["finetune=true", "train.lr=1e-5"]),
+    ("grpo", ["shaping.truncated=penalize", "shaping.truncation_penalty=-2"]),
+    ("dapo", ["max_sample_rounds=5"]),
 ]
 
 

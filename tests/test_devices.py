@@ -104,15 +104,18 @@ def test_ppo_loss_with_its_value_head_runs_on_the_models_device(meta_model):
 
 
 def test_the_gpu_check_script_runs_its_path_on_the_cpu():
-    """scripts/gpu_check.py (run on a GPU by scripts/gpu_check.sh) on the CPU, tiny model, two steps."""
+    """scripts/gpu_check.sh (the command docs/gpu.md gives) on the CPU, tiny model, two steps."""
     import json
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
     from pt_helpers import ROOT
 
-    out = subprocess.run([sys.executable, "scripts/gpu_check.py", "--models", "tiny", "--algos", "sft,grpo",
-                          "--quick", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", "scripts/gpu_check.sh", "--models", "tiny", "--algos", "sft,grpo", "--quick",
+                          "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     runs = json.loads(out.stdout.strip().splitlines()[-1])["gpu_check"]
     assert [r["algo"] for r in runs] == ["sft", "grpo"] and all(r["tokens_per_s"] > 0 for r in runs)

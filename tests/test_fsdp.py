@@ -48,7 +48,7 @@ def check_sharded_load(s: dict, name: str = "model") -> None:
     assert all(r["shards_equal_rank0"] and r["buffers_equal_rank0"] for r in (r0, r1))
 
 
-def test_fsdp_sft_matches_one_process_and_the_gathered_model_loads(tmp_path):
+def test_fsdp_and_ddp_sft_match_one_process_and_the_gathered_model_loads(tmp_path):
     args = ["data.max_rows=64", "train.batch_size=8", "train.max_steps=3", "data.eval=null", *COMMON]
     one = run_cli("sft", f"train.output_dir={tmp_path/'one'}", "train.micro_batch_size=8", *args)
     assert one.returncode == 0, one.stderr
@@ -66,6 +66,11 @@ def test_fsdp_sft_matches_one_process_and_the_gathered_model_loads(tmp_path):
     assert max_diff(a, b) < 1e-5
     loss_one, loss_two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(loss_one) == 3 and loss_one == pytest.approx(loss_two, abs=1e-5)
+    # the README's DDP command (torchrun, the default train.strategy=ddp): the same run again
+    ddp = torchrun("sft", f"train.output_dir={tmp_path/'ddp'}", "train.micro_batch_size=2", *args, env=CHECK)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert (summary(tmp_path / "ddp")["world_size"], summary(tmp_path / "ddp")["strategy"]) == (2, "ddp")
+    assert max_diff(a, weights(tmp_path / "ddp")) < 1e-5 and losses(tmp_path / "ddp") == pytest.approx(loss_one, abs=1e-5)
     # the gathered model is an ordinary Hugging Face checkpoint that scores like the one-process model
     from transformers import AutoModelForCausalLM
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +30,7 @@ import numpy as np
 from posttrain.advantages import best_of_n_kl
 from posttrain.commands import load_command
 from posttrain.config import DataConfig, ModelConfig, TrainConfig, opt
+from posttrain.config_checks import refuse_set, refuse_top
 from posttrain.engines.loop import write_summary
 from posttrain.engines.rollout import sample_texts
 from posttrain.engines.train import make_run_dir
@@ -78,6 +79,13 @@ class BestOfNConfig:
                               fix=f"use values up to rollout.group_size={N}, or raise group_size")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError("top_k must be >= 1", where="top_k")
+        if self.selection == "per_prompt":
+            refuse_top(self, ("top_k",), "selection=per_prompt keeps each prompt's best (top_k is K of selection=top_k)")
+        if not self.finetune:  # then train.* only names the run directory and seeds the sampling
+            used = ("output_dir", "seed", "overwrite", "threads")
+            refuse_set(self, "train", [f.name for f in fields(self.train) if f.name not in used],
+                       "finetune is false: best-of-n samples and selects, and trains nothing",
+                       "add finetune=true to train on the selection, or remove it")
         default = RolloutConfig()
         for key in ("correction", "tis_cap"):  # training options: best-of-n has no policy gradient
             if getattr(self.rollout, key) != getattr(default, key):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from posttrain.config import ModelConfig, opt
+from posttrain.config_checks import refuse_top
 from posttrain.data.formats import load_records
 from posttrain.data.records import ReadOptions
 from posttrain.engines.loop import write_summary
@@ -48,6 +49,8 @@ class CollectConfig:
     def validate(self) -> None:
         if self.k < 2:
             raise ConfigError(f"k={self.k}: a comparison needs at least 2 responses", where="k", fix="k=2")
+        if self.annotators == "none":
+            refuse_top(self, ("labels_per_pair", "heldout_prompts"), "annotators=none writes unlabelled candidates")
         if self.annotators == "simulated" and not self.prompts.startswith("builtin:"):
             raise ConfigError("simulated annotators know only the built-in task's gold reward",
                               where="annotators", fix="use annotators=none for your own prompts")

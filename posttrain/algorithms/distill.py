@@ -43,6 +43,7 @@ import torch
 
 from posttrain.advantages import distillation_advantages, expand_to_tokens, group_advantages
 from posttrain.config import LoraConfig, ModelConfig, opt
+from posttrain.config_checks import refuse_set
 from posttrain.engines import sharding
 from posttrain.engines.loop import save_final
 from posttrain.engines.runlog import say
@@ -119,6 +120,10 @@ class DistillConfig:
             raise ConfigError("distillation needs a teacher", where="teacher.name_or_path",
                               fix="teacher.name_or_path=<a causal LM with the student's tokenizer>, or "
                                   "teacher_server=<URL of a server serving it, e.g. http://127.0.0.1:8001/v1>")
+        refuse_set(self, "teacher", ("dropout",), "the teacher is frozen: it scores in eval mode, without dropout")
+        if self.teacher_server:
+            refuse_set(self, "teacher", ("dtype", "attn_implementation", "revision", "trust_remote_code"),
+                       "teacher_server serves the teacher (load options belong to its server)")
         if self.kl.placement == "reward":
             raise ConfigError("distill's per-token advantages come from the teacher; a KL to the initial student goes "
                               "in the loss", where="kl.placement", fix="kl.placement=loss (the default)")

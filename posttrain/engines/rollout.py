@@ -411,8 +411,7 @@ def sample_texts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, t
 
 def sample_rollouts(model, tokenizer, prompts: list, n: int, max_new_tokens: int, temperature: float,
                     seed: int, engine=None, **sampling) -> list:
-    """``n`` rollouts per prompt (grouped contiguously) with token ids, for scoring and KL; ``sampling``:
-    more :class:`SamplingParams` fields (top_p, top_k, stop_strings)."""
+    """``n`` rollouts per prompt (grouped) with token ids; ``sampling``: more SamplingParams fields."""
     engine = engine or rollout_engine(model, tokenizer)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed,

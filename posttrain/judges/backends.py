@@ -80,7 +80,7 @@ class HFBackend:
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._engine = None  # the rollout engine, built on first use
         self.truncated_prompts = 0
-        self._calls = 0
+        self._calls, self._capped = 0, False
 
     def _prompt_ids(self, messages: Messages, room: int) -> list[int]:
         ids = encode_prompt(self.tokenizer, messages)
@@ -95,6 +95,11 @@ class HFBackend:
     def complete(self, messages_list: list[Messages], max_tokens: int = 256,
                  temperature: float = 0.0) -> list[str]:
         self._engine = self._engine or _engine(self.model, self.tokenizer)
+        if self.max_positions and max_tokens > self.max_positions // 2:  # else no room would be left for the prompt
+            if not self._capped:
+                log.warning("%s: max_tokens=%d is more than half the context (%d); generating at most %d",
+                            self.name, max_tokens, self.max_positions, self.max_positions // 2)
+            self._capped, max_tokens = True, self.max_positions // 2
         stops = stop_token_ids(self.model, self.tokenizer)
         call, self._calls = self._calls, self._calls + 1
         texts: list[str] = []

@@ -93,6 +93,43 @@ def test_eval_prints_a_summary_table(tiny_path, tmp_path, capsys):
     assert saved["bootstrap"] == 200 and saved["policies"]["again"]["vs_baseline"]["gold_paired"]["n_boot"] == 200
 
 
+def test_eval_win_rates_by_a_reward_model_and_by_an_llm_judge(tiny_path, tmp_path):
+    """judge=rm: a response beats the baseline's when the reward model scores it higher (the same samples
+    scored again here give the same wins, ties and losses); judge=llm:hf:PATH: a local model judges every
+    pair in both orders (a disagreement or an unreadable verdict is a tie)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.config import ModelConfig
+    from posttrain.evaluation.evaluate import EvalConfig, run
+    from posttrain.models.loading import load_causal_lm, load_tokenizer
+    from posttrain.rewards.reward_model import RewardModelScorer
+
+    rm, other = tmp_path / "rm", tmp_path / "other"  # an untrained head saved with the checkpoint; a noisy policy
+    AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=1).save_pretrained(rm)
+    model = load_causal_lm(ModelConfig(name_or_path=tiny_path))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(other)
+    for d in (rm, other):
+        load_tokenizer(tiny_path).save_pretrained(d)
+    common = dict(policies={"sft": tiny_path, "other": str(other)}, baseline="sft", n_prompts=6, samples=1,
+                  max_new_tokens=8, bootstrap=100)
+    res = run(EvalConfig(**common, judge="rm", reward_model=str(rm), output_dir=str(tmp_path / "rm-judged")))
+    texts = {n: [x["response"] for x in res["policies"][n]["samples"]] for n in ("sft", "other")}
+    prompts = [x["prompt"] for x in res["policies"]["sft"]["samples"]]
+    a, b = (RewardModelScorer(str(rm)).score(prompts, texts[n]) for n in ("other", "sft"))
+    vs = res["policies"]["other"]["vs_baseline"]
+    assert (vs["wins"], vs["ties"], vs["losses"]) == (sum(x > y for x, y in zip(a, b)), sum(x == y for x, y in
+                                                      zip(a, b)), sum(x < y for x, y in zip(a, b)))
+    assert len(prompts) == 6 and vs["ties"] < 6  # the two policies wrote different responses
+    res = run(EvalConfig(**common, judge=f"llm:hf:{tiny_path}", output_dir=str(tmp_path / "llm-judged")))
+    vs = res["policies"]["other"]["vs_baseline"]
+    assert vs["wins"] + vs["ties"] + vs["losses"] == 6 and res["judge"] == f"llm:hf:{tiny_path}"
+
+
 def test_eval_reward_prints_where_its_json_went(tiny_path, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 

@@ -16,6 +16,7 @@ from posttrain.config import load_config
 from posttrain.loop import lineage
 from posttrain.loop.config import LoopConfig
 from posttrain.loop.rounds import run
+from pt_helpers import run_cli
 
 SMALL = {"train": {"epochs": 2, "progress": False, "batch_size": 8, "micro_batch_size": 8}}
 
@@ -55,6 +56,12 @@ def test_two_rounds_with_lineage_and_an_annotator_removed(sft_policy, tmp_path):
     assert pol1["candidates_model"] == str(root / "round-0" / "policy" / "final")
     chain = lineage.chain(root / "round-1" / "policy" / "final")
     assert [c.get("round") for c in chain] == [1, 0, None] and chain[-1]["model"] == sft_policy
+    printed = run_cli("lineage", str(root / "round-1" / "policy" / "final"), "ids=true")  # the command users type
+    assert printed.returncode == 0, printed.stderr
+    out = printed.stdout
+    assert "policy of round 1 (iterative DPO)" in out and "policy of round 0" in out, out
+    assert f"{sft_policy}  (the starting model: no lineage)" in out
+    assert all(x["label_id"] in out for x in labels if x["pair_id"] in c1 and x["choice"] != "tie")  # ids=true
     assert all("gold_reward" in r and "rm_accuracy" in r for r in s["rounds"])
     sel = json.loads((root / "round-1" / "selection.json").read_text())
     assert len(sel["chosen"]) + len(sel["passed_over"]) == len((root / "round-1" / "pairs.jsonl").read_text().splitlines())

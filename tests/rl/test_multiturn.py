@@ -31,6 +31,23 @@ def test_grpo_runs_episodes_and_logs_them(tiny_path, tmp_path):
     assert step["batch/rollouts"] == 8 and "accuracy" in s["final"] and "episode/turns" in s["final"]
 
 
+@pytest.mark.parametrize("command", ["rloo", "reinforce"])
+def test_rloo_and_reinforce_run_episodes_of_a_module_environment(tool_sft_policy, tmp_path, command):
+    """rollout.environment=module:Class (a user's environment on PYTHONPATH: tests/pt_helpers.py's two-turn
+    one) under the two other estimators of the GRPO loop, with a policy that ends its turns: the episodes
+    take the environment's two turns and earn its rewards."""
+    from posttrain.commands import COMMANDS, load_command
+
+    cls, run = load_command(COMMANDS[command])
+    run(load_config(cls, None, [f"model.name_or_path={tool_sft_policy}", f"train.output_dir={tmp_path}", *TASK,
+                                "rollout.environment=pt_helpers:TwoTurnEnv", "reward=[]", "rollout.prompts_per_step=4",
+                                "rollout.group_size=2", "rollout.max_episode_tokens=400",
+                                "train.max_steps=1", "task_eval_prompts=4", "task_eval_samples=1"]))
+    step = next(json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if "reward/mean" in r)
+    assert step["episode/turns"] == 2 and step["batch/rollouts"] == 8, step
+    assert 0 < step["reward/mean"] <= 1.0, step  # up to 0.5 a turn, for up to 8 characters
+
+
 def test_an_environment_brings_its_own_reward(tiny_path, tmp_path):
     from posttrain.algorithms.grpo import GRPOConfig
 

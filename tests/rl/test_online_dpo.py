@@ -44,12 +44,15 @@ def test_refusals(tiny_path):
     assert load_config(OnlineDPOConfig, None, base).reward == ["builtin_gold"]
 
 
-def test_first_step_loss_is_log_2_and_metrics_are_logged(sft_policy, tmp_path):
+@pytest.mark.parametrize("labeller", ["builtin_gold", "rm"])
+def test_first_step_loss_is_log_2_and_metrics_are_logged(sft_policy, tmp_path, request, labeller):
     """Policy = reference before the first update, so every pair's log-ratio difference is 0 and the DPO
-    loss is exactly log 2: the policy's and the reference's log-probs are of the same tokens."""
+    loss is exactly log 2: the policy's and the reference's log-probs are of the same tokens. The pairs are
+    labelled by the gold annotator, or by a trained reward model (reward=rm:PATH)."""
+    reward = f"rm:{request.getfixturevalue('reward_model')}" if labeller == "rm" else labeller
     run(load_config(OnlineDPOConfig, None, [
         f"model.name_or_path={sft_policy}", f"train.output_dir={tmp_path}", *TASK, "rollout.prompts_per_step=8",
-        "train.batch_size=16", "train.max_steps=1", "task_eval_prompts=4", "task_eval_samples=1"]))
+        f"reward={reward}", "train.batch_size=16", "train.max_steps=1", "task_eval_prompts=4", "task_eval_samples=1"]))
     step = next(json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if "reward/mean" in r)
     assert step["online_dpo/pairs"] >= 4 and step["online_dpo/pairs"] + 8 * step["online_dpo/ties_frac"] == 8
     assert abs(step["train/loss"] - math.log(2)) < 1e-5 and abs(step["rewards/margin"]) < 1e-5

@@ -87,6 +87,19 @@ def test_ray_synchronous_equals_local(sft_policy, tmp_path, local_small):
     assert [r["worker"] for r in s["rollout_workers"]] == [0, 1] and all(r["tokens"] > 0 for r in s["rollout_workers"])
 
 
+@pytest.mark.parametrize("command", ["rloo", "reinforce"])
+def test_rloo_and_reinforce_on_ray_equal_local(sft_policy, tmp_path, command):
+    """The other estimators of the GRPO loop on two Ray rollout workers: the same run as one process."""
+    from posttrain.commands import COMMANDS, load_command
+
+    cls, run = load_command(COMMANDS[command])
+    small = [f"model.name_or_path={sft_policy}", *COMMON, *SMALL, "rollout.group_size=2"]
+    run(load_config(cls, None, [*small, f"train.output_dir={tmp_path / 'local'}"]))
+    run(load_config(cls, None, [*small, f"train.output_dir={tmp_path / 'ray'}", "launcher=ray",
+                                "ray.rollout_workers=2"]))
+    _same_run(tmp_path / "local", tmp_path / "ray")
+
+
 def _group(sft_policy, out, *extra):
     from posttrain.algorithms.grpo import GRPOConfig, run
     from posttrain.engines.ray_learners import launch_learners
@@ -154,6 +167,7 @@ def test_multi_turn_episodes_on_ray_workers(tiny_path, tmp_path):
           "reward=[]", "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=8",
           "rollout.max_episode_tokens=24", "train.max_steps=2", "task_eval_prompts=4", "task_eval_samples=1")
     a, b = _train_rows(tmp_path / "local"), _train_rows(tmp_path / "ray")
+    assert len(a) == len(b) == 2
     for x, y in zip(a, b):
         for k in ("episode/turns", "episode/tool_calls", "episode/masked_frac", "reward/mean", "train/loss"):
             assert x[k] == pytest.approx(y[k], abs=1e-5), k
