@@ -135,6 +135,9 @@ def check_ignored(cfg: Any) -> None:
                    f"launcher={cfg.launcher}: no Ray actor starts", "set launcher=ray, or remove it")
     if rollout is not None and hasattr(rollout, "environment"):
         _check_rollout(cfg, rollout)
+    data = getattr(cfg, "data", None)
+    if hasattr(data, "eval_source"):
+        _check_holdout(cfg, data, getattr(cfg, "eval_holdout", 0))
     if isinstance(getattr(cfg, "reference", None), str):  # dpo, kto
         _check_offline_reference(cfg)
     shaping = getattr(cfg, "shaping", None)
@@ -147,6 +150,17 @@ def check_ignored(cfg: Any) -> None:
     if kl is not None and kl.controller == "adaptive" and kl.beta == 0:
         raise ConfigError("kl.controller=adaptive scales kl.beta, which is 0 here, so the KL would never act",
                           where="kl.controller", fix="give kl.beta a starting value > 0, or kl.controller=fixed")
+
+
+def _check_holdout(cfg: Any, data: Any, n: int) -> None:
+    key = "eval_holdout" if n else "data.eval_fraction"
+    if (n or data.eval_fraction) and data.eval_source() is not None:
+        raise ConfigError(f"{key} holds out training records, but the held-out set is data.eval "
+                          f"({data.eval_source()})", where=key,
+                          fix=f"set data.eval=null to hold out training records instead, or remove {key}")
+    if n and data.eval_fraction:
+        raise ConfigError("eval_holdout and data.eval_fraction both hold out training records (eval_holdout "
+                          "would decide)", where="data.eval_fraction", fix="keep one of them")
 
 
 def _check_offline_reference(cfg: Any) -> None:

@@ -29,6 +29,10 @@ REFUSED = [
     ("kto", ["lora.enabled=true", "ref_model=tiny"], "ref_model"),
     ("sft", ["data.format=hh"], "data.format"),
     ("online-dpo", ["kl.placement=reward"], "kl.placement"),
+    ("online-dpo", ["kl.beta=0.1"], "kl.beta"),
+    ("dpo", ["eval_holdout=8", "data.eval=y.jsonl"], "eval_holdout"),
+    ("sft", ["data.train=x.jsonl", "data.eval=y.jsonl", "data.eval_fraction=0.1"], "data.eval_fraction"),
+    ("reward", ["data.train=x.jsonl", "eval_holdout=8", "data.eval_fraction=0.1"], "data.eval_fraction"),
     ("online-dpo", ["rollout.correction=none"], "rollout.correction"),
     ("distill", [*TEACHER, "kl.placement=reward"], "kl.placement"),
     ("best-of-n", ["rollout.environment=builtin:calc"], "rollout.environment"),
@@ -57,6 +61,8 @@ ACCEPTED = [
     ("best-of-n", ["finetune=true", "train.lr=1e-5"]),
     ("grpo", ["shaping.truncated=penalize", "shaping.truncation_penalty=-2"]),
     ("dapo", ["max_sample_rounds=5"]),
+    ("dpo", ["data.train=x.jsonl", "eval_holdout=8"]),
+    ("sft", ["data.train=x.jsonl", "data.eval_fraction=0.1"]),
 ]
 
 

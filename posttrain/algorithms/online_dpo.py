@@ -89,7 +89,7 @@ class OnlineDPOConfig:
                               f"tempered one (rollout.temperature={self.rollout.temperature}) would train another "
                               "objective", where="rollout.temperature", fix="rollout.temperature=1.0")
         check_reward_config(self.reward, self.reward_weights, self.rollout.prompts)
-        refuse_set(self, "kl", ("placement", "estimator", "controller", "target", "horizon"),
+        refuse_set(self, "kl", ("beta", "placement", "estimator", "controller", "target", "horizon"),
                    f"online DPO's loss holds its own KL term ({self.objective}, β = beta)", "set beta instead")
         refuse_set(self, "rollout", ("correction", "tis_cap"), "they correct policy-gradient updates, and online DPO "
                    "trains on labelled pairs")
