@@ -90,12 +90,10 @@ def resolve_dropout(cfg: Any) -> None:
                           fix="leave lora.dropout unset, or set model.dropout=keep to train with dropout")
 
 
-def _default(cfg: Any, section: str) -> Any:
-    """The command's own default of a section (its field's factory), else the section class's."""
-    f = {f.name: f for f in dataclasses.fields(cfg)}.get(section)
-    if f is not None and f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return type(getattr(cfg, section))()
+def _default(cfg: Any, name: str) -> Any:
+    """The command's own default of its field ``name`` (a section's is the command's factory for it)."""
+    f = next(f for f in dataclasses.fields(cfg) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def refuse_set(cfg: Any, section: str, keys, why: str, fix: str = "") -> None:
@@ -111,11 +109,9 @@ def refuse_set(cfg: Any, section: str, keys, why: str, fix: str = "") -> None:
 
 def refuse_top(cfg: Any, keys, why: str, fix: str = "") -> None:
     """:func:`refuse_set` for top-level keys of a command's config."""
-    fs = {f.name: f for f in dataclasses.fields(cfg)}
     for key in keys:
-        value, f = getattr(cfg, key), fs[key]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if value != default:
+        value = getattr(cfg, key)
+        if value != _default(cfg, key):
             raise ConfigError(f"{key}={value!r} is set, but {why}", where=key, fix=fix or f"remove {key}")
 
 

@@ -75,6 +75,24 @@ class TwoTurnEnv:
         return Step([], reward=reward, done=True)
 
 
+def noisy_copy(model_path: str, out: Path, scale: float = 0.05, seed: int = 0) -> Path:
+    """``model_path`` with Gaussian noise on every weight, saved with its tokenizer to ``out``: a different
+    model with the same tokenizer (a teacher, a second policy)."""
+    import torch
+
+    from posttrain.config import ModelConfig
+    from posttrain.models.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(ModelConfig(name_or_path=model_path))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    model.save_pretrained(out)
+    load_tokenizer(model_path).save_pretrained(out)
+    return out
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface right now."""
     import socket

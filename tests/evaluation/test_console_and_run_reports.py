@@ -97,24 +97,17 @@ def test_eval_win_rates_by_a_reward_model_and_by_an_llm_judge(tiny_path, tmp_pat
     """judge=rm: a response beats the baseline's when the reward model scores it higher (the same samples
     scored again here give the same wins, ties and losses); judge=llm:hf:PATH: a local model judges every
     pair in both orders (a disagreement or an unreadable verdict is a tie)."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.config import ModelConfig
     from posttrain.evaluation.evaluate import EvalConfig, run
-    from posttrain.models.loading import load_causal_lm, load_tokenizer
+    from posttrain.models.loading import load_tokenizer
     from posttrain.rewards.reward_model import RewardModelScorer
+    from pt_helpers import noisy_copy
 
-    rm, other = tmp_path / "rm", tmp_path / "other"  # an untrained head saved with the checkpoint; a noisy policy
+    rm = tmp_path / "rm"  # an untrained head saved with the checkpoint
     AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=1).save_pretrained(rm)
-    model = load_causal_lm(ModelConfig(name_or_path=tiny_path))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(other)
-    for d in (rm, other):
-        load_tokenizer(tiny_path).save_pretrained(d)
+    load_tokenizer(tiny_path).save_pretrained(rm)
+    other = noisy_copy(tiny_path, tmp_path / "other")  # a second policy
     common = dict(policies={"sft": tiny_path, "other": str(other)}, baseline="sft", n_prompts=6, samples=1,
                   max_new_tokens=8, bootstrap=100)
     res = run(EvalConfig(**common, judge="rm", reward_model=str(rm), output_dir=str(tmp_path / "rm-judged")))

@@ -141,18 +141,10 @@ def test_a_teacher_on_a_server_gives_the_local_teachers_numbers(tiny_path, tmp_p
     the same reverse KL to the teacher at every step (the same teacher log-probs, hence the same update).
     With kl.track the KL to the initial student is logged too (it changes nothing in the update)."""
     from posttrain.algorithms.distill import DistillConfig, run
-    from posttrain.config import ModelConfig
-    from posttrain.models.loading import load_causal_lm, load_tokenizer
     from posttrain.serving.openai_server import start_server_in_thread
+    from pt_helpers import noisy_copy
 
-    teacher = tmp_path / "teacher"  # the tiny student with noisy weights: a different model, the same tokenizer
-    model = load_causal_lm(ModelConfig(name_or_path=tiny_path))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(teacher)
-    load_tokenizer(tiny_path).save_pretrained(teacher)
+    teacher = noisy_copy(tiny_path, tmp_path / "teacher")  # a different model, the same tokenizer
     common = [f"model.name_or_path={tiny_path}", "rollout.prompts_per_step=4", "rollout.group_size=2",
               "train.max_steps=2", "train.lr=1e-4", "train.progress=false", "task_eval_prompts=4",
               "task_eval_samples=1"]
